@@ -1,0 +1,87 @@
+"""Attributes of merged objects, setattr with copy-up, statfs (kernel inode.c, super.c)."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+from unionfs import sysio
+from unionfs.copyup import copy_up
+from unionfs.inodes import Inode
+from unionfs.state import State
+
+
+def real_stat(fs: State, node: Inode) -> os.stat_result:
+    """lstat of the topmost real object behind ``node``."""
+    if node.parent is None:
+        return os.fstat(node.layer.fd)
+    return sysio.lstat(fs.stack.dirfd(node.layer, node.parent_path), node.name)
+
+
+def nlink_of(node: Inode, st: os.stat_result) -> int:
+    # A merged directory's link count means nothing: the kernel reports 1.
+    return 1 if node.is_dir and node.merged else st.st_nlink
+
+
+@dataclass
+class AttrChange:
+    size: int | None = None
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+    fd: int | None = None  # the caller's open handle, if the change came through one
+
+    @property
+    def any_change(self) -> bool:
+        return any(v is not None for v in (self.size, self.mode, self.uid, self.gid,
+                                           self.atime_ns, self.mtime_ns))
+
+
+async def setattr(fs: State, node: Inode, ch: AttrChange) -> None:
+    if not ch.any_change:
+        return
+    fs.check_writable()
+    await copy_up(fs, node, data=ch.size != 0)
+    dfd = fs.stack.dirfd(fs.upper, node.parent_path) if node.parent is not None else None
+    if ch.size is not None:
+        if ch.fd is not None:
+            os.ftruncate(ch.fd, ch.size)
+        else:
+            fd = _open_self(fs, node, dfd, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, ch.size)
+            finally:
+                os.close(fd)
+    if ch.uid is not None or ch.gid is not None:
+        uid = -1 if ch.uid is None else ch.uid
+        gid = -1 if ch.gid is None else ch.gid
+        if dfd is None:
+            os.chown(sysio.proc_fd(node.layer.fd), uid, gid)
+        else:
+            sysio.chown(dfd, node.name, uid, gid)
+    if ch.mode is not None:
+        if dfd is None:
+            os.chmod(sysio.proc_fd(node.layer.fd), stat.S_IMODE(ch.mode))
+        else:
+            sysio.chmod(dfd, node.name, stat.S_IMODE(ch.mode))
+    if ch.atime_ns is not None or ch.mtime_ns is not None:
+        if dfd is None:
+            st = os.fstat(node.layer.fd)
+            os.utime(sysio.proc_fd(node.layer.fd),
+                     ns=(ch.atime_ns if ch.atime_ns is not None else st.st_atime_ns,
+                         ch.mtime_ns if ch.mtime_ns is not None else st.st_mtime_ns))
+        else:
+            sysio.utimens(dfd, node.name, ch.atime_ns, ch.mtime_ns)
+
+
+def _open_self(fs: State, node: Inode, dfd: int | None, flags: int) -> int:
+    if dfd is None:
+        return os.open(sysio.proc_fd(node.layer.fd), flags)
+    return sysio.open_at(dfd, node.name, flags)
+
+
+def statfs(fs: State) -> os.statvfs_result:
+    return os.statvfs(sysio.proc_fd(fs.stack.layers[0].fd))

@@ -1,0 +1,142 @@
+"""Command line: ``pyunionfs mount|umount``, and the mount(8) helper form."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from typing import NoReturn
+
+from unionfs import __version__
+from unionfs.config import MountConfig, parse_options, split_lowerdir
+from unionfs.errors import MountError
+
+PROG = "pyunionfs"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line naming the problem, not a usage dump.
+        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _add_mount_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground (default: daemon, exit once mounted)")
+    p.add_argument("-d", "--debug", action="store_true",
+                   help="log every request (implies --foreground unless --log is given)")
+    p.add_argument("--debug-fuse", action="store_true", help="also libfuse's own debug output")
+    p.add_argument("--log", metavar="FILE", help="log to FILE (default: stderr in the "
+                   "foreground, syslog in the background)")
+    p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                   help="comma-separated options: lowerdir=, upperdir=, workdir=, "
+                   "fsname=, and libfuse/mount words (ro, allow_other, noatime, ...)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="A userspace union filesystem with Linux kernel "
+                "overlayfs semantics.")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    m = sub.add_parser("mount", help="mount an overlay",
+                       description="Mount LOWERS (colon-separated, leftmost on top; '\\:' "
+                       "is a literal colon) with UPPER and WORK at MERGED.  With only LOWERS "
+                       "and MERGED the mount is read-only.",
+                       usage="%(prog)s [options] LOWER1[:LOWER2...] [UPPER WORK] MERGED")
+    _add_mount_options(m)
+    m.add_argument("paths", nargs="+", metavar="PATH", help=argparse.SUPPRESS)
+    u = sub.add_parser("umount", help="unmount an overlay",
+                       description="Unmount MERGED; the daemon exits by itself.")
+    u.add_argument("-z", "--lazy", action="store_true", help="lazy unmount (detach now)")
+    u.add_argument("merged", metavar="MERGED")
+    return p
+
+
+def _helper_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, usage=f"{PROG} SOURCE MOUNTPOINT -o lowerdir=...[,upperdir=...,"
+                "workdir=...]")
+    _add_mount_options(p)
+    p.add_argument("source")
+    p.add_argument("mountpoint")
+    return p
+
+
+def config_from_args(paths: list[str], options: list[str], args: argparse.Namespace,
+                     fsname: str | None = None) -> MountConfig:
+    ours, fuse = parse_options(options)
+    lowers = upper = work = None
+    if "lowerdir" in ours:
+        if len(paths) != 1:
+            raise MountError("with -o lowerdir=... give only the mount point")
+        lowers, merged = split_lowerdir(ours["lowerdir"]), paths[0]
+        upper, work = ours.get("upperdir"), ours.get("workdir")
+    elif len(paths) == 4:
+        lowers, upper, work, merged = split_lowerdir(paths[0]), paths[1], paths[2], paths[3]
+    elif len(paths) == 2:
+        lowers, merged = split_lowerdir(paths[0]), paths[1]
+    else:
+        raise MountError("expected LOWERS UPPER WORK MERGED, or LOWERS MERGED for a "
+                         "read-only mount")
+    cfg = MountConfig(lowers=lowers, upper=upper, work=work, merged=merged,
+                      foreground=args.foreground or (args.debug and not args.log),
+                      debug=args.debug, debug_fuse=args.debug_fuse, log=args.log,
+                      fuse_options=fuse)
+    for o in fuse:
+        if o.startswith("fsname="):
+            cfg.fsname = o.split("=", 1)[1]
+    if fsname and fsname not in ("none", ""):
+        cfg.fsname = fsname
+    return cfg
+
+
+def _mount(cfg: MountConfig) -> int:
+    from unionfs import daemon  # pyfuse3 is needed only to mount
+
+    return daemon.mount(cfg)
+
+
+def _umount(merged: str, lazy: bool) -> int:
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if not os.path.ismount(merged):
+        try:
+            os.stat(merged)
+        except OSError as e:
+            if e.errno != 107:  # ENOTCONN: a dead mount, still ours to remove
+                print(f"{PROG}: error: '{merged}': {e.strerror}", file=sys.stderr)
+                return 1
+        else:
+            print(f"{PROG}: error: '{merged}' is not mounted", file=sys.stderr)
+            return 1
+    cmd = [tool, "-u"] + (["-z"] if lazy else []) + [merged] if tool else \
+        ["umount"] + (["-l"] if lazy else []) + [merged]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        print(f"{PROG}: error: unmounting '{merged}' failed: {e}", file=sys.stderr)
+        return 1
+    if r.returncode != 0:
+        msg = (r.stderr.strip().splitlines() or ["unknown error"])[-1]
+        print(f"{PROG}: error: unmounting '{merged}' failed: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] not in ("mount", "umount") and not argv[0].startswith("-"):
+            # mount(8) -> mount.fuse3 -> "pyunionfs SOURCE MOUNTPOINT -o OPTS"
+            args = _helper_parser().parse_args(argv)
+            cfg = config_from_args([args.mountpoint], args.options, args, fsname=args.source)
+            return _mount(cfg)
+        args = build_parser().parse_args(argv)
+        if args.cmd == "umount":
+            return _umount(args.merged, args.lazy)
+        return _mount(config_from_args(args.paths, args.options, args))
+    except MountError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

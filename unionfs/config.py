@@ -1,0 +1,161 @@
+"""Mount configuration: parsing the layer list and options, and the kernel's mount checks."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+
+from unionfs.errors import MountError
+
+# libfuse options that pyfuse3.init() accepts; generic mount(8) words outside this
+# list ("defaults", "rw", "auto", ...) are dropped silently, as mount helpers must.
+FUSE_PASSTHROUGH = {
+    "allow_root", "allow_other", "auto_unmount", "ro", "suid", "nosuid", "dev", "nodev",
+    "exec", "noexec", "async", "sync", "dirsync", "atime", "noatime", "diratime",
+    "nodiratime", "relatime", "norelatime", "strictatime", "nostrictatime", "lazytime",
+    "nolazytime",
+}
+FUSE_PASSTHROUGH_PREFIXES = ("fsname=", "context=", "fscontext=", "defcontext=",
+                             "rootcontext=")
+SILENTLY_IGNORED = {"defaults", "rw", "auto", "noauto", "user", "users", "nouser", "nofail",
+                    "_netdev"}
+
+
+@dataclass
+class MountConfig:
+    lowers: list[str]
+    upper: str | None
+    work: str | None
+    merged: str
+    foreground: bool = False
+    debug: bool = False
+    debug_fuse: bool = False
+    log: str | None = None
+    fuse_options: list[str] = field(default_factory=list)
+    fsname: str = "pyunionfs"
+
+    @property
+    def readonly(self) -> bool:
+        return self.upper is None
+
+
+def split_lowerdir(spec: str) -> list[str]:
+    """Split ``A:B:C`` into layers, top first; ``\\:`` is a literal colon."""
+    parts: list[str] = []
+    cur: list[str] = []
+    i = 0
+    while i < len(spec):
+        c = spec[i]
+        if c == "\\" and i + 1 < len(spec) and spec[i + 1] in ":\\":
+            cur.append(spec[i + 1])
+            i += 2
+            continue
+        if c == ":":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+        i += 1
+    parts.append("".join(cur))
+    if any(p == "" for p in parts):
+        raise MountError(f"empty layer in lowerdir '{spec}'")
+    return parts
+
+
+def parse_options(opts: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Split ``-o`` values into our own keys and libfuse options to pass on."""
+    ours: dict[str, str] = {}
+    fuse: list[str] = []
+    for group in opts:
+        for word in _split_commas(group):
+            if not word:
+                continue
+            key, eq, value = word.partition("=")
+            if key in ("lowerdir", "upperdir", "workdir"):
+                ours[key] = value
+            elif word in FUSE_PASSTHROUGH or word.startswith(FUSE_PASSTHROUGH_PREFIXES):
+                fuse.append(word)
+            elif word in SILENTLY_IGNORED or word.startswith("x-"):
+                continue
+            else:
+                raise MountError(f"unknown option '{word}'")
+    return ours, fuse
+
+
+def _split_commas(s: str) -> list[str]:
+    # A lowerdir value may itself hold an escaped comma ("\,").
+    out, cur, i = [], [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 1 < len(s) and s[i + 1] == ",":
+            cur.append(",")
+            i += 2
+            continue
+        if s[i] == ",":
+            out.append("".join(cur))
+            cur = []
+        else:
+            cur.append(s[i])
+        i += 1
+    out.append("".join(cur))
+    return out
+
+
+def _resolve_dir(path: str, what: str) -> tuple[str, os.stat_result]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise MountError(f"{what} '{path}' does not exist", errno.ENOENT) from None
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise MountError(f"{what} '{path}' is a stale FUSE mount (its daemon is gone); "
+                             f"unmount it with 'fusermount3 -uz {path}'", e.errno) from None
+        raise MountError(f"failed to resolve {what} '{path}': {e.strerror}", e.errno) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise MountError(f"{what} '{path}' is not a directory", errno.ENOTDIR)
+    return os.path.realpath(path), st
+
+
+def _inside(child: str, parent: str) -> bool:
+    return child != parent and os.path.commonpath([child, parent]) == parent
+
+
+def validate(cfg: MountConfig) -> None:
+    """The kernel's mount checks (overlay-semantics §1.5), with one-line messages."""
+    if not cfg.lowers:
+        raise MountError("missing lower directory")
+    if cfg.upper is not None and cfg.work is None:
+        raise MountError("missing work directory (an upper directory needs one)")
+    lowers = [_resolve_dir(p, "lower directory") for p in cfg.lowers]
+    upper = _resolve_dir(cfg.upper, "upper directory") if cfg.upper is not None else None
+    work = _resolve_dir(cfg.work, "work directory") if cfg.work is not None else None
+    _resolve_dir(cfg.merged, "mount point")
+
+    if upper and work:
+        if upper[1].st_dev != work[1].st_dev:
+            raise MountError(f"work directory '{cfg.work}' and upper directory '{cfg.upper}' "
+                             "must be on the same filesystem")
+        if upper[0] == work[0] or _inside(work[0], upper[0]) or _inside(upper[0], work[0]):
+            raise MountError(f"work directory '{cfg.work}' and upper directory '{cfg.upper}' "
+                             "must be separate subtrees", errno.EINVAL)
+    seen: dict[tuple[int, int], str] = {}
+    for (real, st), given in zip(lowers, cfg.lowers):
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            raise MountError(f"lower directory '{given}' is given twice", errno.ELOOP)
+        seen[key] = given
+        for other, name in ((upper, "upper"), (work, "work")):
+            if other is None:
+                continue
+            if (other[1].st_dev, other[1].st_ino) == key:
+                raise MountError(f"lower directory '{given}' is also the {name} directory",
+                                 errno.ELOOP)
+            if _inside(real, other[0]) or _inside(other[0], real) and name == "work":
+                raise MountError(f"lower directory '{given}' overlaps the {name} directory",
+                                 errno.ELOOP)
+    for (a, _), ga in zip(lowers, cfg.lowers):
+        for (b, _), gb in zip(lowers, cfg.lowers):
+            if _inside(a, b):
+                raise MountError(f"lower directory '{ga}' is inside lower directory '{gb}'",
+                                 errno.ELOOP)

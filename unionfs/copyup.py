@@ -1,0 +1,139 @@
+"""Copy-up (kernel fs/overlayfs/copy_up.c; overlay-semantics §6).
+
+The copy is built under WORK/work and renamed into UPPER in one step, so UPPER
+never holds a half-copied object, whatever happens to the daemon meanwhile.
+Parents go first, each with its own metadata.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+
+import trio
+
+from unionfs import sysio, whiteout
+from unionfs.errors import oserror
+from unionfs.inodes import Inode
+from unionfs.lookup import Resolution
+from unionfs.state import State
+
+# Below this size the copy runs inline: a thread hop costs more than the copy.
+THREAD_COPY_MIN = 1 << 20
+_tmp_counter = itertools.count(1)
+
+
+def temp_name() -> str:
+    return f"#{os.getpid():x}{next(_tmp_counter):x}"
+
+
+def copy_xattrs(src_dfd: int, src_name: str, dst_dfd: int, dst_name: str) -> None:
+    for name in sysio.listxattr(src_dfd, src_name):
+        # Our own markers describe the lower layer, not the copy; user names
+        # escaped under the private prefix are data and travel with it.
+        if whiteout.is_private(name) and not name.startswith(whiteout.ESCAPED):
+            continue
+        try:
+            value = sysio.getxattr(src_dfd, src_name, name)
+            sysio.setxattr(dst_dfd, dst_name, name, value)
+        except OSError as e:
+            if name.startswith(("security.", "system.posix_acl")):
+                raise
+            if e.errno not in (errno.EOPNOTSUPP, errno.EPERM, errno.EINVAL, errno.ENODATA):
+                raise
+
+
+def apply_metadata(dfd: int, name: str, st: os.stat_result) -> None:
+    """Owner, then mode (a chown would clear setuid/setgid), then times."""
+    sysio.chown(dfd, name, st.st_uid, st.st_gid)
+    sysio.chmod(dfd, name, stat.S_IMODE(st.st_mode))
+    sysio.utimens(dfd, name, st.st_atime_ns, st.st_mtime_ns)
+
+
+async def copy_up(fs: State, node: Inode, data: bool = True) -> None:
+    """Make sure ``node`` lives in upper.  ``data=False`` (an O_TRUNC open or a
+    truncate to 0) copies everything but the file contents."""
+    if node.in_upper:
+        return
+    fs.check_writable()
+    async with node.lock:
+        if node.in_upper:
+            return
+        if node.parent is None:
+            raise oserror(errno.EIO)
+        await copy_up(fs, node.parent)
+        await _copy_one(fs, node, data)
+
+
+async def _copy_one(fs: State, node: Inode, data: bool) -> None:
+    stack, upper = fs.stack, fs.upper
+    ppath, name = node.parent_path, node.name
+    ldfd = stack.dirfd(node.layer, ppath)
+    udfd = stack.dirfd(upper, ppath)
+    wfd = stack.work_fd
+    st = sysio.lstat(ldfd, name)
+    pst = os.fstat(udfd)
+    tmp = temp_name()
+    kind = stat.S_IFMT(st.st_mode)
+    try:
+        if kind == stat.S_IFDIR:
+            sysio.mkdir(wfd, tmp, 0o700)
+        elif kind == stat.S_IFREG:
+            dst = sysio.open_at(wfd, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                if data and st.st_size:
+                    src = sysio.open_at(ldfd, name, os.O_RDONLY | os.O_NOATIME)
+                    try:
+                        if st.st_size >= THREAD_COPY_MIN:
+                            await trio.to_thread.run_sync(sysio.copy_file_data, src, dst,
+                                                          st.st_size)
+                        else:
+                            sysio.copy_file_data(src, dst, st.st_size)
+                    finally:
+                        os.close(src)
+            finally:
+                os.close(dst)
+        elif kind == stat.S_IFLNK:
+            sysio.symlink(sysio.readlink(ldfd, name), wfd, tmp)
+        else:
+            sysio.mknod(wfd, tmp, kind | 0o600, st.st_rdev)
+        copy_xattrs(ldfd, name, wfd, tmp)
+        apply_metadata(wfd, tmp, st)
+        sysio.renameat2(wfd, tmp, udfd, name, sysio.RENAME_NOREPLACE)
+    except BaseException:
+        _discard(wfd, tmp)
+        raise
+    # Inserting the child must not change the parent's times (kernel does the same).
+    os.utime(sysio.proc_fd(udfd), ns=(pst.st_atime_ns, pst.st_mtime_ns))
+    new_st = sysio.lstat(udfd, name)
+    dirs = [upper, *node.dirs] if kind == stat.S_IFDIR else []
+    fs.inodes.rekey(node, Resolution(upper, new_st, dirs))
+    if kind == stat.S_IFREG:
+        _switch_handles(node, udfd)
+
+
+def _discard(wfd: int, tmp: str) -> None:
+    try:
+        st = sysio.lstat_or_none(wfd, tmp)
+        if st is None:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            sysio.rmdir(wfd, tmp)
+        else:
+            sysio.unlink(wfd, tmp)
+    except OSError:
+        pass  # WORK/work is wiped at the next mount anyway
+
+
+def _switch_handles(node: Inode, udfd: int) -> None:
+    for h in list(node.handles):
+        if h.layer is node.layer:
+            continue
+        flags = h.flags & (os.O_ACCMODE | os.O_NONBLOCK)
+        try:
+            fd = sysio.open_at(udfd, node.name, flags)
+        except OSError:
+            continue  # keeps reading the lower copy: better than failing the reader
+        h.switch(fd, node.layer)

@@ -1,0 +1,132 @@
+"""Daemon lifecycle: checks, mount, fork with a readiness pipe, signals, unmount.
+
+Forking happens before trio starts (trio can't survive a fork), and the parent
+exits 0 only once the child's event loop is serving the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import sys
+
+import pyfuse3
+import trio
+
+from unionfs import log as logsetup
+from unionfs.config import MountConfig, validate
+from unionfs.errors import MountError
+from unionfs.inodes import InodeTable
+from unionfs.layers import LayerStack
+from unionfs.lookup import root_resolution
+from unionfs.ops import Operations
+from unionfs.probe import prepare_workdir
+from unionfs.state import State
+
+log = logging.getLogger(__name__)
+READY_TIMEOUT = 30.0
+
+
+def fuse_options(cfg: MountConfig) -> set[str]:
+    opts = {f"fsname={cfg.fsname}", "subtype=pyunionfs", "default_permissions"}
+    if os.geteuid() == 0:
+        # Other users must see the mount, with ordinary permission checks, and
+        # set-id programs and device nodes in layers work as under the kernel's.
+        opts |= {"allow_other", "suid", "dev"}
+    if cfg.readonly:
+        opts.add("ro")
+    if cfg.debug_fuse:
+        opts.add("debug")
+    opts.update(o for o in cfg.fuse_options if not o.startswith("fsname="))
+    return opts
+
+
+def prepare(cfg: MountConfig) -> State:
+    validate(cfg)
+    try:
+        stack = LayerStack(cfg.lowers, cfg.upper, cfg.work)
+    except OSError as e:
+        raise MountError(f"cannot open layer '{e.filename}': {e.strerror}",
+                         e.errno or errno.EIO) from None
+    prepare_workdir(stack)
+    return State(stack, InodeTable(root_resolution(stack)))
+
+
+def mount(cfg: MountConfig) -> int:
+    fs = prepare(cfg)
+    # The kernel has already applied the caller's umask; ours must not apply again.
+    os.umask(0)
+    logsetup.setup(cfg.debug, cfg.log, cfg.foreground)
+    ops = Operations(fs, debug=cfg.debug)
+    try:
+        pyfuse3.init(ops, cfg.merged, fuse_options(cfg))
+    except RuntimeError as e:
+        raise MountError(f"cannot mount on '{cfg.merged}': {e}") from None
+    if cfg.foreground:
+        return serve(None)
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        return _wait_ready(read_end, cfg.merged)
+    os.close(read_end)
+    os.setsid()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    os._exit(serve(write_end))
+
+
+def _wait_ready(read_end: int, merged: str) -> int:
+    import select
+
+    ready, _, _ = select.select([read_end], [], [], READY_TIMEOUT)
+    data = os.read(read_end, 1) if ready else b""
+    os.close(read_end)
+    if data == b"1":
+        return 0
+    print(f"pyunionfs: error: the daemon for '{merged}' did not start (see its log)",
+          file=sys.stderr)
+    return 1
+
+
+def serve(ready_fd: int | None) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    rc = 0
+    try:
+        trio.run(_main, ready_fd)
+    except BaseException:
+        log.exception("the filesystem loop failed")
+        rc = 1
+    finally:
+        # Unmount even after a failure: a dead mount only gives ENOTCONN to everyone.
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception:
+            log.exception("unmount failed")
+            rc = 1
+    return rc
+
+
+async def _main(ready_fd: int | None) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_on_signals)
+        if ready_fd is not None:
+            os.write(ready_fd, b"1")
+            os.close(ready_fd)
+        log.info("serving")
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+async def _on_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+        async for sig in sigs:
+            log.info("signal %d: unmounting", sig)
+            pyfuse3.terminate()
+            return

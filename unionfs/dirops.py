@@ -1,0 +1,322 @@
+"""Namespace changes with the overlay rules (kernel fs/overlayfs/dir.c; semantics §4, §7, §8).
+
+create/mkdir/mknod/symlink/link make the object in upper, owned by the caller;
+over a whiteout they build it in WORK/work and swap it in, so the name never
+shows the lower object or nothing.  unlink/rmdir/rename leave a whiteout where a
+lower layer still has the name, in the same rename that removes the object.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+
+from unionfs import lookup, sysio, whiteout
+from unionfs.copyup import copy_up, temp_name
+from unionfs.errors import oserror
+from unionfs.inodes import Inode, object_key
+from unionfs.lookup import Resolution
+from unionfs.probe import remove_tree_at
+from unionfs.readdir import list_merged
+from unionfs.state import State
+
+SETID = stat.S_ISUID | stat.S_ISGID
+
+
+def resolve_in(fs: State, parent: Inode, name: str) -> Resolution | None:
+    return lookup.resolve(fs.stack, parent.path, parent.dirs, name)
+
+
+def lower_has(fs: State, parent: Inode, name: str) -> bool:
+    """Does a layer below upper show ``name``?  Then removing it needs a whiteout."""
+    lowers = parent.lowers
+    return bool(lowers) and lookup.resolve(fs.stack, parent.path, lowers, name) is not None
+
+
+async def upper_dir(fs: State, parent: Inode) -> int:
+    await copy_up(fs, parent)
+    return fs.stack.dirfd(fs.upper, parent.path)
+
+
+def live_inode(fs: State, parent: Inode, name: str, res: Resolution) -> Inode | None:
+    ino = fs.inodes.ino_of.get(object_key(res, parent.child_path(name)))
+    return fs.inodes.get(ino) if ino is not None else None
+
+
+def is_empty(fs: State, path: str, res: Resolution) -> bool:
+    return all(e.hidden for e in list_merged(fs.stack, path, res.dirs))
+
+
+def _upper_whiteout(udfd: int, name: str) -> bool:
+    st = sysio.lstat_or_none(udfd, name)
+    return st is not None and whiteout.is_whiteout(udfd, name, st)
+
+
+async def create_object(fs: State, parent: Inode, name: str, mode: int, uid: int, gid: int,
+                        make: Callable[[int, str, int], None]) -> Resolution:
+    """Make a new object with ``make(dirfd, name, mode)`` where ``name`` is free in
+    the merged view; returns its resolution in upper."""
+    fs.check_writable()
+    if resolve_in(fs, parent, name) is not None:
+        raise oserror(errno.EEXIST)
+    udfd = await upper_dir(fs, parent)
+    is_dir = stat.S_ISDIR(mode)
+    pst = os.fstat(udfd)
+    if pst.st_mode & stat.S_ISGID:  # BSD group semantics of a setgid directory
+        gid = pst.st_gid
+        if is_dir:
+            mode |= stat.S_ISGID
+    perm = stat.S_IMODE(mode)
+    if _upper_whiteout(udfd, name):
+        wfd, tmp = fs.stack.work_fd, temp_name()
+        make(wfd, tmp, perm)
+        try:
+            _finish(wfd, tmp, perm, uid, gid, is_dir)
+            if is_dir:
+                # A new directory over a whiteout must not merge with what the
+                # whiteout hid: opaque, and swapped in (rename can't replace a
+                # whiteout with a directory).
+                whiteout.set_opaque(wfd, tmp)
+                sysio.renameat2(wfd, tmp, udfd, name, sysio.RENAME_EXCHANGE)
+                sysio.unlink(wfd, tmp)
+            else:
+                sysio.renameat2(wfd, tmp, udfd, name)
+        except BaseException:
+            remove_tree_at(wfd, tmp)
+            raise
+    else:
+        make(udfd, name, perm)
+        try:
+            _finish(udfd, name, perm, uid, gid, is_dir)
+        except BaseException:
+            remove_tree_at(udfd, name)
+            raise
+    st = sysio.lstat(udfd, name)
+    return Resolution(fs.upper, st, [fs.upper] if is_dir else [])
+
+
+def _finish(dfd: int, name: str, perm: int, uid: int, gid: int, is_dir: bool) -> None:
+    sysio.chown(dfd, name, uid, gid)
+    if perm & SETID or (is_dir and perm & stat.S_ISVTX):
+        sysio.chmod(dfd, name, perm)  # chown cleared the set-id bits
+
+
+async def mknod(fs: State, parent: Inode, name: str, mode: int, rdev: int, uid: int,
+                gid: int) -> Resolution:
+    if stat.S_ISCHR(mode) and rdev == 0:
+        raise oserror(errno.EPERM)  # that is a whiteout: not creatable through the overlay
+    kind = stat.S_IFMT(mode)
+    return await create_object(fs, parent, name, mode, uid, gid,
+                               lambda d, n, p: sysio.mknod(d, n, kind | p, rdev))
+
+
+async def mkdir(fs: State, parent: Inode, name: str, mode: int, uid: int,
+                gid: int) -> Resolution:
+    return await create_object(fs, parent, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid,
+                               lambda d, n, p: sysio.mkdir(d, n, p))
+
+
+async def symlink(fs: State, parent: Inode, name: str, target: str, uid: int,
+                  gid: int) -> Resolution:
+    return await create_object(fs, parent, name, stat.S_IFLNK | 0o777, uid, gid,
+                               lambda d, n, p: sysio.symlink(target, d, n))
+
+
+async def create(fs: State, parent: Inode, name: str, mode: int, flags: int, uid: int,
+                 gid: int) -> tuple[Resolution, int]:
+    fds: list[int] = []
+    access = flags & os.O_ACCMODE
+
+    def make(d: int, n: str, p: int) -> None:
+        fds.append(sysio.open_at(d, n, os.O_CREAT | os.O_EXCL | access, p))
+
+    try:
+        res = await create_object(fs, parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid,
+                                  gid, make)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return res, fds[0]
+
+
+async def link(fs: State, node: Inode, new_parent: Inode, new_name: str) -> Resolution:
+    fs.check_writable()
+    if node.is_dir:
+        raise oserror(errno.EPERM)
+    if resolve_in(fs, new_parent, new_name) is not None:
+        raise oserror(errno.EEXIST)
+    await copy_up(fs, node)
+    sdfd = fs.stack.dirfd(fs.upper, node.parent_path)
+    udfd = await upper_dir(fs, new_parent)
+    if _upper_whiteout(udfd, new_name):
+        wfd, tmp = fs.stack.work_fd, temp_name()
+        sysio.link(sdfd, node.name, wfd, tmp)
+        try:
+            sysio.renameat2(wfd, tmp, udfd, new_name)
+        except BaseException:
+            sysio.unlink(wfd, tmp)
+            raise
+    else:
+        sysio.link(sdfd, node.name, udfd, new_name)
+    return Resolution(fs.upper, sysio.lstat(udfd, new_name))
+
+
+async def unlink(fs: State, parent: Inode, name: str) -> None:
+    fs.check_writable()
+    res = resolve_in(fs, parent, name)
+    if res is None:
+        raise oserror(errno.ENOENT)
+    if res.is_dir:
+        raise oserror(errno.EISDIR)
+    await _remove(fs, parent, name, res)
+
+
+async def rmdir(fs: State, parent: Inode, name: str) -> None:
+    fs.check_writable()
+    res = resolve_in(fs, parent, name)
+    if res is None:
+        raise oserror(errno.ENOENT)
+    if not res.is_dir:
+        raise oserror(errno.ENOTDIR)
+    path = parent.child_path(name)
+    if not is_empty(fs, path, res):
+        raise oserror(errno.ENOTEMPTY)
+    await _remove(fs, parent, name, res)
+    fs.stack.forget_upper_path(path)
+
+
+async def _remove(fs: State, parent: Inode, name: str, res: Resolution) -> None:
+    node = live_inode(fs, parent, name, res)
+    needs_whiteout = lower_has(fs, parent, name)
+    udfd = await upper_dir(fs, parent)
+    if res.layer.upper:
+        if needs_whiteout or res.is_dir:
+            _retire(fs, udfd, name, needs_whiteout, res.is_dir)
+        else:
+            sysio.unlink(udfd, name)
+    else:
+        whiteout.make_whiteout(udfd, name)
+    if node is not None:
+        last = res.layer.upper and (res.is_dir or res.st.st_nlink <= 1)
+        fs.inodes.unlinked(node, parent, name, last)
+
+
+def _retire(fs: State, udfd: int, name: str, leave_whiteout: bool, is_dir: bool) -> None:
+    """Move an upper object out of the way into WORK/work and delete it there; with
+    ``leave_whiteout`` the same rename leaves the whiteout, so the lower object
+    never shows through."""
+    if is_dir and not leave_whiteout:
+        try:
+            sysio.rmdir(udfd, name)
+            return
+        except OSError as e:
+            if e.errno != errno.ENOTEMPTY:  # holds only whiteouts: move it out whole
+                raise
+    wfd, tmp = fs.stack.work_fd, temp_name()
+    sysio.renameat2(udfd, name, wfd, tmp, sysio.RENAME_WHITEOUT if leave_whiteout else 0)
+    remove_tree_at(wfd, tmp)
+
+
+def _movable(res: Resolution) -> bool:
+    """Without redirect_dir only directories that live in upper alone can move."""
+    return not res.is_dir or (res.layer.upper and len(res.dirs) == 1)
+
+
+async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
+                 new_name: str, flags: int) -> None:
+    fs.check_writable()
+    if flags & ~(sysio.RENAME_NOREPLACE | sysio.RENAME_EXCHANGE) or \
+            flags == sysio.RENAME_NOREPLACE | sysio.RENAME_EXCHANGE:
+        raise oserror(errno.EINVAL)
+    exchange = bool(flags & sysio.RENAME_EXCHANGE)
+    src = resolve_in(fs, old_parent, old_name)
+    if src is None:
+        raise oserror(errno.ENOENT)
+    dst = resolve_in(fs, new_parent, new_name)
+    if old_parent is new_parent and old_name == new_name:
+        return
+    if dst is not None and src.layer.upper and dst.layer.upper and \
+            (src.st.st_dev, src.st.st_ino) == (dst.st.st_dev, dst.st.st_ino):
+        return  # two names of one upper file: rename(2) does nothing
+    if dst is not None and flags & sysio.RENAME_NOREPLACE:
+        raise oserror(errno.EEXIST)
+    if exchange and dst is None:
+        raise oserror(errno.ENOENT)
+    if not _movable(src) or (exchange and dst is not None and not _movable(dst)):
+        raise oserror(errno.EXDEV)
+    old_path = old_parent.child_path(old_name)
+    new_path = new_parent.child_path(new_name)
+    if src.is_dir and (new_path + "/").startswith(old_path + "/"):
+        raise oserror(errno.EINVAL)
+    if dst is not None and not exchange:
+        if src.is_dir and not dst.is_dir:
+            raise oserror(errno.ENOTDIR)
+        if not src.is_dir and dst.is_dir:
+            raise oserror(errno.EISDIR)
+        if dst.is_dir and not is_empty(fs, new_path, dst):
+            raise oserror(errno.ENOTEMPTY)
+    if exchange and dst is not None and dst.is_dir and \
+            (old_path + "/").startswith(new_path + "/"):
+        raise oserror(errno.EINVAL)
+
+    src_node = live_inode(fs, old_parent, old_name, src)
+    dst_node = live_inode(fs, new_parent, new_name, dst) if dst is not None else None
+    if src_node is not None:
+        await copy_up(fs, src_node)
+    elif not src.layer.upper:
+        raise oserror(errno.ESTALE)  # the kernel looked it up before renaming
+    if exchange and dst is not None:
+        if dst_node is not None:
+            await copy_up(fs, dst_node)
+        elif not dst.layer.upper:
+            raise oserror(errno.ESTALE)
+    old_udfd = await upper_dir(fs, old_parent)
+    new_udfd = await upper_dir(fs, new_parent)
+    wfd = fs.stack.work_fd
+
+    if exchange:
+        sysio.renameat2(old_udfd, old_name, new_udfd, new_name, sysio.RENAME_EXCHANGE)
+        _opaque_if_moved_into_merge(fs, new_parent, new_udfd, new_name, src)
+        _opaque_if_moved_into_merge(fs, old_parent, old_udfd, old_name, dst)
+    else:
+        leave_whiteout = lower_has(fs, old_parent, old_name)
+        if dst is not None and dst.is_dir and dst.layer.upper:
+            # An upper dir holding whiteouts can't be renamed over: swap in an
+            # empty one first (the kernel's ovl_clear_empty).
+            tmp = temp_name()
+            sysio.mkdir(wfd, tmp, 0o700)
+            whiteout.set_opaque(wfd, tmp)
+            sysio.renameat2(wfd, tmp, new_udfd, new_name, sysio.RENAME_EXCHANGE)
+            remove_tree_at(wfd, tmp)
+        _opaque_if_moved_into_merge(fs, new_parent, old_udfd, old_name, src)
+        replace = dst is not None or _upper_whiteout(new_udfd, new_name)
+        sysio.renameat2(old_udfd, old_name, new_udfd, new_name,
+                        (sysio.RENAME_WHITEOUT if leave_whiteout else 0)
+                        | (0 if replace else sysio.RENAME_NOREPLACE))
+    if src.is_dir:
+        fs.stack.forget_upper_path(old_path)
+    if dst is not None and dst.is_dir:
+        fs.stack.forget_upper_path(new_path)
+    if exchange:
+        if src_node is not None:
+            fs.inodes.renamed(src_node, old_parent, old_name, new_parent, new_name)
+        if dst_node is not None:
+            fs.inodes.renamed(dst_node, new_parent, new_name, old_parent, old_name)
+        return
+    if dst_node is not None and dst_node is not src_node:
+        fs.inodes.unlinked(dst_node, new_parent, new_name,
+                           dst is not None and dst.layer.upper
+                           and (dst.is_dir or dst.st.st_nlink <= 1))
+    if src_node is not None:
+        fs.inodes.renamed(src_node, old_parent, old_name, new_parent, new_name)
+
+
+def _opaque_if_moved_into_merge(fs: State, parent: Inode, udfd: int, name: str,
+                                res: Resolution | None) -> None:
+    """A directory landing in a merged directory must not merge with what lies
+    below its new name (kernel: ovl_set_opaque in ovl_rename)."""
+    if res is not None and res.is_dir and parent.lowers and not whiteout.is_opaque(udfd, name):
+        whiteout.set_opaque(udfd, name)

@@ -1,0 +1,60 @@
+"""Open file and directory handles, and moving file handles to upper after copy-up."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from unionfs.inodes import Inode
+    from unionfs.layers import Layer
+    from unionfs.readdir import Entry
+
+
+class FileHandle:
+    __slots__ = ("fh", "inode", "fd", "flags", "layer")
+
+    def __init__(self, fh: int, inode: Inode, fd: int, flags: int, layer: Layer) -> None:
+        self.fh = fh
+        self.inode = inode
+        self.fd = fd
+        self.flags = flags
+        self.layer = layer
+
+    def switch(self, fd: int, layer: Layer) -> None:
+        """Point this handle at the upper copy: a reader that opened the lower file
+        before somebody else copied it up must see the new data (kernel file.c)."""
+        old, self.fd, self.layer = self.fd, fd, layer
+        os.close(old)
+
+
+class DirHandle:
+    __slots__ = ("fh", "inode", "entries")
+
+    def __init__(self, fh: int, inode: Inode) -> None:
+        self.fh = fh
+        self.inode = inode
+        self.entries: list[Entry] | None = None  # built on the first read at offset 0
+
+
+class HandleTable:
+    def __init__(self) -> None:
+        self._next = 1
+        self.files: dict[int, FileHandle] = {}
+        self.dirs: dict[int, DirHandle] = {}
+
+    def _alloc(self) -> int:
+        fh = self._next
+        self._next += 1
+        return fh
+
+    def add_file(self, inode: Inode, fd: int, flags: int, layer: Layer) -> FileHandle:
+        h = FileHandle(self._alloc(), inode, fd, flags, layer)
+        self.files[h.fh] = h
+        inode.handles.add(h)
+        return h
+
+    def add_dir(self, inode: Inode) -> DirHandle:
+        h = DirHandle(self._alloc(), inode)
+        self.dirs[h.fh] = h
+        return h

@@ -1,0 +1,87 @@
+"""Layers: each one a directory reached only through its root fd and relative paths."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from unionfs import sysio
+
+# Directory fds kept open for fast *at() calls; bounded so that a huge tree can't
+# exhaust file descriptors (fuse-overlayfs #210).
+DIRFD_CACHE_SIZE = 1024
+
+
+@dataclass(eq=False)
+class Layer:
+    index: int  # 0 is the top: upper when there is one, else the first lower
+    path: str
+    fd: int  # O_PATH fd of the layer root
+    dev: int
+    upper: bool
+
+    def __repr__(self) -> str:
+        return f"<Layer {self.index} {'upper' if self.upper else 'lower'} {self.path}>"
+
+
+class LayerStack:
+    def __init__(self, lowers: list[str], upper: str | None, work: str | None) -> None:
+        self.layers: list[Layer] = []
+        paths = ([upper] if upper is not None else []) + lowers
+        for i, p in enumerate(paths):
+            fd = sysio.open_root(p)
+            self.layers.append(Layer(i, p, fd, os.fstat(fd).st_dev,
+                                     upper is not None and i == 0))
+        self.upper: Layer | None = self.layers[0] if upper is not None else None
+        self.lowers = self.layers[1:] if upper is not None else self.layers
+        self.workroot_fd = sysio.open_root(work) if work is not None else -1
+        self.work_fd = -1  # WORK/work, set up by probe.prepare_workdir
+        self._dirfds: OrderedDict[tuple[int, str], int] = OrderedDict()
+
+    def dirfd(self, layer: Layer, relpath: str) -> int:
+        """O_PATH fd of directory ``relpath`` in ``layer``; owned by the cache, don't close.
+
+        Raises ENOENT/ENOTDIR when absent, ELOOP when a component is a symlink."""
+        if not relpath:
+            return layer.fd
+        key = (layer.index, relpath)
+        fd = self._dirfds.get(key)
+        if fd is not None:
+            self._dirfds.move_to_end(key)
+            return fd
+        fd = sysio.open_dir_beneath(layer.fd, relpath)
+        self._dirfds[key] = fd
+        if len(self._dirfds) > DIRFD_CACHE_SIZE:
+            _, old = self._dirfds.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def dirfd_or_none(self, layer: Layer, relpath: str) -> int | None:
+        try:
+            return self.dirfd(layer, relpath)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                return None
+            raise
+
+    def forget_upper_path(self, relpath: str) -> None:
+        """Drop cached fds at and below ``relpath`` in upper (it was renamed or removed)."""
+        if self.upper is None:
+            return
+        idx = self.upper.index
+        prefix = relpath + "/"
+        for key in [k for k in self._dirfds
+                    if k[0] == idx and (k[1] == relpath or k[1].startswith(prefix))]:
+            os.close(self._dirfds.pop(key))
+
+    def close(self) -> None:
+        for fd in self._dirfds.values():
+            os.close(fd)
+        self._dirfds.clear()
+        for layer in self.layers:
+            os.close(layer.fd)
+        for fd in (self.work_fd, self.workroot_fd):
+            if fd >= 0:
+                os.close(fd)

@@ -1,0 +1,341 @@
+"""The pyfuse3 adapter: argument translation only; the overlay rules live below.
+
+Only FUSEError may leave a handler (anything else kills pyfuse3's main loop and
+leaves a dead mount), so every handler goes through ``_guard``.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from unionfs import attrs, dirops, lookup, sysio, xattrs
+from unionfs.copyup import copy_up
+from unionfs.inodes import Inode
+from unionfs.readdir import list_merged
+from unionfs.state import State
+
+log = logging.getLogger(__name__)
+
+# Seconds the kernel may trust an entry or attribute.  Every change to the
+# namespace goes through us and the kernel updates its caches from our replies,
+# but copy-up changes attributes (ctime, blocks) behind an open: keep this short
+# until explicit invalidation lands.
+TIMEOUT = 1.0
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+# What we pass on to the real file: the kernel does O_APPEND positioning itself,
+# and O_DIRECT would demand aligned buffers Python doesn't give.
+OPEN_FLAGS = os.O_ACCMODE | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NONBLOCK
+
+
+def _guard(fn: F) -> F:
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def wrapper(self: Operations, *args: Any) -> Any:
+        if self.debug:
+            log.debug("-> %s%r", name, args[:-1] if name not in ("read", "write") else args[:2])
+        try:
+            res = await fn(self, *args)
+        except pyfuse3.FUSEError as e:
+            if self.debug:
+                log.debug("<- %s: %s", name, errno.errorcode.get(e.errno, e.errno))
+            raise
+        except OSError as e:
+            code = e.errno or errno.EIO
+            if self.debug:
+                log.debug("<- %s: %s", name, errno.errorcode.get(code, code))
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            log.exception("internal error in %s%r", name, args[:-1])
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        return res
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _name(raw: bytes) -> str:
+    return os.fsdecode(raw)
+
+
+class Operations(pyfuse3.Operations):
+    enable_writeback_cache = False
+
+    def __init__(self, fs: State, debug: bool = False) -> None:
+        super().__init__()
+        self.fs = fs
+        self.debug = debug
+
+    # -- helpers -------------------------------------------------------------
+    def _node(self, ino: int) -> Inode:
+        node = self.fs.inodes.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return node
+
+    def _attrs(self, node: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = node.ino
+        e.generation = 0
+        e.entry_timeout = TIMEOUT
+        e.attr_timeout = TIMEOUT
+        e.st_mode = st.st_mode
+        e.st_nlink = attrs.nlink_of(node, st)
+        e.st_uid = st.st_uid
+        e.st_gid = st.st_gid
+        e.st_rdev = st.st_rdev
+        e.st_size = st.st_size
+        e.st_blksize = st.st_blksize
+        e.st_blocks = st.st_blocks
+        e.st_atime_ns = st.st_atime_ns
+        e.st_mtime_ns = st.st_mtime_ns
+        e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def _entry(self, parent: Inode, name: str, res: lookup.Resolution) -> pyfuse3.EntryAttributes:
+        node = self.fs.inodes.bind(parent, name, res)
+        node.lookups += 1
+        return self._attrs(node, res.st)
+
+    # -- lookup and attributes -------------------------------------------------
+    @_guard
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+                     ) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        sname = _name(name)
+        if sname in (".", ".."):
+            node = parent if sname == "." or parent.parent is None else parent.parent
+            node.lookups += 1
+            return self._attrs(node, attrs.real_stat(self.fs, node))
+        res = dirops.resolve_in(self.fs, parent, sname)
+        if res is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._entry(parent, sname, res)
+
+    @_guard
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
+                      ) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        return self._attrs(node, attrs.real_stat(self.fs, node))
+
+    @_guard
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        ch = attrs.AttrChange(
+            size=attr.st_size if fields.update_size else None,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        h = self.fs.handles.files.get(fh) if fh is not None else None
+        if h is not None and h.flags & os.O_ACCMODE != os.O_RDONLY:
+            ch.fd = h.fd
+        await attrs.setattr(self.fs, node, ch)
+        return self._attrs(node, attrs.real_stat(self.fs, node))
+
+    @_guard
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._node(inode)
+        return os.fsencode(sysio.readlink(self.fs.stack.dirfd(node.layer, node.parent_path),
+                                          node.name))
+
+    def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        try:
+            for ino, n in inode_list:
+                self.fs.inodes.forget(ino, n)
+        except Exception:  # forget must never raise
+            log.exception("forget")
+
+    @_guard
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = attrs.statfs(self.fs)
+        d = pyfuse3.StatvfsData()
+        for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                  "f_ffree", "f_favail", "f_namemax"):
+            setattr(d, f, getattr(sv, f))
+        return d
+
+    # -- directories -------------------------------------------------------------
+    @_guard
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        if not node.is_dir:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return self.fs.handles.add_dir(node).fh
+
+    @_guard
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        h = self.fs.handles.dirs[fh]
+        node = h.inode
+        stack = self.fs.stack
+        path = node.path
+        if start_id == 0 or h.entries is None:
+            # Built once per pass; a rewind (offset 0) picks up changes, as in the kernel.
+            h.entries = list_merged(stack, path, node.dirs)
+        entries = h.entries
+        pos = start_id
+        while pos < len(entries) + 2:
+            if pos < 2:
+                target = node if pos == 0 or node.parent is None else node.parent
+                if not pyfuse3.readdir_reply(token, b"." if pos == 0 else b"..",
+                                             self._attrs(target,
+                                                         attrs.real_stat(self.fs, target)),
+                                             pos + 1):
+                    return
+                pos += 1
+                continue
+            e = entries[pos - 2]
+            pos += 1
+            if e.hidden:
+                continue
+            try:
+                below = node.dirs[node.dirs.index(e.layer):]
+            except ValueError:
+                continue  # the directory changed layers since the listing was made
+            res = lookup.resolve(stack, path, below, e.name)
+            if res is None:
+                continue  # removed since the listing was made
+            child = self.fs.inodes.bind(node, e.name, res)
+            if not pyfuse3.readdir_reply(token, os.fsencode(e.name),
+                                         self._attrs(child, res.st), pos):
+                return
+            child.lookups += 1
+
+    @_guard
+    async def releasedir(self, fh: int) -> None:
+        self.fs.handles.dirs.pop(fh, None)
+
+    @_guard
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    @_guard
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent, sname = self._node(parent_inode), _name(name)
+        res = await dirops.mkdir(self.fs, parent, sname, mode, ctx.uid, ctx.gid)
+        return self._entry(parent, sname, res)
+
+    @_guard
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent, sname = self._node(parent_inode), _name(name)
+        res = await dirops.mknod(self.fs, parent, sname, mode, rdev, ctx.uid, ctx.gid)
+        return self._entry(parent, sname, res)
+
+    @_guard
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent, sname = self._node(parent_inode), _name(name)
+        res = await dirops.symlink(self.fs, parent, sname, os.fsdecode(target), ctx.uid,
+                                   ctx.gid)
+        return self._entry(parent, sname, res)
+
+    @_guard
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node, parent, sname = self._node(inode), self._node(new_parent_inode), _name(new_name)
+        res = await dirops.link(self.fs, node, parent, sname)
+        return self._entry(parent, sname, res)
+
+    @_guard
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await dirops.unlink(self.fs, self._node(parent_inode), _name(name))
+
+    @_guard
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await dirops.rmdir(self.fs, self._node(parent_inode), _name(name))
+
+    @_guard
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        await dirops.rename(self.fs, self._node(parent_inode_old), _name(name_old),
+                            self._node(parent_inode_new), _name(name_new), flags)
+
+    # -- files -----------------------------------------------------------------------
+    @_guard
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if node.is_dir:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
+        if writing:
+            self.fs.check_writable()
+            await copy_up(self.fs, node, data=not flags & os.O_TRUNC)
+        oflags = flags & OPEN_FLAGS
+        if not node.in_upper:
+            oflags |= os.O_NOATIME  # reading a lower file leaves it untouched
+        fd = sysio.open_at(self.fs.stack.dirfd(node.layer, node.parent_path), node.name, oflags)
+        h = self.fs.handles.add_file(node, fd, oflags & ~os.O_TRUNC, node.layer)
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=True)
+
+    @_guard
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent, sname = self._node(parent_inode), _name(name)
+        res, fd = await dirops.create(self.fs, parent, sname, mode, flags, ctx.uid, ctx.gid)
+        entry = self._entry(parent, sname, res)
+        node = self.fs.inodes[entry.st_ino]
+        h = self.fs.handles.add_file(node, fd, flags & os.O_ACCMODE, node.layer)
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=True), entry
+
+    @_guard
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(self.fs.handles.files[fh].fd, size, off)
+
+    @_guard
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        fd = self.fs.handles.files[fh].fd
+        view = memoryview(buf)
+        done = 0
+        while done < len(buf):
+            done += os.pwrite(fd, view[done:], off + done)
+        return done
+
+    @_guard
+    async def flush(self, fh: int) -> None:
+        return None
+
+    @_guard
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        fd = self.fs.handles.files[fh].fd
+        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+
+    @_guard
+    async def release(self, fh: int) -> None:
+        h = self.fs.handles.files.pop(fh, None)
+        if h is not None:
+            os.close(h.fd)
+            self.fs.inodes.release_handle(h.inode, h)
+
+    # -- xattrs --------------------------------------------------------------------
+    @_guard
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return xattrs.getxattr(self.fs, self._node(inode), _name(name))
+
+    @_guard
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return [os.fsencode(n) for n in xattrs.listxattr(self.fs, self._node(inode))]
+
+    @_guard
+    async def setxattr(self, inode: int, name: bytes, value: bytes,
+                       ctx: pyfuse3.RequestContext) -> None:
+        await xattrs.setxattr(self.fs, self._node(inode), _name(name), value)
+
+    @_guard
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await xattrs.removexattr(self.fs, self._node(inode), _name(name))

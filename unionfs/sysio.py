@@ -1,0 +1,289 @@
+"""The one place that makes raw system calls on layer trees.
+
+Layers are untrusted data: a symlink stored in a layer must never be followed
+while we resolve a path inside UPPER, WORK or a lower.  Every helper here
+takes a directory file descriptor and a single name (``*at()`` calls with
+``AT_SYMLINK_NOFOLLOW``/``O_NOFOLLOW``), and multi-component paths are
+resolved only with ``openat2(RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH)``.
+Everything raises ``OSError``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+SYS_OPENAT2 = 437  # the same on every architecture (asm-generic numbering)
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+
+O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+def _check(res: int, what: str, name: str | None = None) -> int:
+    if res < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}", name)
+    return res
+
+
+def open_root(path: str) -> int:
+    """O_PATH fd for a layer root given by the user (here symlinks may be followed:
+    the user named this directory on the command line)."""
+    return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def open_dir_beneath(rootfd: int, relpath: str) -> int:
+    """O_PATH fd for directory ``relpath`` below ``rootfd``, refusing any symlink
+    on the way (ELOOP) and any escape from the root (EXDEV)."""
+    if not relpath:
+        return os.dup(rootfd)
+    how = _OpenHow(O_PATH_DIR, 0,
+                   RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
+    res = _libc.syscall(SYS_OPENAT2, rootfd, os.fsencode(relpath), ctypes.byref(how),
+                        ctypes.sizeof(how))
+    return _check(res, "openat2", relpath)
+
+
+def renameat2(olddirfd: int, oldname: str, newdirfd: int, newname: str,
+              flags: int = 0) -> None:
+    if not flags:
+        os.rename(oldname, newname, src_dir_fd=olddirfd, dst_dir_fd=newdirfd)
+        return
+    res = _libc.renameat2(olddirfd, os.fsencode(oldname), newdirfd, os.fsencode(newname),
+                          ctypes.c_uint(flags))
+    _check(res, "renameat2", newname)
+
+
+def lstat(dirfd: int, name: str) -> os.stat_result:
+    return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+
+
+def lstat_or_none(dirfd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        # ENOTDIR/ELOOP: a component is not a directory here, so the name is absent.
+        if e.errno in (errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG):
+            return None
+        raise
+
+
+def open_at(dirfd: int, name: str, flags: int, mode: int = 0o600) -> int:
+    return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
+
+
+def open_path(dirfd: int, name: str) -> int:
+    """O_PATH fd to the object itself (a symlink is not followed)."""
+    return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+
+
+def open_dir_for_listing(dirfd: int, name: str = ".") -> int:
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   dir_fd=dirfd)
+
+
+def proc_fd(fd: int) -> str:
+    # The magic link lands on the object itself, symlinks included, so xattr and
+    # chmod calls through it never resolve a name stored in the layer.
+    return f"/proc/self/fd/{fd}"
+
+
+class ObjectRef:
+    """An O_PATH fd for one object, usable where a path is needed (xattrs, chmod)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, dirfd: int, name: str) -> None:
+        self.fd = open_path(dirfd, name)
+
+    def __enter__(self) -> str:
+        return proc_fd(self.fd)
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+
+def at_path(dirfd: int, name: str) -> str:
+    """A path naming ``name`` in ``dirfd`` for calls that have no *at() form.
+
+    The /proc magic link jumps straight to the directory, and the l*xattr()
+    calls don't follow ``name`` itself, so nothing stored in a layer is followed."""
+    return f"/proc/self/fd/{dirfd}/{name}"
+
+
+def getxattr(dirfd: int, name: str, attr: str) -> bytes:
+    return os.getxattr(at_path(dirfd, name), attr, follow_symlinks=False)
+
+
+def getxattr_or_none(dirfd: int, name: str, attr: str) -> bytes | None:
+    try:
+        return getxattr(dirfd, name, attr)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+            return None
+        raise
+
+
+def listxattr(dirfd: int, name: str) -> list[str]:
+    try:
+        return os.listxattr(at_path(dirfd, name), follow_symlinks=False)
+    except OSError as e:
+        if e.errno == errno.ENOTSUP:
+            return []
+        raise
+
+
+def setxattr(dirfd: int, name: str, attr: str, value: bytes, flags: int = 0) -> None:
+    os.setxattr(at_path(dirfd, name), attr, value, flags, follow_symlinks=False)
+
+
+def removexattr(dirfd: int, name: str, attr: str) -> None:
+    os.removexattr(at_path(dirfd, name), attr, follow_symlinks=False)
+
+
+def fd_getxattr_or_none(fd: int, attr: str) -> bytes | None:
+    try:
+        return os.getxattr(proc_fd(fd), attr)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+            return None
+        raise
+
+
+def chmod(dirfd: int, name: str, mode: int) -> None:
+    # fchmodat() cannot refuse to follow a symlink on older kernels; go through
+    # an O_PATH fd instead.  Symlink modes are fixed on Linux: nothing to do.
+    st = lstat(dirfd, name)
+    if stat.S_ISLNK(st.st_mode):
+        return
+    with ObjectRef(dirfd, name) as p:
+        os.chmod(p, mode)
+
+
+def chown(dirfd: int, name: str, uid: int, gid: int) -> None:
+    os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)
+
+
+def utimens(dirfd: int, name: str, atime_ns: int | None, mtime_ns: int | None,
+            st: os.stat_result | None = None) -> None:
+    if atime_ns is None or mtime_ns is None:
+        st = st or lstat(dirfd, name)
+        atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+        mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+    os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=dirfd, follow_symlinks=False)
+
+
+def mknod(dirfd: int, name: str, mode: int, rdev: int = 0) -> None:
+    os.mknod(name, mode, rdev, dir_fd=dirfd)
+
+
+def mkdir(dirfd: int, name: str, mode: int) -> None:
+    os.mkdir(name, mode, dir_fd=dirfd)
+
+
+def symlink(target: str, dirfd: int, name: str) -> None:
+    os.symlink(target, name, dir_fd=dirfd)
+
+
+def readlink(dirfd: int, name: str) -> str:
+    return os.readlink(name, dir_fd=dirfd)
+
+
+def link(srcdirfd: int, srcname: str, dstdirfd: int, dstname: str) -> None:
+    os.link(srcname, dstname, src_dir_fd=srcdirfd, dst_dir_fd=dstdirfd,
+            follow_symlinks=False)
+
+
+def unlink(dirfd: int, name: str) -> None:
+    os.unlink(name, dir_fd=dirfd)
+
+
+def rmdir(dirfd: int, name: str) -> None:
+    os.rmdir(name, dir_fd=dirfd)
+
+
+def scandir_fd(dirfd: int, name: str = ".") -> list[tuple[str, int, int]]:
+    """(name, d_type-ish S_IFMT or 0 when unknown, d_ino) for each entry, in the
+    directory's own order.  '.' and '..' are not included."""
+    fd = open_dir_for_listing(dirfd, name)
+    try:
+        out = []
+        with os.scandir(fd) as it:
+            for ent in it:
+                out.append((ent.name, _dtype(ent), ent.inode()))
+        return out
+    finally:
+        os.close(fd)
+
+
+def _dtype(ent: os.DirEntry[str]) -> int:
+    # DirEntry.is_*() answer from d_type without a syscall when d_type is known.
+    try:
+        if ent.is_symlink():
+            return stat.S_IFLNK
+        if ent.is_dir(follow_symlinks=False):
+            return stat.S_IFDIR
+        if ent.is_file(follow_symlinks=False):
+            return stat.S_IFREG
+    except OSError:
+        return 0
+    return 0  # fifo, socket, device: caller stats when it matters
+
+
+def copy_file_data(src_fd: int, dst_fd: int, size: int) -> None:
+    """Copy ``size`` bytes, keeping holes: only the data extents are copied."""
+    off = 0
+    while off < size:
+        try:
+            data = os.lseek(src_fd, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                break
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            data = off  # no SEEK_DATA on this fs: copy everything
+        try:
+            hole = os.lseek(src_fd, data, os.SEEK_HOLE)
+        except OSError:
+            hole = size
+        hole = min(hole, size)
+        pos = data
+        while pos < hole:
+            n = _copy_range(src_fd, dst_fd, pos, hole - pos)
+            if n == 0:
+                return  # the file shrank under us
+            pos += n
+        off = hole
+    os.ftruncate(dst_fd, size)
+
+
+def _copy_range(src_fd: int, dst_fd: int, pos: int, count: int) -> int:
+    count = min(count, 1 << 24)
+    try:
+        return os.copy_file_range(src_fd, dst_fd, count, pos, pos)
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    buf = os.pread(src_fd, min(count, 1 << 20), pos)
+    if buf:
+        os.pwrite(dst_fd, buf, pos)
+    return len(buf)
