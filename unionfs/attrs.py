@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
 
 from unionfs import sysio
 from unionfs.copyup import copy_up
+from unionfs.errors import oserror
 from unionfs.inodes import Inode
 from unionfs.state import State
 
 
 def real_stat(fs: State, node: Inode) -> os.stat_result:
     """lstat of the topmost real object behind ``node``."""
+    if node.handles:
+        # An open file is the object itself, even after its name went away.
+        return os.fstat(next(iter(node.handles)).fd)
+    if node.gone:
+        raise oserror(errno.ENOENT)
     if node.parent is None:
         return os.fstat(node.layer.fd)
     return sysio.lstat(fs.stack.dirfd(node.layer, node.parent_path), node.name)

@@ -110,7 +110,7 @@ def _resolve_dir(path: str, what: str) -> tuple[str, os.stat_result]:
     except OSError as e:
         if e.errno == errno.ENOTCONN:
             raise MountError(f"{what} '{path}' is a stale FUSE mount (its daemon is gone); "
-                             f"unmount it with 'fusermount3 -uz {path}'", e.errno) from None
+                             f"run 'pyunionfs umount {path}'", e.errno) from None
         raise MountError(f"failed to resolve {what} '{path}': {e.strerror}", e.errno) from None
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"{what} '{path}' is not a directory", errno.ENOTDIR)

@@ -30,7 +30,7 @@ Key = tuple
 
 class Inode:
     __slots__ = ("ino", "parent", "name", "aliases", "mode", "layer", "dirs", "key",
-                 "lookups", "handles", "_lock", "kids", "__weakref__")
+                 "lookups", "handles", "_lock", "kids", "gone", "__weakref__")
 
     def __init__(self, ino: int, parent: Inode | None, name: str, res: Resolution,
                  key: Key) -> None:
@@ -46,6 +46,7 @@ class Inode:
         self.handles: set[FileHandle] = set()
         self._lock: trio.Lock | None = None
         self.kids = 0  # live children that name us as parent: keeps our path valid
+        self.gone = False  # every name removed; reachable only through open handles
 
     @property
     def lock(self) -> trio.Lock:
@@ -130,6 +131,7 @@ class InodeTable:
             return node
         # Refresh what may have changed since (copy-up, a new layer below a dir).
         node.layer, node.dirs, node.mode = res.layer, res.dirs, res.st.st_mode
+        node.gone = False
         if node.parent is not parent or node.name != name:
             if node.is_dir:
                 self._move(node, parent, name)  # a directory has exactly one name
@@ -181,6 +183,8 @@ class InodeTable:
             new_parent, new_name = node.aliases.pop()
             self._move(node, new_parent, new_name)
             new_parent.kids -= 1  # _move counted it a second time
+        else:
+            node.gone = True
         if last_link and self.ino_of.get(node.key) == node.ino:
             del self.ino_of[node.key]
 

@@ -1,0 +1,67 @@
+"""Imports point only downward (docs: README "Code layout"), checked on the AST."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parent.parent / "unionfs"
+
+# Lower number = lower level; a module may import only modules at a lower level,
+# or at its own level where listed in SAME_LEVEL_OK.
+LEVELS = {
+    "errors": 0, "config": 0,
+    "sysio": 1,
+    "layers": 2, "whiteout": 2, "probe": 2,
+    "lookup": 3, "inodes": 3, "handles": 3, "readdir": 3, "state": 3,
+    "copyup": 4, "dirops": 4, "attrs": 4, "xattrs": 4,
+    "ops": 5,
+    "daemon": 6, "log": 6, "cli": 6, "__main__": 7, "__init__": 0,
+}
+SAME_LEVEL_OK = {("probe", "layers"), ("probe", "whiteout"), ("inodes", "lookup"),
+                 ("state", "handles"), ("state", "inodes"), ("readdir", "lookup"),
+                 ("dirops", "copyup"), ("attrs", "copyup"), ("xattrs", "copyup"),
+                 ("handles", "inodes"), ("handles", "readdir"), ("handles", "layers"),
+                 ("inodes", "handles"), ("daemon", "log"), ("cli", "daemon"),
+                 ("dirops", "probe"), ("config", "errors")}
+PYFUSE3_OK = {"ops", "daemon"}
+
+
+def _imports(path: Path) -> set[str]:
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            mod = node.module
+            if mod == "unionfs":
+                out.update(f"unionfs.{a.name}" for a in node.names)
+            else:
+                out.add(mod)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+def test_every_module_has_a_level() -> None:
+    mods = {p.stem for p in PKG.glob("*.py")}
+    assert mods <= set(LEVELS), f"give these modules a level: {mods - set(LEVELS)}"
+
+
+def test_imports_point_downward() -> None:
+    bad = []
+    for path in PKG.glob("*.py"):
+        me = path.stem
+        for imp in _imports(path):
+            if imp == "pyfuse3" and me not in PYFUSE3_OK:
+                bad.append(f"{me} imports pyfuse3 (only {sorted(PYFUSE3_OK)} may)")
+            if imp == "trio" and LEVELS[me] < 3:
+                bad.append(f"{me} imports trio below level 3")
+            if not imp.startswith("unionfs.") or imp == "unionfs":
+                continue
+            other = imp.split(".")[1]
+            if other not in LEVELS:
+                continue
+            if LEVELS[other] > LEVELS[me] or (
+                    LEVELS[other] == LEVELS[me] and other != me
+                    and (me, other) not in SAME_LEVEL_OK):
+                bad.append(f"{me} (level {LEVELS[me]}) imports {other} (level {LEVELS[other]})")
+    assert not bad, "\n".join(bad)
