@@ -45,9 +45,12 @@ def copy_xattrs(src_dfd: int, src_name: str, dst_dfd: int, dst_name: str) -> Non
                 raise
 
 
-def apply_metadata(dfd: int, name: str, st: os.stat_result) -> None:
-    """Owner, then mode (a chown would clear setuid/setgid), then times."""
+def copy_metadata(src_dfd: int, src_name: str, dfd: int, name: str,
+                  st: os.stat_result) -> None:
+    """Owner first: a chown clears set-id bits and security.capability, so the
+    xattrs and the mode come after it, and the times last."""
     sysio.chown(dfd, name, st.st_uid, st.st_gid)
+    copy_xattrs(src_dfd, src_name, dfd, name)
     sysio.chmod(dfd, name, stat.S_IMODE(st.st_mode))
     sysio.utimens(dfd, name, st.st_atime_ns, st.st_mtime_ns)
 
@@ -99,8 +102,7 @@ async def _copy_one(fs: State, node: Inode, data: bool) -> None:
             sysio.symlink(sysio.readlink(ldfd, name), wfd, tmp)
         else:
             sysio.mknod(wfd, tmp, kind | 0o600, st.st_rdev)
-        copy_xattrs(ldfd, name, wfd, tmp)
-        apply_metadata(wfd, tmp, st)
+        copy_metadata(ldfd, name, wfd, tmp, st)
         sysio.renameat2(wfd, tmp, udfd, name, sysio.RENAME_NOREPLACE)
     except BaseException:
         _discard(wfd, tmp)

@@ -220,9 +220,13 @@ def _retire(fs: State, udfd: int, name: str, leave_whiteout: bool, is_dir: bool)
     remove_tree_at(wfd, tmp)
 
 
+def _pure_upper(res: Resolution) -> bool:
+    return res.layer.upper and len(res.dirs) <= 1
+
+
 def _movable(res: Resolution) -> bool:
     """Without redirect_dir only directories that live in upper alone can move."""
-    return not res.is_dir or (res.layer.upper and len(res.dirs) == 1)
+    return not res.is_dir or _pure_upper(res)
 
 
 async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
@@ -256,7 +260,9 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
             raise oserror(errno.ENOTDIR)
         if not src.is_dir and dst.is_dir:
             raise oserror(errno.EISDIR)
-        if dst.is_dir and not is_empty(fs, new_path, dst):
+        # A pure upper target is left to the upper fs to refuse, after the source
+        # got its opaque mark, as in the kernel; a merged one we check ourselves.
+        if dst.is_dir and not _pure_upper(dst) and not is_empty(fs, new_path, dst):
             raise oserror(errno.ENOTEMPTY)
     if exchange and dst is not None and dst.is_dir and \
             (old_path + "/").startswith(new_path + "/"):
@@ -283,7 +289,7 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
         _opaque_if_moved_into_merge(fs, old_parent, old_udfd, old_name, dst)
     else:
         leave_whiteout = lower_has(fs, old_parent, old_name)
-        if dst is not None and dst.is_dir and dst.layer.upper:
+        if dst is not None and dst.is_dir and dst.layer.upper and not _pure_upper(dst):
             # An upper dir holding whiteouts can't be renamed over: swap in an
             # empty one first (the kernel's ovl_clear_empty).
             tmp = temp_name()
@@ -292,10 +298,18 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
             sysio.renameat2(wfd, tmp, new_udfd, new_name, sysio.RENAME_EXCHANGE)
             remove_tree_at(wfd, tmp)
         _opaque_if_moved_into_merge(fs, new_parent, old_udfd, old_name, src)
-        replace = dst is not None or _upper_whiteout(new_udfd, new_name)
-        sysio.renameat2(old_udfd, old_name, new_udfd, new_name,
-                        (sysio.RENAME_WHITEOUT if leave_whiteout else 0)
-                        | (0 if replace else sysio.RENAME_NOREPLACE))
+        onto_whiteout = dst is None and _upper_whiteout(new_udfd, new_name)
+        if onto_whiteout and src.is_dir:
+            # rename(2) can't put a directory over a char device: swap the two,
+            # and the whiteout lands at the old name, where it may be needed.
+            sysio.renameat2(old_udfd, old_name, new_udfd, new_name, sysio.RENAME_EXCHANGE)
+            if not leave_whiteout:
+                sysio.unlink(old_udfd, old_name)
+        else:
+            sysio.renameat2(old_udfd, old_name, new_udfd, new_name,
+                            (sysio.RENAME_WHITEOUT if leave_whiteout else 0)
+                            | (0 if dst is not None or onto_whiteout
+                               else sysio.RENAME_NOREPLACE))
     if src.is_dir:
         fs.stack.forget_upper_path(old_path)
     if dst is not None and dst.is_dir:
