@@ -125,6 +125,9 @@ def validate(cfg: MountConfig) -> None:
     """The kernel's mount checks (overlay-semantics §1.5), with one-line messages."""
     if not cfg.lowers:
         raise MountError("missing lower directory")
+    if cfg.upper is None and len(cfg.lowers) < 2:
+        # As the kernel: a one-layer read-only overlay would just be a bind mount.
+        raise MountError("a read-only mount needs at least 2 lower directories")
     if cfg.upper is not None and cfg.work is None:
         raise MountError("missing work directory (an upper directory needs one)")
     lowers = [_resolve_dir(p, "lower directory") for p in cfg.lowers]

@@ -68,6 +68,8 @@ async def copy_up(fs: State, node: Inode, data: bool = True) -> None:
             raise oserror(errno.EIO)
         await copy_up(fs, node.parent)
         await _copy_one(fs, node, data)
+        if node.aliases:
+            await _link_aliases(fs, node)
 
 
 async def _copy_one(fs: State, node: Inode, data: bool) -> None:
@@ -102,6 +104,9 @@ async def _copy_one(fs: State, node: Inode, data: bool) -> None:
             sysio.symlink(sysio.readlink(ldfd, name), wfd, tmp)
         else:
             sysio.mknod(wfd, tmp, kind | 0o600, st.st_rdev)
+        # Cached directory fds may have rotated while the data copy awaited.
+        ldfd = stack.dirfd(node.layer, ppath)
+        udfd = stack.dirfd(upper, ppath)
         copy_metadata(ldfd, name, wfd, tmp, st)
         sysio.renameat2(wfd, tmp, udfd, name, sysio.RENAME_NOREPLACE)
     except BaseException:
@@ -114,6 +119,21 @@ async def _copy_one(fs: State, node: Inode, data: bool) -> None:
     fs.inodes.rekey(node, Resolution(upper, new_st, dirs))
     if kind == stat.S_IFREG:
         _switch_handles(node, udfd)
+
+
+async def _link_aliases(fs: State, node: Inode) -> None:
+    """The kernel has seen other names of this lower file, and FUSE didn't say
+    which one is being changed: link the copy into all of them, so that every
+    name it knows shows the same file (docs/differences.md)."""
+    upper = fs.upper
+    for parent, name in list(node.aliases):
+        await copy_up(fs, parent)
+        udfd = fs.stack.dirfd(upper, parent.path)
+        if sysio.lstat_or_none(udfd, name) is not None:
+            continue
+        pst = os.fstat(udfd)
+        sysio.link(fs.stack.dirfd(upper, node.parent_path), node.name, udfd, name)
+        os.utime(sysio.proc_fd(udfd), ns=(pst.st_atime_ns, pst.st_mtime_ns))
 
 
 def _discard(wfd: int, tmp: str) -> None:

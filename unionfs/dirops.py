@@ -41,7 +41,7 @@ async def upper_dir(fs: State, parent: Inode) -> int:
 
 
 def live_inode(fs: State, parent: Inode, name: str, res: Resolution) -> Inode | None:
-    ino = fs.inodes.ino_of.get(object_key(res, parent.child_path(name)))
+    ino = fs.inodes.ino_of.get(object_key(res))
     return fs.inodes.get(ino) if ino is not None else None
 
 
@@ -149,8 +149,9 @@ async def link(fs: State, node: Inode, new_parent: Inode, new_name: str) -> Reso
     if resolve_in(fs, new_parent, new_name) is not None:
         raise oserror(errno.EEXIST)
     await copy_up(fs, node)
-    sdfd = fs.stack.dirfd(fs.upper, node.parent_path)
     udfd = await upper_dir(fs, new_parent)
+    sdfd = fs.stack.dirfd(fs.upper, node.parent_path)
+    udfd = fs.stack.dirfd(fs.upper, new_parent.path)  # cached fds may rotate at an await
     if _upper_whiteout(udfd, new_name):
         wfd, tmp = fs.stack.work_fd, temp_name()
         sysio.link(sdfd, node.name, wfd, tmp)
@@ -279,8 +280,9 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
             await copy_up(fs, dst_node)
         elif not dst.layer.upper:
             raise oserror(errno.ESTALE)
-    old_udfd = await upper_dir(fs, old_parent)
+    await upper_dir(fs, old_parent)
     new_udfd = await upper_dir(fs, new_parent)
+    old_udfd = fs.stack.dirfd(fs.upper, old_parent.path)  # cached fds may rotate at an await
     wfd = fs.stack.work_fd
 
     if exchange:

@@ -6,9 +6,9 @@ of the mount, across copy-up and across the kernel forgetting it.  We map the
 real object (device, inode) to our number and remember the mapping until the
 object is deleted.  Numbers are never reused, so the generation stays 0.
 
-Upper hard links share one inode.  Lower files with several names get one inode
-per name: FUSE tells us only the node id on open/setattr, so a shared node could
-not say which name to copy up (see docs/differences.md).
+All names of one real file share one inode, as under the kernel.  FUSE names
+only the node on open/setattr, so when a lower file with several names the
+kernel knows of is copied up, copyup.py links the copy into all those names.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from unionfs.handles import FileHandle
 
 ROOT_INO = 1
-Key = tuple
+Key = tuple[int, int]
 
 
 class Inode:
@@ -92,11 +92,8 @@ class Inode:
         return f"<Inode {self.ino} /{self.path} {self.layer}>"
 
 
-def object_key(res: Resolution, path: str) -> Key:
-    st = res.st
-    if not res.layer.upper and not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-        return (res.layer.dev, st.st_ino, path)
-    return (res.layer.dev, st.st_ino)
+def object_key(res: Resolution) -> Key:
+    return (res.layer.dev, res.st.st_ino)
 
 
 class InodeTable:
@@ -104,7 +101,7 @@ class InodeTable:
         self.inodes: dict[int, Inode] = {}
         self.ino_of: dict[Key, int] = {}
         self._next = ROOT_INO + 1
-        self.root = Inode(ROOT_INO, None, "", root, object_key(root, ""))
+        self.root = Inode(ROOT_INO, None, "", root, object_key(root))
         self.root.lookups = 1  # the kernel never forgets the root
         self.inodes[ROOT_INO] = self.root
         self.ino_of[self.root.key] = ROOT_INO
@@ -117,7 +114,7 @@ class InodeTable:
 
     def bind(self, parent: Inode, name: str, res: Resolution) -> Inode:
         """The inode for ``name`` in ``parent`` as just resolved (no lookup counted)."""
-        key = object_key(res, parent.child_path(name))
+        key = object_key(res)
         ino = self.ino_of.get(key)
         if ino is None:
             ino = self._next
@@ -149,7 +146,7 @@ class InodeTable:
     def rekey(self, node: Inode, res: Resolution) -> None:
         """The object now lives elsewhere (copy-up): same number, new real object."""
         old = node.key
-        node.key = object_key(res, node.path)
+        node.key = object_key(res)
         node.layer, node.mode = res.layer, res.st.st_mode
         if res.dirs:
             node.dirs = res.dirs
@@ -161,11 +158,6 @@ class InodeTable:
                 new_name: str) -> None:
         if node.parent is old_parent and node.name == old_name:
             self._move(node, new_parent, new_name)
-            old_key = node.key
-            if len(old_key) == 3:  # a per-name key carries the path
-                node.key = (old_key[0], old_key[1], new_parent.child_path(new_name))
-                self.ino_of.pop(old_key, None)
-                self.ino_of[node.key] = node.ino
         elif (old_parent, old_name) in node.aliases:
             node.aliases.discard((old_parent, old_name))
             node.aliases.add((new_parent, new_name))

@@ -1,0 +1,210 @@
+"""Fixtures: skip conditions, pair/mount factories, and the no-mount-left-behind guards."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from overlay_harness import (
+    IMPL,
+    LayerSpec,
+    Mount,
+    Pair,
+    PyUnionMount,
+    StackPaths,
+    StackSpec,
+    build_stack,
+    environment_problem,
+    force_unmount,
+    mount_stack,
+    mounts_under,
+    run_cmd,
+)
+
+_PROBLEM = environment_problem()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "watchdog(seconds): kill this test's daemons after seconds")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Any:
+    # remember each phase's report so fixtures can attach daemon logs to failing tests
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
+
+
+@pytest.fixture(scope="session")
+def _environment() -> None:
+    """Skip (not fail) where mount tests can't run. Not autouse: tests that need no mount (e.g.
+    test_layering.py) still run anywhere."""
+    if _PROBLEM:
+        pytest.skip(_PROBLEM)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_mount_left_behind_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Session guard: nothing under pytest's temp root may still be mounted at the end."""
+    base = tmp_path_factory.getbasetemp()
+    yield
+    left = mounts_under(base)
+    for m in sorted(left, key=len, reverse=True):
+        force_unmount(m)
+    assert not left, f"mounts left behind at session end: {left}"
+
+
+@pytest.fixture(autouse=True)
+def _no_mount_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Per-test guard, so a leak is pinned on the test that caused it (and cleaned up at once)."""
+    base = tmp_path_factory.getbasetemp()
+    yield
+    left = mounts_under(base)
+    for m in sorted(left, key=len, reverse=True):
+        force_unmount(m)
+    assert not left, f"test left mounts behind: {left}"
+
+
+# A FUSE request the daemon never answers blocks the test in an uninterruptible wait, and
+# pytest-timeout's SIGALRM cannot break it. So each test gets a watchdog thread that SIGKILLs the
+# daemons it started shortly before pytest-timeout (180 s) would fire: the kernel then fails every
+# pending request with ENOTCONN, the test fails, and teardown cleans up normally.
+WATCHDOG_SECONDS = 150.0
+
+
+class _Registry:
+    """Everything a test mounted, stopped in reverse order at teardown even when the test failed."""
+
+    def __init__(self, request: pytest.FixtureRequest, tmp_path: Path):
+        self.request = request
+        self.tmp_path = tmp_path
+        self.items: list[Pair | Mount] = []
+        self.n = 0
+        self.watchdog_fired = False
+        marker = request.node.get_closest_marker("watchdog")
+        self.watchdog_seconds = float(marker.args[0]) if marker else WATCHDOG_SECONDS
+        self._timer = threading.Timer(self.watchdog_seconds, self._kill_daemons)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _kill_daemons(self) -> None:
+        self.watchdog_fired = True
+        for it in list(self.items):
+            for m in _mounts_of(it):
+                if isinstance(m, PyUnionMount) and m.proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(m.proc.pid, signal.SIGKILL)
+
+    def base(self, prefix: str) -> Path:
+        self.n += 1
+        return self.tmp_path / f"{prefix}{self.n}"
+
+    def close(self) -> None:
+        self._timer.cancel()
+        errors: list[Exception] = []
+        if self.watchdog_fired:
+            errors.append(TimeoutError(f"watchdog killed the daemons after {self.watchdog_seconds}s "
+                                       "(a request was never answered?)"))
+        logs = []
+        for it in reversed(self.items):
+            for m in _mounts_of(it):
+                if isinstance(m, PyUnionMount):
+                    logs.append(f"--- {m.paths.base} ---\n{m.log_tail(200)}")
+            try:
+                it.stop()
+            except Exception as e:  # noqa: BLE001 - stop everything, report afterwards
+                errors.append(e)
+        failed = any(getattr(getattr(self.request.node, f"rep_{w}", None), "failed", False)
+                     for w in ("setup", "call"))
+        if (failed or errors) and logs:
+            self.request.node.add_report_section("teardown", "pyunionfs log", "\n".join(logs))
+        if errors:
+            raise errors[0]
+
+
+def _mounts_of(it: Pair | Mount) -> list[Mount]:
+    if isinstance(it, Pair):
+        return [s.mount for s in it.sides if s.mount is not None]
+    return [it]
+
+
+@pytest.fixture
+def _registry(_environment: None, request: pytest.FixtureRequest,
+              tmp_path: Path) -> Iterator[_Registry]:
+    reg = _Registry(request, tmp_path)
+    try:
+        yield reg
+    finally:
+        reg.close()
+
+
+@pytest.fixture
+def make_pair(_registry: _Registry) -> Callable[..., Pair]:
+    """``make_pair(lowers=[top, ..., bottom], upper=None, readonly=False) -> Pair``.
+
+    Builds the stack twice and mounts it with the kernel and with pyunionfs (or the kernel twice
+    under UNIONFS_TEST_IMPL=kernel)."""
+
+    def factory(lowers: list[LayerSpec], upper: LayerSpec | None = None,
+                readonly: bool = False) -> Pair:
+        pair = Pair(StackSpec(lowers=lowers, upper=upper, readonly=readonly), _registry.base("pair"))
+        _registry.items.append(pair)
+        return pair
+
+    return factory
+
+
+@pytest.fixture
+def make_stack(_registry: _Registry) -> Callable[..., StackPaths]:
+    """``make_stack(lowers, upper=None, readonly=False) -> StackPaths`` (not mounted)."""
+
+    def factory(lowers: list[LayerSpec], upper: LayerSpec | None = None,
+                readonly: bool = False) -> StackPaths:
+        return build_stack(StackSpec(lowers=lowers, upper=upper, readonly=readonly),
+                           _registry.base("stack"))
+
+    return factory
+
+
+@pytest.fixture
+def mounter(_registry: _Registry) -> Callable[..., Mount]:
+    """``mounter(paths, impl='pyunionfs'|'kernel', work=None) -> Mount``; stopped at teardown
+    unless the test stops it first (stop() is idempotent)."""
+
+    def factory(paths: StackPaths, impl: str = IMPL, work: Path | None = None) -> Mount:
+        m = mount_stack(paths, impl, work)
+        _registry.items.append(m)
+        return m
+
+    return factory
+
+
+@pytest.fixture
+def tmpfs(_registry: _Registry) -> Callable[[], Path]:
+    """A fresh small tmpfs (for layers on other filesystems); unmounted at teardown."""
+    mounted: list[Path] = []
+
+    def factory() -> Path:
+        p = _registry.base("tmpfs")
+        p.mkdir()
+        r = run_cmd(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(p)])
+        assert r.returncode == 0, f"mounting a tmpfs failed: {r.stderr}"
+        mounted.append(p)
+        return p
+
+    class _Tmpfs:
+        def stop(self) -> None:
+            for p in reversed(mounted):
+                with contextlib.suppress(Exception):
+                    run_cmd(["umount", str(p)])
+                force_unmount(str(p))
+
+    _registry.items.insert(0, _Tmpfs())  # type: ignore[arg-type]  # stopped last (after overlays)
+    return factory

@@ -1,0 +1,1006 @@
+"""Test harness: layer stacks, mounts (kernel overlayfs and pyunionfs) and snapshots.
+
+Every differential test builds the *same* layer stack twice, byte for byte: one copy is mounted with
+the kernel's overlayfs (the reference), the other with pyunionfs.  The same operation then runs on
+both merged trees and the outcomes (return values or errno names), the merged trees and the
+normalised upper directories are compared.
+
+Environment knobs (for debugging the harness itself):
+  UNIONFS_TEST_IMPL=kernel   mount the "ours" side with kernel overlayfs too; every differential test
+                             must then pass, which proves the harness and the tests' premises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import os
+import pickle
+import select
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = str(REPO / ".venv" / "bin" / "python")
+if not os.path.exists(PYTHON):  # e.g. a different checkout layout: use whatever runs pytest
+    PYTHON = sys.executable
+
+MOUNT_TIMEOUT = 15.0  # seconds until a mount must be live
+UMOUNT_TIMEOUT = 15.0  # seconds until an unmount (and daemon exit) must be done
+CMD_TIMEOUT = 30.0  # any other helper command
+
+# A fixed timestamp for every object a layer spec doesn't date explicitly, so both copies of a stack
+# are identical down to their times and the lower-untouched check compares exact values.
+DEFAULT_TIME_NS = 1_600_000_000 * 10**9
+
+# Kernel bookkeeping xattrs that pyunionfs need not reproduce and that carry host-specific data:
+#   origin: a lower file handle (bytes differ between the two stacks, which live in other dirs),
+#   impure: "this dir has copied-up children whose st_ino comes from origin" (only an ino cache hint),
+#   uuid:   the per-mount uuid on the upper root.
+# They are ignored on purpose by the upper normaliser.  Anything else under trusted.overlay. (opaque,
+# redirect, metacopy, nlink, escaped trusted.overlay.overlay.* names...) is compared.
+IGNORED_UPPER_XATTRS = frozenset(
+    {"trusted.overlay.origin", "trusted.overlay.impure", "trusted.overlay.uuid"}
+)
+OPAQUE_XATTR = "trusted.overlay.opaque"
+
+IMPL = os.environ.get("UNIONFS_TEST_IMPL", "pyunionfs")
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer specs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class File:
+    """A regular file. ``data`` is written at ``offset`` (a large offset makes a sparse file)."""
+
+    data: bytes | str = b""
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    mtime: float | None = None  # seconds; None = DEFAULT_TIME_NS
+    atime: float | None = None
+    xattrs: Mapping[str, bytes | str] = field(default_factory=dict)
+    offset: int = 0
+    size: int | None = None  # truncate to this size afterwards
+
+
+@dataclass(frozen=True)
+class Dir:
+    mode: int = 0o755
+    uid: int = 0
+    gid: int = 0
+    mtime: float | None = None
+    atime: float | None = None
+    xattrs: Mapping[str, bytes | str] = field(default_factory=dict)
+    opaque: bool = False  # trusted.overlay.opaque=y
+
+
+@dataclass(frozen=True)
+class Symlink:
+    target: str
+    uid: int = 0
+    gid: int = 0
+    mtime: float | None = None
+    xattrs: Mapping[str, bytes | str] = field(default_factory=dict)  # trusted.* only (no user.*)
+
+
+@dataclass(frozen=True)
+class Fifo:
+    mode: int = 0o644
+    uid: int = 0
+    gid: int = 0
+    mtime: float | None = None
+    xattrs: Mapping[str, bytes | str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str = "c"  # "c" or "b"
+    major: int = 1
+    minor: int = 3
+    mode: int = 0o600
+    uid: int = 0
+    gid: int = 0
+    mtime: float | None = None
+
+
+@dataclass(frozen=True)
+class Whiteout:
+    """The kernel's whiteout: a 0/0 character device (mode 0, as the kernel makes them)."""
+
+
+@dataclass(frozen=True)
+class Hardlink:
+    """Another name for ``target`` (a path relative to the same layer root)."""
+
+    target: str
+
+
+Entry = File | Dir | Symlink | Fifo | Device | Whiteout | Hardlink
+# A layer is a {relpath: Entry} mapping, or a deterministic builder called with the layer root.
+LayerSpec = Mapping[str, Entry] | Callable[[Path], None]
+
+
+def _ns(t: float | None) -> int:
+    return DEFAULT_TIME_NS if t is None else int(round(t * 10**9))
+
+
+def _b(v: bytes | str) -> bytes:
+    return os.fsencode(v) if isinstance(v, str) else v
+
+
+def materialise(spec: LayerSpec | None, root: Path) -> None:
+    """Create ``root`` and fill it from ``spec``, deterministically.
+
+    Order matters for identical results: dirs, then other objects, then hard links; then xattrs,
+    owners, modes; times last, deepest first, so creating children does not disturb a parent's mtime.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    if spec is None:
+        spec = {}
+    if callable(spec):
+        spec(root)
+        return
+    entries: dict[str, Entry] = {}
+    for rel, ent in spec.items():
+        rel = rel.strip("/") or "."
+        entries[rel] = ent
+        # implicit parents are plain 0755 root dirs
+        parent = os.path.dirname(rel)
+        while parent and parent not in entries and parent not in spec:
+            entries[parent] = Dir()
+            parent = os.path.dirname(parent)
+    entries.setdefault(".", Dir())
+
+    def p(rel: str) -> str:
+        return str(root) if rel == "." else os.path.join(root, rel)
+
+    ordered = sorted(entries, key=lambda r: (r.count("/"), r))
+    for rel in ordered:
+        if isinstance(entries[rel], Dir) and rel != ".":
+            os.mkdir(p(rel), 0o700)
+    for rel in ordered:
+        ent = entries[rel]
+        path = p(rel)
+        if isinstance(ent, File):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                data = _b(ent.data)
+                if data:
+                    os.pwrite(fd, data, ent.offset)
+                elif ent.offset:
+                    os.ftruncate(fd, ent.offset)
+                if ent.size is not None:
+                    os.ftruncate(fd, ent.size)
+            finally:
+                os.close(fd)
+        elif isinstance(ent, Symlink):
+            os.symlink(ent.target, path)
+        elif isinstance(ent, Fifo):
+            os.mkfifo(path, 0o600)
+        elif isinstance(ent, Device):
+            kind = stat.S_IFCHR if ent.kind == "c" else stat.S_IFBLK
+            os.mknod(path, kind | 0o600, os.makedev(ent.major, ent.minor))
+        elif isinstance(ent, Whiteout):
+            os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
+    for rel in ordered:
+        ent = entries[rel]
+        if isinstance(ent, Hardlink):
+            os.link(p(ent.target), p(rel))
+    for rel in ordered:
+        ent = entries[rel]
+        path = p(rel)
+        if isinstance(ent, (Whiteout, Hardlink)):
+            continue
+        os.chown(path, ent.uid, ent.gid, follow_symlinks=False)
+        if not isinstance(ent, Symlink):
+            os.chmod(path, ent.mode)  # after chown, which clears setuid/setgid bits
+        # xattrs last: chown drops security.capability
+        xattrs = dict(getattr(ent, "xattrs", {}))
+        if isinstance(ent, Dir) and ent.opaque:
+            xattrs[OPAQUE_XATTR] = b"y"
+        for name in sorted(xattrs):
+            os.setxattr(path, name, _b(xattrs[name]), follow_symlinks=False)
+    for rel in sorted(ordered, key=lambda r: (-r.count("/"), r)):
+        ent = entries[rel]
+        if isinstance(ent, Hardlink):
+            continue
+        if isinstance(ent, Whiteout):
+            os.utime(p(rel), ns=(DEFAULT_TIME_NS, DEFAULT_TIME_NS), follow_symlinks=False)
+            continue
+        mt = _ns(ent.mtime)
+        at = _ns(getattr(ent, "atime", None) if getattr(ent, "atime", None) is not None else ent.mtime)
+        os.utime(p(rel), ns=(at, mt), follow_symlinks=False)
+    if "." in entries and isinstance(entries["."], Dir):
+        ent = entries["."]
+        os.utime(root, ns=(_ns(ent.atime if ent.atime is not None else ent.mtime), _ns(ent.mtime)))
+
+
+@dataclass
+class StackSpec:
+    """``lowers[0]`` is the top lower layer. ``upper=None`` and ``readonly`` give a lowers-only mount."""
+
+    lowers: list[LayerSpec]
+    upper: LayerSpec | None = None
+    readonly: bool = False
+
+
+@dataclass
+class StackPaths:
+    base: Path
+    lowers: list[Path]
+    upper: Path | None
+    work: Path | None
+    merged: Path
+
+
+def make_traversable(path: Path) -> None:
+    """Add search (x) permission for everyone on ``path`` and its ancestors, so steps run as an
+    unprivileged uid can reach the mount (pytest makes its temp root 0700)."""
+    for p in [path, *path.parents]:
+        st = os.stat(p)
+        if st.st_mode & 0o011 != 0o011:
+            os.chmod(p, stat.S_IMODE(st.st_mode) | 0o011)
+
+
+def build_stack(spec: StackSpec, base: Path) -> StackPaths:
+    base.mkdir(parents=True, exist_ok=True)
+    make_traversable(base)
+    lowers = []
+    for i, layer in enumerate(spec.lowers):
+        d = base / f"lower{i}"
+        materialise(layer, d)
+        lowers.append(d)
+    upper = work = None
+    if not spec.readonly:
+        upper = base / "upper"
+        materialise(spec.upper, upper)
+        work = base / "work"
+        work.mkdir()
+    merged = base / "merged"
+    merged.mkdir()
+    return StackPaths(base, lowers, upper, work, merged)
+
+
+# --------------------------------------------------------------------------------------------------
+# Mount table and mounts
+# --------------------------------------------------------------------------------------------------
+
+
+def _unescape_mount_path(s: str) -> str:
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo
+    out, i = [], 0
+    while i < len(s):
+        code = s[i + 1 : i + 4]
+        if s[i] == "\\" and len(code) == 3 and code.isdigit():
+            out.append(chr(int(code, 8)))
+            i += 4
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_table() -> list[tuple[str, str, str, str]]:
+    """(mount point, fs type, source, super options) for every mount; never touches the mounts
+    themselves, so it cannot hang on a dead FUSE daemon."""
+    rows = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.rstrip("\n").partition(" - ")
+            fields = left.split()
+            rfields = right.split()
+            rows.append(
+                (
+                    _unescape_mount_path(fields[4]),
+                    rfields[0],
+                    rfields[1] if len(rfields) > 1 else "",
+                    rfields[2] if len(rfields) > 2 else "",
+                )
+            )
+    return rows
+
+
+def is_mounted(path: Path | str) -> bool:
+    p = os.path.realpath(path)
+    return any(row[0] == p for row in mount_table())
+
+
+def mounts_under(prefix: Path | str) -> list[str]:
+    pre = os.path.realpath(prefix).rstrip("/") + "/"
+    return [row[0] for row in mount_table() if (row[0] + "/").startswith(pre)]
+
+
+def run_cmd(cmd: list[str], timeout: float = CMD_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def force_unmount(path: str) -> None:
+    """Last resort for anything left mounted: lazy unmounts never block on a dead daemon."""
+    for cmd in (["fusermount3", "-uz", path], ["umount", "-l", path]):
+        if not is_mounted(path):
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired, OSError):
+            run_cmd(cmd, timeout=UMOUNT_TIMEOUT)
+
+
+class MountError(Exception):
+    pass
+
+
+class Mount:
+    """A mounted stack; ``stop()`` is idempotent and always leaves nothing mounted."""
+
+    impl: str
+    paths: StackPaths
+
+    @property
+    def root(self) -> Path:
+        return self.paths.merged
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Mount:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _lowerdir_arg(lowers: Iterable[Path]) -> str:
+    return ":".join(str(p).replace("\\", "\\\\").replace(":", "\\:") for p in lowers)
+
+
+class KernelMount(Mount):
+    impl = "kernel"
+
+    def __init__(self, paths: StackPaths, work: Path | None = None):
+        self.paths = paths
+        opts = f"lowerdir={_lowerdir_arg(paths.lowers)}"
+        if paths.upper is not None:
+            opts += f",upperdir={paths.upper},workdir={work or paths.work}"
+        r = run_cmd(["mount", "-t", "overlay", "overlay", "-o", opts, str(paths.merged)],
+                    timeout=MOUNT_TIMEOUT)
+        if r.returncode != 0:
+            force_unmount(str(paths.merged))
+            raise MountError(f"kernel overlay mount failed: {r.stderr.strip()}")
+        self._mounted = True
+
+    def stop(self) -> None:
+        if not self._mounted:
+            return
+        self._mounted = False
+        path = str(self.paths.merged)
+        try:
+            r = run_cmd(["umount", path], timeout=UMOUNT_TIMEOUT)
+            failed = r.returncode != 0 and r.stderr.strip()
+        except subprocess.TimeoutExpired:
+            failed = "umount timed out"
+        if is_mounted(path):
+            force_unmount(path)
+            raise MountError(f"kernel umount of {path} failed: {failed}")
+
+
+class PyUnionMount(Mount):
+    """``python -m unionfs mount -f ...`` as a child process; mounted once the mount table says so."""
+
+    impl = "pyunionfs"
+
+    def __init__(self, paths: StackPaths, work: Path | None = None, extra_args: Iterable[str] = ()):
+        self.paths = paths
+        self.log_path = paths.base / "pyunionfs.log"
+        args = [PYTHON, "-m", "unionfs", "mount", "-f", *extra_args, _lowerdir_arg(paths.lowers)]
+        if paths.upper is not None:
+            args += [str(paths.upper), str(work or paths.work)]
+        args.append(str(paths.merged))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+        env.pop("UNIONFS_TEST_IMPL", None)
+        self._log = open(self.log_path, "wb")
+        # own session: a Ctrl-C aimed at pytest must not kill the daemon behind the fixture's back
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, cwd=str(REPO), env=env,
+                                     start_new_session=True)
+        self._stopped = False
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        try:
+            while not is_mounted(paths.merged):
+                rc = self.proc.poll()
+                if rc is not None:
+                    raise MountError(f"pyunionfs exited with {rc} before mounting:\n{self.log_tail()}")
+                if time.monotonic() > deadline:
+                    raise MountError(f"pyunionfs not mounted after {MOUNT_TIMEOUT}s:\n{self.log_tail()}")
+                time.sleep(0.01)
+        except BaseException:
+            self._teardown(clean=False)
+            raise
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(lines[-n:])
+
+    def _teardown(self, clean: bool) -> list[str]:
+        """Unmount and reap the daemon; return problems seen (empty = the clean contract held)."""
+        problems: list[str] = []
+        path = str(self.paths.merged)
+        if is_mounted(path):
+            try:
+                r = run_cmd(["fusermount3", "-u", path], timeout=UMOUNT_TIMEOUT)
+                if r.returncode != 0:
+                    problems.append(f"fusermount3 -u failed: {r.stderr.strip()}")
+            except subprocess.TimeoutExpired:
+                problems.append("fusermount3 -u timed out")
+            force_unmount(path)
+        try:
+            self.proc.wait(timeout=UMOUNT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            problems.append(f"daemon did not exit within {UMOUNT_TIMEOUT}s after unmount")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
+        if clean and self.proc.returncode not in (0, None) and not problems:
+            problems.append(f"daemon exited with {self.proc.returncode} after unmount")
+        self._log.close()
+        if is_mounted(path):  # pragma: no cover - should be impossible after the lazy unmounts
+            problems.append("still mounted after all fallbacks")
+        return problems
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        problems = self._teardown(clean=True)
+        if problems:
+            raise MountError("; ".join(problems) + "\n" + self.log_tail())
+
+
+def mount_stack(paths: StackPaths, impl: str, work: Path | None = None) -> Mount:
+    if impl == "kernel":
+        return KernelMount(paths, work)
+    return PyUnionMount(paths, work)
+
+
+# --------------------------------------------------------------------------------------------------
+# Snapshots
+# --------------------------------------------------------------------------------------------------
+
+
+class Node(NamedTuple):
+    type: str  # file dir symlink fifo chr blk sock whiteout
+    mode: int | None  # S_IMODE (incl. setuid/setgid/sticky)
+    uid: int | None
+    gid: int | None
+    size: int | None  # None for dirs: a dir's st_size is filesystem bookkeeping, not overlay semantics
+    digest: str | None  # sha256 of content or symlink target
+    rdev: tuple[int, int] | None
+    xattrs: tuple[tuple[str, bytes], ...]
+    nlink: int | None  # None for dirs (merged dirs report 1 by rule, not worth coupling to)
+    opaque: bool | None = None  # upper snapshots only
+    mtime_ns: int | None = None  # only when asked for
+
+
+class Snapshot(NamedTuple):
+    nodes: dict[str, Node]
+    links: frozenset[frozenset[str]]  # hard-link groups (paths sharing one inode), non-dirs only
+
+    def diff(self, other: Snapshot, names: tuple[str, str] = ("kernel", "pyunionfs")) -> str:
+        return snapshot_diff(self, other, names)
+
+
+_TYPES = {
+    stat.S_IFREG: "file",
+    stat.S_IFDIR: "dir",
+    stat.S_IFLNK: "symlink",
+    stat.S_IFIFO: "fifo",
+    stat.S_IFCHR: "chr",
+    stat.S_IFBLK: "blk",
+    stat.S_IFSOCK: "sock",
+}
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        # O_NOATIME: taking a snapshot must not change what a later check of atimes sees
+        fd = os.open(path, flags | os.O_NOATIME)
+    except PermissionError:
+        fd = os.open(path, flags)
+    try:
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+    finally:
+        os.close(fd)
+    return h.hexdigest()
+
+
+def read_xattrs(path: str, prefixes: tuple[str, ...] = ("user.", "trusted.")) -> dict[str, bytes]:
+    out = {}
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM):
+            return {}
+        raise
+    for name in names:
+        if name.startswith(prefixes):
+            try:
+                out[name] = os.getxattr(path, name, follow_symlinks=False)
+            except OSError as e:
+                out[name] = f"<{errno.errorcode.get(e.errno, e.errno)}>".encode()
+    return out
+
+
+def _walk(root: str) -> Iterator[tuple[str, str, os.stat_result]]:
+    st = os.lstat(root)
+    yield ".", root, st
+    stack = [("", root)]
+    while stack:
+        rel, path = stack.pop()
+        for name in sorted(os.listdir(path)):
+            crel = f"{rel}/{name}" if rel else name
+            cpath = os.path.join(path, name)
+            cst = os.lstat(cpath)
+            yield crel, cpath, cst
+            if stat.S_ISDIR(cst.st_mode):
+                stack.append((crel, cpath))
+
+
+def _node(path: str, st: os.stat_result, upper: bool, mtimes: bool) -> Node:
+    kind = _TYPES.get(stat.S_IFMT(st.st_mode), "?")
+    if upper and kind == "chr" and st.st_rdev == 0:
+        return Node("whiteout", None, None, None, None, None, None, (), None)
+    xattrs = read_xattrs(path)
+    opaque = None
+    if upper:
+        for n in IGNORED_UPPER_XATTRS:
+            xattrs.pop(n, None)
+        if kind == "dir":
+            opaque = xattrs.pop(OPAQUE_XATTR, None) == b"y"
+    digest = None
+    if kind == "file":
+        digest = _sha256_file(path)
+    elif kind == "symlink":
+        digest = hashlib.sha256(os.fsencode(os.readlink(path))).hexdigest()
+    rdev = (os.major(st.st_rdev), os.minor(st.st_rdev)) if kind in ("chr", "blk") else None
+    isdir = kind == "dir"
+    return Node(
+        type=kind,
+        mode=stat.S_IMODE(st.st_mode),
+        uid=st.st_uid,
+        gid=st.st_gid,
+        size=None if isdir else st.st_size,
+        digest=digest,
+        rdev=rdev,
+        xattrs=tuple(sorted(xattrs.items())),
+        nlink=None if isdir else st.st_nlink,
+        opaque=opaque,
+        mtime_ns=(st.st_mtime_ns if (mtimes and not isdir) else None),
+    )
+
+
+def _snapshot(root: Path | str, upper: bool, mtimes: bool) -> Snapshot:
+    nodes: dict[str, Node] = {}
+    inodes: dict[tuple[int, int], set[str]] = {}
+    for rel, path, st in _walk(str(root)):
+        node = _node(path, st, upper, mtimes)
+        nodes[rel] = node
+        if node.type not in ("dir", "whiteout"):
+            inodes.setdefault((st.st_dev, st.st_ino), set()).add(rel)
+    links = frozenset(frozenset(g) for g in inodes.values() if len(g) > 1)
+    return Snapshot(nodes, links)
+
+
+def snapshot_merged(root: Path | str, mtimes: bool = False) -> Snapshot:
+    """What a user sees in a merged tree. ``mtimes=True`` adds file (non-dir) mtimes."""
+    return _snapshot(root, upper=False, mtimes=mtimes)
+
+
+def snapshot_upper(root: Path | str, mtimes: bool = False) -> Snapshot:
+    """A layer dir as overlay semantics see it: whiteouts are just 'whiteout' (the kernel hard-links
+    one shared whiteout inode, so their nlink/owner carry no meaning), dirs carry ``opaque``, and the
+    kernel bookkeeping xattrs in IGNORED_UPPER_XATTRS are dropped."""
+    return _snapshot(root, upper=True, mtimes=mtimes)
+
+
+def snapshot_raw(root: Path | str) -> dict[str, tuple[Any, ...]]:
+    """Everything about a layer dir that an overlay must never change (lower layers): content,
+    metadata, xattrs, mtime and ctime of every object (atime has its own test)."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for rel, path, st in _walk(str(root)):
+        node = _node(path, st, upper=False, mtimes=True)
+        out[rel] = (node, st.st_ino, st.st_nlink, st.st_mtime_ns, st.st_ctime_ns)
+    return out
+
+
+def snapshot_diff(a: Snapshot, b: Snapshot, names: tuple[str, str] = ("kernel", "pyunionfs")) -> str:
+    lines = []
+    for k in sorted(set(a.nodes) | set(b.nodes)):
+        va, vb = a.nodes.get(k), b.nodes.get(k)
+        if va == vb:
+            continue
+        if va is None or vb is None:
+            lines.append(f"  {k}: only in {names[0] if vb is None else names[1]}: {va or vb}")
+            continue
+        fields = [f"{f}: {getattr(va, f)!r} != {getattr(vb, f)!r}" for f in Node._fields
+                  if getattr(va, f) != getattr(vb, f)]
+        lines.append(f"  {k}: " + "; ".join(fields))
+    if a.links != b.links:
+        show = lambda s: sorted(sorted(g) for g in s)  # noqa: E731
+        lines.append(f"  hard links: {names[0]}={show(a.links)} {names[1]}={show(b.links)}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Running operations and comparing outcomes
+# --------------------------------------------------------------------------------------------------
+
+Op = Callable[[Path], Any]
+
+
+def _normalise(value: Any, root: Path) -> Any:
+    r = str(root)
+    if isinstance(value, os.stat_result):
+        raise TypeError("return stat_summary(...) instead of a raw stat_result (inode numbers differ)")
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str):
+        return value.replace(r, "<MERGED>")
+    if isinstance(value, list):
+        return [_normalise(v, root) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_normalise(v, root) for v in value)
+    if isinstance(value, dict):
+        return {_normalise(k, root): _normalise(v, root) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return frozenset(_normalise(v, root) for v in value)
+    return value
+
+
+def outcome(fn: Op, root: Path) -> tuple[str, Any]:
+    """('ok', normalised return value) or ('err', 'ENOENT')."""
+    try:
+        value = fn(root)
+    except OSError as e:
+        return ("err", errno.errorcode.get(e.errno, str(e.errno)) if e.errno else repr(e))
+    return ("ok", _normalise(value, root))
+
+
+def stat_summary(st: os.stat_result, times: bool = False) -> tuple[Any, ...]:
+    """The comparable part of a stat result (never inode numbers or st_dev)."""
+    kind = _TYPES.get(stat.S_IFMT(st.st_mode), "?")
+    s: tuple[Any, ...] = (kind, oct(stat.S_IMODE(st.st_mode)), st.st_uid, st.st_gid,
+                          None if kind == "dir" else st.st_size, None if kind == "dir" else st.st_nlink)
+    if times:
+        s += (st.st_mtime_ns,)
+    return s
+
+
+def run_as(uid: int, gid: int, fn: Op, root: Path, umask: int = 0o022,
+           timeout: float = CMD_TIMEOUT) -> tuple[str, Any]:
+    """Run ``fn(root)`` in a forked child with uid/gid (no supplementary groups) and umask; return
+    its outcome. Used for ownership/umask/permission rules that depend on the caller's credentials."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never return into pytest
+        try:
+            os.close(rfd)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            os.umask(umask)
+            try:
+                res = outcome(fn, root)
+            except BaseException as e:  # noqa: BLE001 - report anything to the parent
+                res = ("exc", repr(e))
+            os.write(wfd, pickle.dumps(res))
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    data = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                os.kill(pid, signal.SIGKILL)
+                raise TimeoutError(f"run_as child did not finish in {timeout}s")
+            ready, _, _ = select.select([rfd], [], [], left)
+            if ready:
+                chunk = os.read(rfd, 65536)
+                if not chunk:
+                    break
+                data += chunk
+    finally:
+        os.close(rfd)
+        os.waitpid(pid, 0)
+    if not data:
+        raise RuntimeError("run_as child died without a result")
+    res = pickle.loads(data)
+    if res[0] == "exc":
+        raise RuntimeError(f"run_as child raised {res[1]}")
+    return res
+
+
+class Side:
+    """One half of a pair: a stack, its mount, and the lowers' raw state taken before mounting."""
+
+    def __init__(self, spec: StackSpec, base: Path, impl: str):
+        self.impl = impl
+        self.paths = build_stack(spec, base)
+        self.lowers_before = [snapshot_raw(p) for p in self.paths.lowers]
+        self.mount: Mount | None = mount_stack(self.paths, impl)
+
+    @property
+    def root(self) -> Path:
+        return self.paths.merged
+
+    @property
+    def upper(self) -> Path:
+        assert self.paths.upper is not None
+        return self.paths.upper
+
+    def stop(self) -> None:
+        if self.mount is not None:
+            m, self.mount = self.mount, None
+            m.stop()
+
+
+class Pair:
+    """Kernel overlayfs and pyunionfs over byte-identical copies of one stack."""
+
+    def __init__(self, spec: StackSpec, base: Path, ours: str = IMPL):
+        self.spec = spec
+        self.k = Side(spec, base / "kernel", "kernel")
+        try:
+            self.o = Side(spec, base / "ours", ours)
+        except BaseException:
+            self.k.stop()
+            raise
+        self.names = ("kernel", f"ours({ours})")
+
+    @property
+    def sides(self) -> tuple[Side, Side]:
+        return (self.k, self.o)
+
+    def stop(self) -> None:
+        errs = []
+        for s in (self.o, self.k):
+            try:
+                s.stop()
+            except Exception as e:  # noqa: BLE001 - stop both, then report
+                errs.append(e)
+        if errs:
+            raise errs[0]
+
+    # -- operations -------------------------------------------------------------------------------
+
+    def both(self, fn: Op) -> tuple[tuple[str, Any], tuple[str, Any]]:
+        return outcome(fn, self.k.root), outcome(fn, self.o.root)
+
+    def same(self, fn: Op, expect: Any = ..., what: str = "") -> Any:
+        """Run ``fn(merged_root)`` on both; assert equal outcomes. ``expect`` (an errno name such as
+        'EXDEV', or 'ok') also checks the kernel gives what the test believes, so a test whose premise
+        is wrong fails loudly instead of comparing two irrelevant outcomes.  Returns the kernel value."""
+        k, o = self.both(fn)
+        label = what or getattr(fn, "__name__", "op")
+        if expect is not ...:
+            premise = (k[0] == "ok") if expect == "ok" else (k == ("err", expect))
+            assert premise, f"test premise: kernel gave {k} for {label}, test expects {expect}"
+        assert k == o, f"{label}: kernel -> {k!r}, {self.names[1]} -> {o!r}"
+        return k[1]
+
+    def same_as(self, uid: int, gid: int, fn: Op, umask: int = 0o022, expect: Any = ...,
+                what: str = "") -> Any:
+        k = run_as(uid, gid, fn, self.k.root, umask)
+        o = run_as(uid, gid, fn, self.o.root, umask)
+        label = what or getattr(fn, "__name__", "op")
+        if expect is not ...:
+            premise = (k[0] == "ok") if expect == "ok" else (k == ("err", expect))
+            assert premise, f"test premise: kernel gave {k} for {label}, test expects {expect}"
+        assert k == o, f"{label} as {uid}:{gid}: kernel -> {k!r}, {self.names[1]} -> {o!r}"
+        return k[1]
+
+    # -- state comparisons ------------------------------------------------------------------------
+
+    def assert_same_tree(self, mtimes: bool = False) -> Snapshot:
+        a = snapshot_merged(self.k.root, mtimes)
+        b = snapshot_merged(self.o.root, mtimes)
+        assert a == b, "merged trees differ:\n" + a.diff(b, self.names)
+        return a
+
+    def assert_same_upper(self, mtimes: bool = False) -> Snapshot:
+        a = snapshot_upper(self.k.upper, mtimes)
+        b = snapshot_upper(self.o.upper, mtimes)
+        assert a == b, "upper dirs differ:\n" + a.diff(b, self.names)
+        return a
+
+    def assert_lowers_untouched(self) -> None:
+        for side in self.sides:
+            for i, (p, before) in enumerate(zip(side.paths.lowers, side.lowers_before)):
+                after = snapshot_raw(p)
+                if after != before:
+                    changed = sorted(k for k in set(after) | set(before) if after.get(k) != before.get(k))
+                    raise AssertionError(f"{side.impl}: lower{i} changed at {changed}: "
+                                         f"{[(before.get(k), after.get(k)) for k in changed[:3]]}")
+
+    def check_all(self, mtimes: bool = False) -> None:
+        """The usual epilogue: same merged tree, same normalised upper, lowers untouched."""
+        self.assert_same_tree(mtimes)
+        if not self.spec.readonly:
+            self.assert_same_upper(mtimes)
+        self.assert_lowers_untouched()
+
+
+# --------------------------------------------------------------------------------------------------
+# libc helpers: renameat2 and a DIR* stream (d_type, telldir/seekdir)
+# --------------------------------------------------------------------------------------------------
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+_SYS_renameat2 = 316  # x86_64
+AT_FDCWD = -100
+
+
+def renameat2(old: Path | str, new: Path | str, flags: int = 0) -> None:
+    o, n = os.fsencode(str(old)), os.fsencode(str(new))
+    if hasattr(_libc, "renameat2"):
+        f = _libc.renameat2
+        f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        rc = f(AT_FDCWD, o, AT_FDCWD, n, flags)
+    else:  # pragma: no cover - old glibc
+        rc = _libc.syscall(_SYS_renameat2, AT_FDCWD, o, AT_FDCWD, n, ctypes.c_uint(flags))
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), str(old), None, str(new))
+
+
+AT_EMPTY_PATH = 0x1000
+
+
+def link_fd(fd: int, new: Path | str) -> None:
+    """linkat(fd, "", AT_FDCWD, new, AT_EMPTY_PATH): give an O_TMPFILE file a name. (Linking
+    /proc/self/fd/N with AT_SYMLINK_FOLLOW gives EXDEV on overlayfs, so use the direct form.)"""
+    f = _libc.linkat
+    f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+    if f(fd, b"", AT_FDCWD, os.fsencode(str(new)), AT_EMPTY_PATH) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), str(new))
+
+
+class _Dirent(ctypes.Structure):  # glibc x86_64 struct dirent (== dirent64)
+    _fields_ = [
+        ("d_ino", ctypes.c_uint64),
+        ("d_off", ctypes.c_int64),
+        ("d_reclen", ctypes.c_ushort),
+        ("d_type", ctypes.c_ubyte),
+        ("d_name", ctypes.c_char * 256),
+    ]
+
+
+_libc.opendir.restype = ctypes.c_void_p
+_libc.opendir.argtypes = [ctypes.c_char_p]
+_libc.readdir.restype = ctypes.POINTER(_Dirent)
+_libc.readdir.argtypes = [ctypes.c_void_p]
+_libc.telldir.restype = ctypes.c_long
+_libc.telldir.argtypes = [ctypes.c_void_p]
+_libc.seekdir.restype = None
+_libc.seekdir.argtypes = [ctypes.c_void_p, ctypes.c_long]
+_libc.rewinddir.restype = None
+_libc.rewinddir.argtypes = [ctypes.c_void_p]
+_libc.closedir.argtypes = [ctypes.c_void_p]
+
+DT_NAMES = {0: "unknown", 1: "fifo", 2: "chr", 4: "dir", 6: "blk", 8: "file", 10: "symlink", 12: "sock",
+            14: "wht"}
+
+
+class DirStream:
+    """libc opendir/readdir/telldir/seekdir on one handle: what ls, find and rm -r really do."""
+
+    def __init__(self, path: Path | str):
+        self._d = _libc.opendir(os.fsencode(str(path)))
+        if not self._d:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e), str(path))
+
+    def read(self) -> tuple[str, str, int] | None:
+        """(name, d_type name, d_ino) or None at the end."""
+        ctypes.set_errno(0)
+        ent = _libc.readdir(self._d)
+        if not ent:
+            e = ctypes.get_errno()
+            if e:
+                raise OSError(e, os.strerror(e))
+            return None
+        d = ent.contents
+        return os.fsdecode(d.d_name), DT_NAMES.get(d.d_type, str(d.d_type)), d.d_ino
+
+    def read_all(self) -> list[tuple[str, str, int]]:
+        out = []
+        while (e := self.read()) is not None:
+            out.append(e)
+        return out
+
+    def tell(self) -> int:
+        return _libc.telldir(self._d)
+
+    def seek(self, pos: int) -> None:
+        _libc.seekdir(self._d, pos)
+
+    def rewind(self) -> None:
+        _libc.rewinddir(self._d)
+
+    def close(self) -> None:
+        if self._d:
+            _libc.closedir(self._d)
+            self._d = None
+
+    def __enter__(self) -> DirStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Environment checks
+# --------------------------------------------------------------------------------------------------
+
+
+def environment_problem() -> str | None:
+    """Why mount tests can't run here, or None."""
+    if os.geteuid() != 0:
+        return "mount tests need root (kernel overlayfs reference mounts, trusted.* xattrs)"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if subprocess.run(["sh", "-c", "command -v fusermount3"], capture_output=True,
+                      timeout=CMD_TIMEOUT).returncode != 0:
+        return "fusermount3 not installed"
+    try:
+        with open("/proc/filesystems") as f:
+            if not any(line.split()[-1] == "overlay" for line in f if line.strip()):
+                return "kernel overlayfs not available (/proc/filesystems has no overlay)"
+    except OSError as e:
+        return f"cannot read /proc/filesystems: {e}"
+    return None
+
+
+def tree_of(root: Path | str) -> dict[str, str]:
+    """{relpath: type} of a real tree, for quick premise checks in tests."""
+    return {rel: _TYPES.get(stat.S_IFMT(st.st_mode), "?") for rel, _, st in _walk(str(root))}
+
+
+def hash_tree(root: Path | str) -> str:
+    """One digest of a tree's content and metadata (no atime) — 'the lower is untouched'."""
+    return hashlib.sha256(repr(sorted(snapshot_raw(root).items())).encode()).hexdigest()
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return pred()
+
