@@ -162,3 +162,10 @@ def test_dir_xattr_copy_up_keeps_children_below(make_pair):
     assert snap.nodes["d"].opaque is False
     assert pair.same(lambda m: os.listdir(m / "d")) == ["child"]
     pair.check_all()
+
+
+def test_trusted_xattrs_listed_only_to_root(make_pair):
+    # the kernel lists trusted.* only to CAP_SYS_ADMIN; through FUSE that filter is ours to apply
+    pair = make_pair(lowers=[{"f": File("x", mode=0o644, xattrs={"trusted.t": "1", "user.u": "2"})}])
+    assert pair.same_as(1000, 1000, lambda m: sorted(os.listxattr(m / "f"))) == ["user.u"]
+    assert pair.same(lambda m: sorted(os.listxattr(m / "f"))) == ["trusted.t", "user.u"]

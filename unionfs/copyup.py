@@ -55,6 +55,11 @@ def copy_metadata(src_dfd: int, src_name: str, dfd: int, name: str,
     sysio.utimens(dfd, name, st.st_atime_ns, st.st_mtime_ns)
 
 
+def restore_times(dirfd: int, before: os.stat_result) -> None:
+    """Inserting a copied-up child must not change its parent's times (as in the kernel)."""
+    os.utime(sysio.proc_fd(dirfd), ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
 async def copy_up(fs: State, node: Inode, data: bool = True) -> None:
     """Make sure ``node`` lives in upper.  ``data=False`` (an O_TRUNC open or a
     truncate to 0) copies everything but the file contents."""
@@ -112,8 +117,7 @@ async def _copy_one(fs: State, node: Inode, data: bool) -> None:
     except BaseException:
         _discard(wfd, tmp)
         raise
-    # Inserting the child must not change the parent's times (kernel does the same).
-    os.utime(sysio.proc_fd(udfd), ns=(pst.st_atime_ns, pst.st_mtime_ns))
+    restore_times(udfd, pst)
     new_st = sysio.lstat(udfd, name)
     dirs = [upper, *node.dirs] if kind == stat.S_IFDIR else []
     fs.inodes.rekey(node, Resolution(upper, new_st, dirs))
@@ -133,7 +137,7 @@ async def _link_aliases(fs: State, node: Inode) -> None:
             continue
         pst = os.fstat(udfd)
         sysio.link(fs.stack.dirfd(upper, node.parent_path), node.name, udfd, name)
-        os.utime(sysio.proc_fd(udfd), ns=(pst.st_atime_ns, pst.st_mtime_ns))
+        restore_times(udfd, pst)
 
 
 def _discard(wfd: int, tmp: str) -> None:

@@ -329,7 +329,8 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [os.fsencode(n) for n in xattrs.listxattr(self.fs, self._node(inode))]
+        return [os.fsencode(n) for n in xattrs.listxattr(self.fs, self._node(inode),
+                                                                 privileged=ctx.uid == 0)]
 
     @_guard
     async def setxattr(self, inode: int, name: bytes, value: bytes,

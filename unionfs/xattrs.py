@@ -39,7 +39,7 @@ def getxattr(fs: State, node: Inode, name: str) -> bytes:
         raise
 
 
-def listxattr(fs: State, node: Inode) -> list[str]:
+def listxattr(fs: State, node: Inode, privileged: bool = True) -> list[str]:
     try:
         names = os.listxattr(_path(fs, node), follow_symlinks=False)
     except OSError as e:
@@ -49,7 +49,8 @@ def listxattr(fs: State, node: Inode) -> list[str]:
     out = []
     for real in names:
         shown = whiteout.to_visible_xattr(real)
-        if shown is not None:
+        # The kernel lists trusted.* only to CAP_SYS_ADMIN; FUSE leaves that to us.
+        if shown is not None and (privileged or not shown.startswith("trusted.")):
             out.append(shown)
     return out
 
