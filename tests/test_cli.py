@@ -200,3 +200,38 @@ def test_mount_is_visible_to_other_users(make_stack, mounter):
     m = mounter(paths)
     assert run_as(1000, 1000, lambda r: (r / "pub").read_text(), m.root) == ("ok", "public")
     assert run_as(1000, 1000, lambda r: (r / "priv").read_text(), m.root) == ("err", "EACCES")
+
+
+def test_killed_daemon_leaves_a_stale_mount_we_name_and_remove(make_stack):
+    # kill -9: the mount is dead (ENOTCONN).  Mounting again says so in one line; umount clears it.
+    paths = _dirs(make_stack)
+    lowers = f"{paths.lowers[0]}:{paths.lowers[1]}"
+    with _background_cleanup(paths.merged):
+        assert _cli("mount", lowers, str(paths.upper), str(paths.work),
+                    str(paths.merged)).returncode == 0
+        for pid in _daemon_pids(paths.merged):
+            os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: not _daemon_pids(paths.merged), UMOUNT_TIMEOUT)
+        r = _cli("mount", lowers, str(paths.upper), str(paths.work), str(paths.merged))
+        assert r.returncode != 0
+        assert len(r.stderr.strip().splitlines()) == 1 and "stale" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        r = _cli("umount", str(paths.merged))
+        assert r.returncode == 0, r.stderr
+        assert not is_mounted(paths.merged)
+
+
+def test_mount_helper_form_with_o_options(make_stack):
+    # what mount(8) runs through mount.fuse3: "pyunionfs SOURCE MOUNTPOINT -o OPTS", generic
+    # options accepted silently, SOURCE naming the mount in /proc/mounts
+    paths = _dirs(make_stack)
+    opts = (f"rw,lowerdir={paths.lowers[0]}:{paths.lowers[1]},upperdir={paths.upper},"
+            f"workdir={paths.work},dev,suid,noatime")
+    with _background_cleanup(paths.merged):
+        r = _cli("myimage", str(paths.merged), "-o", opts)
+        assert r.returncode == 0 and r.stderr == "", r.stderr
+        row = next(row for row in mount_table() if row[0] == str(paths.merged))
+        assert row[1] == "fuse.pyunionfs"
+        (paths.merged / "new").write_text("x")
+        assert (paths.upper / "new").read_text() == "x"
+        assert _cli("umount", str(paths.merged)).returncode == 0
