@@ -5,6 +5,7 @@
 #   make demo    build a small layered "image", mount it, change it, show what lands in upper/
 #   make test    ruff + the pytest suite (needs root and /dev/fuse for the mount tests)
 #   make lint    ruff check, bash -n on the shell scripts
+#   make conformance  random stacks + ops vs kernel overlayfs (EXAMPLES=20000 STEPS=30)
 #   make bench   pyunionfs vs kernel overlayfs vs fuse-overlayfs (BENCH_ARGS=--quick for a smoke run)
 #   make clean   caches and build output; never unmounts anything
 
@@ -22,7 +23,7 @@ BENCH_ARGS  ?=
 BENCH_JSON  ?= bench-out/bench.json
 SHELL_SCRIPTS := scripts/install-deps.sh scripts/demo.sh .ci/run
 
-.PHONY: help deps demo test lint bench clean
+.PHONY: help deps demo test lint bench clean conformance
 
 help:
 	@sed -n 's/^#   make /  make /p' $(firstword $(MAKEFILE_LIST))
@@ -48,6 +49,12 @@ test: deps lint
 
 demo: deps
 	@if [ -t 0 ]; then bash scripts/demo.sh; else timeout -k 30 600 bash scripts/demo.sh; fi
+
+# Long conformance profile (tests/conformance.py): prints "N examples, M operations, K divergences".
+EXAMPLES ?= 20000
+STEPS    ?= 30
+conformance: deps
+	$(PY) scripts/conformance.py --examples $(EXAMPLES) --steps $(STEPS)
 
 bench: deps
 	@mkdir -p $(dir $(BENCH_JSON))

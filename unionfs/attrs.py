@@ -48,10 +48,11 @@ class AttrChange:
 
 
 async def setattr(fs: State, node: Inode, ch: AttrChange) -> None:
+    fs.check_writable()
+    # Even a change of nothing (chown(f, -1, -1)) copies up, as in the kernel.
+    await copy_up(fs, node, data=ch.size != 0)
     if not ch.any_change:
         return
-    fs.check_writable()
-    await copy_up(fs, node, data=ch.size != 0)
     dfd = fs.stack.dirfd(fs.upper, node.parent_path) if node.parent is not None else None
     if ch.size is not None:
         if ch.fd is not None:
