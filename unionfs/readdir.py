@@ -48,6 +48,3 @@ def list_merged(stack: LayerStack, path: str, dirs: list[Layer]) -> list[Entry]:
         out.extend(chunk)
     return out
 
-
-def visible_names(stack: LayerStack, path: str, dirs: list[Layer]) -> list[str]:
-    return [e.name for e in list_merged(stack, path, dirs) if not e.hidden]
