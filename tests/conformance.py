@@ -75,7 +75,9 @@ STATS = {"examples": 0, "operations": 0, "skipped_linked": 0}
 # One small universe of names for both the layers and the operations, so that everything collides.
 UNIVERSE = ["a", "b", "d", "e", "d/a", "d/b", "e/a", "e/b", "d/b/a", "d/b/a/f"]
 NAMES = UNIVERSE
-SYMLINK_TARGETS = ["a", "../a", "d/b", "nowhere", "/nonexistent-conformance-target"]
+# An absolute target is outside both mounts, so both sides would share it: it must never be
+# creatable (an O_CREAT through it once made one divergence appear out of shared state).
+SYMLINK_TARGETS = ["a", "../a", "d/b", "nowhere", "/proc/nonexistent-conformance-target"]
 XATTR_NAMES = ["user.k1", "user.k2", "trusted.t"]
 
 _KINDS = ["none", "none", "none", "none", "file", "file", "dir", "dir", "opaque", "symlink", "fifo",

@@ -23,7 +23,8 @@ SAME_LEVEL_OK = {("probe", "layers"), ("probe", "whiteout"), ("inodes", "lookup"
                  ("dirops", "copyup"), ("attrs", "copyup"), ("xattrs", "copyup"),
                  ("handles", "inodes"), ("handles", "readdir"), ("handles", "layers"),
                  ("inodes", "handles"), ("daemon", "log"), ("cli", "daemon"),
-                 ("dirops", "probe"), ("config", "errors")}
+                 ("dirops", "probe"), ("config", "errors"),
+                 ("xattrs", "attrs")}
 PYFUSE3_OK = {"ops", "daemon"}
 
 

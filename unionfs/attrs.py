@@ -47,8 +47,34 @@ class AttrChange:
                                            self.atime_ns, self.mtime_ns))
 
 
+def open_fd(node: Inode, writable: bool = False) -> int:
+    """The fd of an open handle: the only way left to an upper file whose names are gone."""
+    for h in node.handles:
+        if h.layer.upper and (not writable or h.flags & os.O_ACCMODE != os.O_RDONLY):
+            return h.fd
+    raise oserror(errno.ENOENT)
+
+
+def _setattr_fd(fd: int, ch: AttrChange) -> None:
+    if ch.size is not None:
+        os.ftruncate(fd, ch.size)
+    if ch.uid is not None or ch.gid is not None:
+        os.fchown(fd, -1 if ch.uid is None else ch.uid, -1 if ch.gid is None else ch.gid)
+    if ch.mode is not None:
+        os.fchmod(fd, stat.S_IMODE(ch.mode))
+    if ch.atime_ns is not None or ch.mtime_ns is not None:
+        st = os.fstat(fd)
+        os.utime(fd, ns=(st.st_atime_ns if ch.atime_ns is None else ch.atime_ns,
+                         st.st_mtime_ns if ch.mtime_ns is None else ch.mtime_ns))
+
+
 async def setattr(fs: State, node: Inode, ch: AttrChange) -> None:
     fs.check_writable()
+    if node.gone:
+        # fchmod(fd) after unlink: the change belongs to the open file, not to whatever
+        # has that name now.
+        _setattr_fd(ch.fd if ch.fd is not None else open_fd(node, ch.size is not None), ch)
+        return
     # Even a change of nothing (chown(f, -1, -1)) copies up, as in the kernel.
     await copy_up(fs, node, data=ch.size != 0)
     if not ch.any_change:

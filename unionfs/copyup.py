@@ -66,6 +66,8 @@ async def copy_up(fs: State, node: Inode, data: bool = True) -> None:
     if node.in_upper:
         return
     fs.check_writable()
+    if node.gone:
+        raise oserror(errno.ENOENT)  # no name left to copy up to
     async with node.lock:
         if node.in_upper:
             return

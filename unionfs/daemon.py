@@ -55,10 +55,14 @@ def prepare(cfg: MountConfig) -> State:
 
 
 def mount(cfg: MountConfig) -> int:
+    try:
+        logsetup.setup(cfg.debug, cfg.log, cfg.foreground)
+    except OSError as e:
+        raise MountError(f"cannot open log file '{cfg.log}': {e.strerror}",
+                         e.errno or errno.EIO) from None
     fs = prepare(cfg)
     # The kernel has already applied the caller's umask; ours must not apply again.
     os.umask(0)
-    logsetup.setup(cfg.debug, cfg.log, cfg.foreground)
     ops = Operations(fs, debug=cfg.debug)
     try:
         pyfuse3.init(ops, cfg.merged, fuse_options(cfg))

@@ -165,34 +165,46 @@ async def link(fs: State, node: Inode, new_parent: Inode, new_name: str) -> Reso
     return Resolution(fs.upper, sysio.lstat(udfd, new_name))
 
 
-async def unlink(fs: State, parent: Inode, name: str) -> None:
-    fs.check_writable()
+async def settle(fs: State, parent: Inode, name: str) -> None:
+    """Wait for a copy-up of ``name`` in flight: removing or replacing the name under it
+    would make its final rename fail (the kernel holds the name locked meanwhile)."""
+    res = resolve_in(fs, parent, name)
+    node = live_inode(fs, parent, name, res) if res is not None else None
+    if node is not None and node.lock.locked():
+        async with node.lock:
+            pass
+
+
+def _check_remove(fs: State, parent: Inode, name: str, is_dir: bool) -> Resolution:
     res = resolve_in(fs, parent, name)
     if res is None:
         raise oserror(errno.ENOENT)
-    if res.is_dir:
-        raise oserror(errno.EISDIR)
-    await _remove(fs, parent, name, res)
+    if res.is_dir != is_dir:
+        raise oserror(errno.ENOTDIR if is_dir else errno.EISDIR)
+    if is_dir and not is_empty(fs, parent.child_path(name), res):
+        raise oserror(errno.ENOTEMPTY)
+    return res
+
+
+async def unlink(fs: State, parent: Inode, name: str) -> None:
+    await _remove(fs, parent, name, is_dir=False)
 
 
 async def rmdir(fs: State, parent: Inode, name: str) -> None:
+    await _remove(fs, parent, name, is_dir=True)
+    fs.stack.forget_upper_path(parent.child_path(name))
+
+
+async def _remove(fs: State, parent: Inode, name: str, is_dir: bool) -> None:
     fs.check_writable()
-    res = resolve_in(fs, parent, name)
-    if res is None:
-        raise oserror(errno.ENOENT)
-    if not res.is_dir:
-        raise oserror(errno.ENOTDIR)
-    path = parent.child_path(name)
-    if not is_empty(fs, path, res):
-        raise oserror(errno.ENOTEMPTY)
-    await _remove(fs, parent, name, res)
-    fs.stack.forget_upper_path(path)
-
-
-async def _remove(fs: State, parent: Inode, name: str, res: Resolution) -> None:
+    _check_remove(fs, parent, name, is_dir)  # errors first: nothing is copied up for them
+    await settle(fs, parent, name)
+    await upper_dir(fs, parent)
+    # Checked again with no await left before the change: the awaits let others run.
+    res = _check_remove(fs, parent, name, is_dir)
+    udfd = fs.stack.dirfd(fs.upper, parent.path)
     node = live_inode(fs, parent, name, res)
     needs_whiteout = lower_has(fs, parent, name)
-    udfd = await upper_dir(fs, parent)
     if res.layer.upper:
         if needs_whiteout or res.is_dir:
             _retire(fs, udfd, name, needs_whiteout, res.is_dir)
@@ -230,22 +242,20 @@ def _movable(res: Resolution) -> bool:
     return not res.is_dir or _pure_upper(res)
 
 
-async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
-                 new_name: str, flags: int) -> None:
-    fs.check_writable()
-    if flags & ~(sysio.RENAME_NOREPLACE | sysio.RENAME_EXCHANGE) or \
-            flags == sysio.RENAME_NOREPLACE | sysio.RENAME_EXCHANGE:
-        raise oserror(errno.EINVAL)
+def _check_rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
+                  new_name: str, flags: int
+                  ) -> tuple[Resolution, Resolution | None] | None:
+    """The errors rename must give before changing anything; None when it is a no-op."""
     exchange = bool(flags & sysio.RENAME_EXCHANGE)
     src = resolve_in(fs, old_parent, old_name)
     if src is None:
         raise oserror(errno.ENOENT)
     dst = resolve_in(fs, new_parent, new_name)
     if old_parent is new_parent and old_name == new_name:
-        return
+        return None
     if dst is not None and src.layer.upper and dst.layer.upper and \
             (src.st.st_dev, src.st.st_ino) == (dst.st.st_dev, dst.st.st_ino):
-        return  # two names of one upper file: rename(2) does nothing
+        return None  # two names of one upper file: rename(2) does nothing
     if dst is not None and flags & sysio.RENAME_NOREPLACE:
         raise oserror(errno.EEXIST)
     if exchange and dst is None:
@@ -268,6 +278,22 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
     if exchange and dst is not None and dst.is_dir and \
             (old_path + "/").startswith(new_path + "/"):
         raise oserror(errno.EINVAL)
+    return src, dst
+
+
+async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
+                 new_name: str, flags: int) -> None:
+    fs.check_writable()
+    if flags & ~(sysio.RENAME_NOREPLACE | sysio.RENAME_EXCHANGE) or \
+            flags == sysio.RENAME_NOREPLACE | sysio.RENAME_EXCHANGE:
+        raise oserror(errno.EINVAL)
+    exchange = bool(flags & sysio.RENAME_EXCHANGE)
+    checked = _check_rename(fs, old_parent, old_name, new_parent, new_name, flags)
+    if checked is None:
+        return
+    src, dst = checked
+    await settle(fs, old_parent, old_name)
+    await settle(fs, new_parent, new_name)
 
     src_node = live_inode(fs, old_parent, old_name, src)
     dst_node = live_inode(fs, new_parent, new_name, dst) if dst is not None else None
@@ -281,8 +307,18 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
         elif not dst.layer.upper:
             raise oserror(errno.ESTALE)
     await upper_dir(fs, old_parent)
-    new_udfd = await upper_dir(fs, new_parent)
-    old_udfd = fs.stack.dirfd(fs.upper, old_parent.path)  # cached fds may rotate at an await
+    await upper_dir(fs, new_parent)
+    # Checked again with no await left before the change: the awaits let others run.
+    checked = _check_rename(fs, old_parent, old_name, new_parent, new_name, flags)
+    if checked is None:
+        return
+    src, dst = checked
+    src_node = live_inode(fs, old_parent, old_name, src)
+    dst_node = live_inode(fs, new_parent, new_name, dst) if dst is not None else None
+    old_udfd = fs.stack.dirfd(fs.upper, old_parent.path)
+    new_udfd = fs.stack.dirfd(fs.upper, new_parent.path)
+    old_path = old_parent.child_path(old_name)
+    new_path = new_parent.child_path(new_name)
     wfd = fs.stack.work_fd
 
     if exchange:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from unionfs.handles import FileHandle
 
 ROOT_INO = 1
-Key = tuple[int, int]
+Key = tuple[int, int, int]
 
 
 class Inode:
@@ -93,7 +93,9 @@ class Inode:
 
 
 def object_key(res: Resolution) -> Key:
-    return (res.layer.dev, res.st.st_ino)
+    # The layer is part of the identity: layers made with `cp -al` share real inodes, yet each
+    # name must be copied up from its own layer.
+    return (res.layer.index, res.st.st_dev, res.st.st_ino)
 
 
 class InodeTable:
@@ -128,13 +130,18 @@ class InodeTable:
             return node
         # Refresh what may have changed since (copy-up, a new layer below a dir).
         node.layer, node.dirs, node.mode = res.layer, res.dirs, res.st.st_mode
-        node.gone = False
-        if node.parent is not parent or node.name != name:
+        if node.gone:
+            self._move(node, parent, name)  # its old name went away; this one is live
+            if (parent, name) in node.aliases:
+                node.aliases.discard((parent, name))
+                parent.kids -= 1
+        elif node.parent is not parent or node.name != name:
             if node.is_dir:
                 self._move(node, parent, name)  # a directory has exactly one name
             elif (parent, name) not in node.aliases:
-                node.aliases.add((parent, name))  # another name of an upper hard link
+                node.aliases.add((parent, name))  # another name of the same file
                 parent.kids += 1
+        node.gone = False
         return node
 
     def _move(self, node: Inode, parent: Inode, name: str) -> None:
@@ -199,6 +206,9 @@ class InodeTable:
                 return
             parent.kids -= 1
             node = parent
+
+    def drop_if_unused(self, node: Inode) -> None:
+        self._maybe_drop(node)
 
     def release_handle(self, node: Inode, fh: FileHandle) -> None:
         node.handles.discard(fh)

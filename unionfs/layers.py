@@ -62,7 +62,7 @@ class LayerStack:
         try:
             return self.dirfd(layer, relpath)
         except OSError as e:
-            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV):
                 return None
             raise
 

@@ -81,6 +81,13 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ESTALE)
         return node
 
+    def _named(self, ino: int) -> Inode:
+        """A node reached by its name: one whose names are all gone has none to use."""
+        node = self._node(ino)
+        if node.gone:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
     def _attrs(self, node: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = node.ino
@@ -147,7 +154,7 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        node = self._node(inode)
+        node = self._named(inode)
         return os.fsencode(sysio.readlink(self.fs.stack.dirfd(node.layer, node.parent_path),
                                           node.name))
 
@@ -200,16 +207,15 @@ class Operations(pyfuse3.Operations):
             pos += 1
             if e.hidden:
                 continue
-            try:
-                below = node.dirs[node.dirs.index(e.layer):]
-            except ValueError:
-                continue  # the directory changed layers since the listing was made
-            res = lookup.resolve(stack, path, below, e.name)
+            # Resolved afresh from the top: since the listing was made the name may have
+            # been removed or copied up, and the kernel must get what a lookup would give.
+            res = lookup.resolve(stack, path, node.dirs, e.name)
             if res is None:
-                continue  # removed since the listing was made
+                continue
             child = self.fs.inodes.bind(node, e.name, res)
             if not pyfuse3.readdir_reply(token, os.fsencode(e.name),
                                          self._attrs(child, res.st), pos):
+                self.fs.inodes.drop_if_unused(child)
                 return
             child.lookups += 1
 
@@ -246,7 +252,7 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        node, parent, sname = self._node(inode), self._node(new_parent_inode), _name(new_name)
+        node, parent, sname = self._named(inode), self._node(new_parent_inode), _name(new_name)
         res = await dirops.link(self.fs, node, parent, sname)
         return self._entry(parent, sname, res)
 
@@ -268,7 +274,7 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
-        node = self._node(inode)
+        node = self._named(inode)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
         writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
@@ -312,8 +318,12 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def fsync(self, fh: int, datasync: bool) -> None:
-        fd = self.fs.handles.files[fh].fd
-        await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+        # A dup: a copy-up may switch (and close) the handle's fd while the thread runs.
+        fd = os.dup(self.fs.handles.files[fh].fd)
+        try:
+            await trio.to_thread.run_sync(os.fdatasync if datasync else os.fsync, fd)
+        finally:
+            os.close(fd)
 
     @_guard
     async def release(self, fh: int) -> None:

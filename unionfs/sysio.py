@@ -54,8 +54,9 @@ def open_dir_beneath(rootfd: int, relpath: str) -> int:
     on the way (ELOOP) and any escape from the root (EXDEV)."""
     if not relpath:
         return os.dup(rootfd)
-    how = _OpenHow(O_PATH_DIR, 0,
-                   RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)
+    # RESOLVE_NO_XDEV: a mount point inside a layer is not part of the layer (EXDEV).
+    how = _OpenHow(O_PATH_DIR, 0, RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS
+                   | RESOLVE_NO_XDEV)
     res = _libc.syscall(SYS_OPENAT2, rootfd, os.fsencode(relpath), ctypes.byref(how),
                         ctypes.sizeof(how))
     return _check(res, "openat2", relpath)
@@ -82,7 +83,7 @@ def lstat_or_none(dirfd: int, name: str) -> os.stat_result | None:
         return None
     except OSError as e:
         # ENOTDIR/ELOOP: a component is not a directory here, so the name is absent.
-        if e.errno in (errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG):
+        if e.errno in (errno.ENOTDIR, errno.ELOOP):
             return None
         raise
 

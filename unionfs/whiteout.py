@@ -60,7 +60,7 @@ def to_real_xattr(name: str) -> str:
     """The on-disk name for an xattr name given through the mount."""
     if name.startswith(PRIVATE):
         real = ESCAPED + name[len(PRIVATE):]
-        if len(real.encode()) > XATTR_NAME_MAX:
+        if len(os.fsencode(real)) > XATTR_NAME_MAX:
             raise oserror(errno.EOPNOTSUPP)
         return real
     return name
