@@ -50,26 +50,25 @@ def _environment() -> None:
         pytest.skip(_PROBLEM)
 
 
+def _unmount_leftovers(tmp_path_factory: pytest.TempPathFactory, what: str) -> None:
+    left = mounts_under(tmp_path_factory.getbasetemp())
+    for m in sorted(left, key=len, reverse=True):
+        force_unmount(m)
+    assert not left, f"{what}: {left}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_mount_left_behind_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Session guard: nothing under pytest's temp root may still be mounted at the end."""
-    base = tmp_path_factory.getbasetemp()
     yield
-    left = mounts_under(base)
-    for m in sorted(left, key=len, reverse=True):
-        force_unmount(m)
-    assert not left, f"mounts left behind at session end: {left}"
+    _unmount_leftovers(tmp_path_factory, "mounts left behind at session end")
 
 
 @pytest.fixture(autouse=True)
 def _no_mount_left_behind(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Per-test guard, so a leak is pinned on the test that caused it (and cleaned up at once)."""
-    base = tmp_path_factory.getbasetemp()
     yield
-    left = mounts_under(base)
-    for m in sorted(left, key=len, reverse=True):
-        force_unmount(m)
-    assert not left, f"test left mounts behind: {left}"
+    _unmount_leftovers(tmp_path_factory, "test left mounts behind")
 
 
 # A FUSE request the daemon never answers blocks the test in an uninterruptible wait, and

@@ -1004,3 +1004,11 @@ def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.02)
         time.sleep(interval)
     return pred()
 
+
+def ls_op(rel: str = ".") -> Op:
+    """An operation for ``Pair.same``: the sorted names in directory ``rel`` of the mount."""
+    def op(m: Path) -> list[str]:
+        return sorted(os.listdir(m / rel))
+
+    op.__name__ = f"listdir {rel}"
+    return op

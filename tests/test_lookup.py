@@ -8,7 +8,17 @@ import stat
 from pathlib import Path
 
 import pytest
-from overlay_harness import Device, Dir, Fifo, File, Hardlink, Symlink, Whiteout, stat_summary
+from overlay_harness import (
+    Device,
+    Dir,
+    Fifo,
+    File,
+    Hardlink,
+    Symlink,
+    Whiteout,
+    ls_op,
+    stat_summary,
+)
 
 
 def _read(rel: str):
@@ -26,13 +36,6 @@ def _lstat(rel: str):
     op.__name__ = f"lstat {rel}"
     return op
 
-
-def _ls(rel: str = "."):
-    def op(m: Path) -> list[str]:
-        return sorted(os.listdir(m / rel))
-
-    op.__name__ = f"listdir {rel}"
-    return op
 
 
 def test_topmost_layer_wins(make_pair):
@@ -58,8 +61,8 @@ def test_whiteout_in_lower_hides_name(make_pair):
     pair.same(_lstat("x"), expect="ENOENT")
     pair.same(_lstat("d/y"), expect="ENOENT")
     pair.same(lambda m: open(m / "x").close(), expect="ENOENT", what="open whited-out")
-    assert pair.same(_ls("d")) == ["z"]
-    assert "x" not in pair.same(_ls())
+    assert pair.same(ls_op("d")) == ["z"]
+    assert "x" not in pair.same(ls_op())
     pair.check_all()
 
 
@@ -68,14 +71,14 @@ def test_whiteout_in_upper_hides_all_lowers(make_pair):
                      lowers=[{"x": File("a")}, {"x": File("b"), "d/inner": File("c")}])
     pair.same(_lstat("x"), expect="ENOENT")
     pair.same(_lstat("d/inner"), expect="ENOENT")
-    assert pair.same(_ls()) == []
+    assert pair.same(ls_op()) == []
     pair.check_all()
 
 
 def test_whiteout_in_middle_layer_stops_lookup(make_pair):
     # L0 dir / L1 whiteout / L2 dir: only L0's entries; the whiteout ends the scan
     pair = make_pair(lowers=[{"d/a": File("a")}, {"d": Whiteout()}, {"d/c": File("c")}])
-    assert pair.same(_ls("d")) == ["a"]
+    assert pair.same(ls_op("d")) == ["a"]
     pair.same(_lstat("d/c"), expect="ENOENT")
     pair.check_all()
 
@@ -85,17 +88,17 @@ def test_opaque_dir_hides_lower_dirs(make_pair):
         {"d": Dir(opaque=True), "d/a": File("a"), "d/sub": Dir(opaque=True)},
         {"d/b": File("b"), "d/sub/s": File("s"), "e/x": File("x")},
     ])
-    assert pair.same(_ls("d")) == ["a", "sub"]
+    assert pair.same(ls_op("d")) == ["a", "sub"]
     pair.same(_lstat("d/b"), expect="ENOENT")
     pair.same(_lstat("d/sub/s"), expect="ENOENT")
-    assert pair.same(_ls("e")) == ["x"]
+    assert pair.same(ls_op("e")) == ["x"]
     pair.check_all()
 
 
 def test_opaque_upper_dir_hides_lowers(make_pair):
     pair = make_pair(upper={"d": Dir(opaque=True), "d/new": File("n")},
                      lowers=[{"d/old": File("o")}, {"d/older": File("o2")}])
-    assert pair.same(_ls("d")) == ["new"]
+    assert pair.same(ls_op("d")) == ["new"]
     pair.same(_lstat("d/old"), expect="ENOENT")
     pair.check_all()
 
@@ -104,14 +107,14 @@ def test_opaque_xattr_value_other_than_y_is_not_opaque(make_pair):
     # only "y" means opaque; "x" merely marks "contains xattr whiteouts"
     pair = make_pair(lowers=[{"d": Dir(xattrs={"trusted.overlay.opaque": "x"}), "d/a": File("a")},
                              {"d/b": File("b")}])
-    assert pair.same(_ls("d")) == ["a", "b"]
+    assert pair.same(ls_op("d")) == ["a", "b"]
     pair.check_all()
 
 
 def test_non_directory_stops_the_merge(make_pair):
     # L1 dir / L2 file / L3 dir => only L1's entries
     pair = make_pair(lowers=[{"d/a": File("a")}, {"d": File("i am a file")}, {"d/c": File("c")}])
-    assert pair.same(_ls("d")) == ["a"]
+    assert pair.same(ls_op("d")) == ["a"]
     pair.same(_lstat("d/c"), expect="ENOENT")
     assert pair.same(_lstat("d"))[0] == "dir"
     pair.check_all()
@@ -121,7 +124,7 @@ def test_file_on_top_shadows_lower_dir(make_pair):
     pair = make_pair(lowers=[{"d": File("file")}, {"d/x": File("x")}])
     assert pair.same(_lstat("d"))[0] == "file"
     pair.same(_lstat("d/x"), expect="ENOTDIR")
-    pair.same(_ls("d"), expect="ENOTDIR")
+    pair.same(ls_op("d"), expect="ENOTDIR")
     pair.check_all()
 
 
@@ -129,7 +132,7 @@ def test_symlink_on_top_shadows_lower_dir(make_pair):
     pair = make_pair(lowers=[{"d": Symlink("elsewhere"), "elsewhere/e": File("e")},
                              {"d/x": File("x")}])
     assert pair.same(lambda m: os.readlink(m / "d")) == "elsewhere"
-    assert pair.same(_ls("d")) == ["e"]  # follows the symlink, lower dir d is invisible
+    assert pair.same(ls_op("d")) == ["e"]  # follows the symlink, lower dir d is invisible
     pair.same(_lstat("d/x"), expect="ENOENT")
     pair.check_all()
 
@@ -150,7 +153,7 @@ def test_merged_dir_metadata_from_upper_over_lowers(make_pair):
     pair = make_pair(upper={"d": Dir(mode=0o711, uid=7, gid=8)},
                      lowers=[{"d": Dir(mode=0o755), "d/a": File("a")}])
     assert pair.same(_lstat("d"))[:4] == ("dir", "0o711", 7, 8)
-    assert pair.same(_ls("d")) == ["a"]
+    assert pair.same(ls_op("d")) == ["a"]
     pair.check_all()
 
 
@@ -166,16 +169,16 @@ def test_wh_prefixed_names_are_ordinary_files(make_pair):
     pair = make_pair(lowers=[{".wh.foo": File(""), "d/.wh..wh..opq": File("")},
                              {"foo": File("still here"), "d/b": File("b")}])
     assert pair.same(_read("foo")) == b"still here"
-    assert pair.same(_ls()) == [".wh.foo", "d", "foo"]
-    assert pair.same(_ls("d")) == [".wh..wh..opq", "b"]
+    assert pair.same(ls_op()) == [".wh.foo", "d", "foo"]
+    assert pair.same(ls_op("d")) == [".wh..wh..opq", "b"]
     pair.check_all()
 
 
 def test_deep_merge_across_three_layers(make_pair):
     pair = make_pair(upper={"a/b/c/u": File("u")},
                      lowers=[{"a/b/c/x": File("x")}, {"a/b/y": File("y")}, {"a/b/c/z": File("z")}])
-    assert pair.same(_ls("a/b/c")) == ["u", "x", "z"]
-    assert pair.same(_ls("a/b")) == ["c", "y"]
+    assert pair.same(ls_op("a/b/c")) == ["u", "x", "z"]
+    assert pair.same(ls_op("a/b")) == ["c", "y"]
     assert pair.same(_read("a/b/c/z")) == b"z"
     pair.check_all()
 
@@ -195,7 +198,7 @@ def test_special_files_in_lowers(make_pair):
 def test_symlink_loop_in_lower_is_just_data(make_pair):
     pair = make_pair(lowers=[{"d/loop1": Symlink("loop2"), "d/loop2": Symlink("loop1"),
                               "d/self": Symlink("self"), "d/f": File("f")}])
-    assert pair.same(_ls("d")) == ["f", "loop1", "loop2", "self"]
+    assert pair.same(ls_op("d")) == ["f", "loop1", "loop2", "self"]
     pair.same(lambda m: os.stat(m / "d/self"), expect="ELOOP", what="stat self-loop")
     assert pair.same(lambda m: os.readlink(m / "d/loop1")) == "loop2"
     pair.check_all()
@@ -219,7 +222,7 @@ def test_xattr_whiteout_hides_name(make_pair):
         {"d/a": File("covered"), "d/b": File("b")},
     ])
     pair.same(_lstat("d/a"), expect="ENOENT")
-    assert pair.same(_ls("d")) == ["b"]
+    assert pair.same(ls_op("d")) == ["b"]
     pair.check_all()
 
 
@@ -230,7 +233,7 @@ def test_xattr_whiteout_without_parent_marker(make_pair):
     pair = make_pair(lowers=[{"d/a": File("", xattrs={"trusted.overlay.whiteout": "y"})},
                              {"d/a": File("covered"), "d/b": File("b")}])
     pair.same(_lstat("d/a"), expect="ENOENT")
-    k, o = pair.both(_ls("d"))
+    k, o = pair.both(ls_op("d"))
     assert k == ("ok", ["a", "b"]), "premise: the kernel lists the unstattable name"
     assert o == ("ok", ["b"])
 
@@ -265,10 +268,10 @@ def test_redirect_xattr_is_followed(make_pair):
                "p/abs": Dir(xattrs={"trusted.overlay.redirect": "/a/b"})},
         lowers=[{"old/x": File("x"), "a/b/y": File("y"), "p/keep": File()}],
     )
-    assert pair.same(_ls("new")) == ["u", "x"]
-    assert pair.same(_ls("p/abs")) == ["y"]
+    assert pair.same(ls_op("new")) == ["u", "x"]
+    assert pair.same(ls_op("p/abs")) == ["y"]
     assert pair.same(_read("new/x")) == b"x"
-    assert pair.same(_ls()) == ["a", "new", "p"]
+    assert pair.same(ls_op()) == ["a", "new", "p"]
     assert pair.same(lambda m: os.listxattr(m / "new")) == []  # redirect is private
     pair.check_all()
 
@@ -279,6 +282,6 @@ def test_redirect_in_lower_layer(make_pair):
     pair = make_pair(lowers=[{"moved": Dir(xattrs={"trusted.overlay.redirect": "orig"}),
                               "moved/top": File()},
                              {"orig/bottom": File(), "moved/shadowed": File()}])
-    assert pair.same(_ls("moved")) == ["bottom", "top"]
+    assert pair.same(ls_op("moved")) == ["bottom", "top"]
     pair.same(_lstat("moved/shadowed"), expect="ENOENT")
     pair.check_all()

@@ -16,6 +16,7 @@ from overlay_harness import (
     File,
     Symlink,
     Whiteout,
+    ls_op,
     renameat2,
     tree_of,
 )
@@ -31,13 +32,6 @@ def _rename(a: str, b: str, flags: int = 0):
     op.__name__ = f"rename({a!r}, {b!r}, flags={flags})"
     return op
 
-
-def _ls(rel: str = "."):
-    def op(m: Path) -> list[str]:
-        return sorted(os.listdir(m / rel))
-
-    op.__name__ = f"ls {rel}"
-    return op
 
 
 def test_rename_lower_file_leaves_whiteout(make_pair):
@@ -76,7 +70,7 @@ def test_editor_save_by_rename(make_pair):
         return (m / "etc/conf").read_text()
 
     assert pair.same(save) == "new=2\n"
-    assert pair.same(_ls("etc")) == ["conf", "other"]
+    assert pair.same(ls_op("etc")) == ["conf", "other"]
     snap = pair.assert_same_upper()
     assert snap.nodes["etc/conf"].type == "file" and ".conf.swp" not in str(list(snap.nodes))
     pair.check_all()
@@ -86,7 +80,7 @@ def test_rename_over_lower_file(make_pair):
     pair = make_pair(lowers=[{"a": File("A"), "b": File("B")}])
     pair.same(_rename("a", "b"), expect="ok")
     assert pair.same(lambda m: (m / "b").read_text()) == "A"
-    assert pair.same(_ls()) == ["b"]
+    assert pair.same(ls_op()) == ["b"]
     snap = pair.assert_same_upper()
     assert snap.nodes["a"].type == "whiteout" and snap.nodes["b"].type == "file"
     pair.check_all()
@@ -116,7 +110,7 @@ def test_rename_to_same_name_and_between_hardlinks(make_pair):
     pair.same(_rename("f", "f"), expect="ok")
     pair.same(lambda m: os.link(m / "f", m / "g"), expect="ok")
     pair.same(_rename("f", "g"), expect="ok")  # same inode: a no-op, both names stay
-    assert pair.same(_ls()) == ["f", "g"]
+    assert pair.same(ls_op()) == ["f", "g"]
     pair.check_all()
 
 
@@ -125,7 +119,7 @@ def test_noreplace(make_pair):
     pair.same(_rename("a", "b", RENAME_NOREPLACE), expect="EEXIST")
     pair.same(_rename("u", "a", RENAME_NOREPLACE), expect="EEXIST")
     pair.same(_rename("a", "c", RENAME_NOREPLACE), expect="ok")
-    assert pair.same(_ls()) == ["b", "c", "u"]
+    assert pair.same(ls_op()) == ["b", "c", "u"]
     pair.check_all()
 
 
@@ -197,7 +191,7 @@ def test_opaque_upper_dir_rename_leaves_whiteout(make_pair):
     pair.same(lambda m: os.mkdir(m / "d"), expect="ok")
     pair.same(lambda m: (m / "d/new").write_text("n"), expect="ok")
     pair.same(_rename("d", "e"), expect="ok")
-    assert pair.same(_ls()) == ["e"]
+    assert pair.same(ls_op()) == ["e"]
     snap = pair.assert_same_upper()
     assert snap.nodes["d"].type == "whiteout" and snap.nodes["e"].opaque is True
     pair.check_all()
@@ -209,9 +203,9 @@ def test_pure_upper_dir_over_name_with_lower_file(make_pair):
     pair = make_pair(upper={"gone": Whiteout(), "updir/x": File("x")},
                      lowers=[{"gone": File("lowerfile"), "f": File()}])
     pair.same(_rename("updir", "gone"), expect="ok")
-    assert pair.same(_ls("gone")) == ["x"]
+    assert pair.same(ls_op("gone")) == ["x"]
     pair.same(_rename("gone", "updir"), expect="ok")
-    assert pair.same(_ls()) == ["f", "updir"]
+    assert pair.same(ls_op()) == ["f", "updir"]
     pair.check_all()
 
 
@@ -237,7 +231,7 @@ def test_rename_dir_onto_empty_dirs(make_pair):
     pair = make_pair(upper={"ue": Dir(), "ue2/c": File(), "target": Dir()},
                      lowers=[{"lempty": Dir()}])
     pair.same(_rename("ue2", "target"), expect="ok", what="onto empty upper dir")
-    assert pair.same(_ls("target")) == ["c"]
+    assert pair.same(ls_op("target")) == ["c"]
     pair.same(_rename("ue", "lempty"), expect="ok", what="onto empty lower dir")
     # the moved dir now covers a lower dir of that name: it must be opaque
     assert pair.assert_same_upper().nodes["lempty"].opaque is True
