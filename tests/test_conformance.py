@@ -174,3 +174,10 @@ def test_whiteouts_only_in_merged_dirs():
     def bottom(spec):
         assert not any(isinstance(e, Whiteout) and "/" in p for p, e in spec.items())
     bottom()
+
+
+def test_found_fstat_of_removed_open_dir():
+    # found by the long profile: fstat() through an fd of a directory removed meanwhile succeeds in
+    # the kernel (the open directory still exists), ours answered ENOENT
+    replay(StackSpec(lowers=[{"d": Dir()}], upper={"a": Dir()}),
+           [("hold_open", {"path": "a"}), ("rmdir", {"path": "a"}), ("read_held", {"i": 0})])

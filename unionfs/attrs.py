@@ -20,6 +20,9 @@ def real_stat(fs: State, node: Inode) -> os.stat_result:
         # An open file is the object itself, even after its name went away.
         return os.fstat(next(iter(node.handles)).fd)
     if node.gone:
+        # fstat() of a removed directory still open (no file handle to ask): what it was.
+        if node.gone_st is not None:
+            return node.gone_st
         raise oserror(errno.ENOENT)
     if node.parent is None:
         return os.fstat(node.layer.fd)
@@ -27,6 +30,8 @@ def real_stat(fs: State, node: Inode) -> os.stat_result:
 
 
 def nlink_of(node: Inode, st: os.stat_result) -> int:
+    if node.gone and not node.handles:
+        return 0  # removed, and only its remembered attributes are left
     # A merged directory's link count means nothing: the kernel reports 1.
     return 1 if node.is_dir and node.merged else st.st_nlink
 

@@ -214,7 +214,7 @@ async def _remove(fs: State, parent: Inode, name: str, is_dir: bool) -> None:
         whiteout.make_whiteout(udfd, name)
     if node is not None:
         last = res.layer.upper and (res.is_dir or res.st.st_nlink <= 1)
-        fs.inodes.unlinked(node, parent, name, last)
+        fs.inodes.unlinked(node, parent, name, last, res.st)
 
 
 def _retire(fs: State, udfd: int, name: str, leave_whiteout: bool, is_dir: bool) -> None:
@@ -361,7 +361,8 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
     if dst_node is not None and dst_node is not src_node:
         fs.inodes.unlinked(dst_node, new_parent, new_name,
                            dst is not None and dst.layer.upper
-                           and (dst.is_dir or dst.st.st_nlink <= 1))
+                           and (dst.is_dir or dst.st.st_nlink <= 1),
+                           dst.st if dst is not None else None)
     if src_node is not None:
         fs.inodes.renamed(src_node, old_parent, old_name, new_parent, new_name)
 

@@ -13,6 +13,7 @@ kernel knows of is copied up, copyup.py links the copy into all those names.
 
 from __future__ import annotations
 
+import os
 import stat
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,7 @@ Key = tuple[int, int, int]
 
 class Inode:
     __slots__ = ("ino", "parent", "name", "aliases", "mode", "layer", "dirs", "key",
-                 "lookups", "handles", "_lock", "kids", "gone", "__weakref__")
+                 "lookups", "handles", "_lock", "kids", "gone", "gone_st", "__weakref__")
 
     def __init__(self, ino: int, parent: Inode | None, name: str, res: Resolution,
                  key: Key) -> None:
@@ -47,6 +48,7 @@ class Inode:
         self._lock: trio.Lock | None = None
         self.kids = 0  # live children that name us as parent: keeps our path valid
         self.gone = False  # every name removed; reachable only through open handles
+        self.gone_st: os.stat_result | None = None  # its attributes when the last name went
 
     @property
     def lock(self) -> trio.Lock:
@@ -171,7 +173,8 @@ class InodeTable:
             old_parent.kids -= 1
             new_parent.kids += 1
 
-    def unlinked(self, node: Inode, parent: Inode, name: str, last_link: bool) -> None:
+    def unlinked(self, node: Inode, parent: Inode, name: str, last_link: bool,
+                 st: os.stat_result | None = None) -> None:
         """``name`` no longer leads to ``node``; when the real object is gone too, its
         number must not be handed to a new object that reuses the real inode."""
         if (parent, name) in node.aliases:
@@ -184,6 +187,7 @@ class InodeTable:
             new_parent.kids -= 1  # _move counted it a second time
         else:
             node.gone = True
+            node.gone_st = st
         if last_link and self.ino_of.get(node.key) == node.ino:
             del self.ino_of[node.key]
 
