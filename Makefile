@@ -5,7 +5,7 @@
 #   make demo    build a small layered "image", mount it, change it, show what lands in upper/
 #   make test    ruff + the pytest suite (needs root and /dev/fuse for the mount tests)
 #   make lint    ruff check, bash -n on the shell scripts
-#   make conformance  random stacks + ops vs kernel overlayfs (EXAMPLES=20000 STEPS=30)
+#   make conformance  random stacks + ops vs kernel overlayfs (EXAMPLES=20000 STEPS=30 MINUTES=0)
 #   make bench   pyunionfs vs kernel overlayfs vs fuse-overlayfs (BENCH_ARGS=--quick for a smoke run)
 #   make clean   caches and build output; never unmounts anything
 
@@ -53,8 +53,9 @@ demo: deps
 # Long conformance profile (tests/conformance.py): prints "N examples, M operations, K divergences".
 EXAMPLES ?= 20000
 STEPS    ?= 30
+MINUTES  ?= 0
 conformance: deps
-	$(PY) scripts/conformance.py --examples $(EXAMPLES) --steps $(STEPS)
+	$(PY) scripts/conformance.py --examples $(EXAMPLES) --steps $(STEPS) --minutes $(MINUTES)
 
 bench: deps
 	@mkdir -p $(dir $(BENCH_JSON))

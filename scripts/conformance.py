@@ -35,6 +35,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=int(os.environ.get("STEPS") or 30),
                     help="maximum operations per example")
     ap.add_argument("--seed", type=int, default=None, help="fixed seed (default: random)")
+    ap.add_argument("--minutes", type=float, default=float(os.environ.get("MINUTES") or 0),
+                    help="stop starting new examples after this many minutes (0: no limit)")
     args = ap.parse_args()
 
     from overlay_harness import environment_problem
@@ -56,7 +58,14 @@ def main() -> int:
     divergences = 0
     start = time.monotonic()
     try:
-        run_state_machine_as_test(machine, settings=s)
+        # Run in chunks so that a time budget ends the run between examples, never inside one
+        # (an interrupt mid-mount would look like a failure to hypothesis).
+        while conformance.STATS["examples"] < args.examples:
+            if args.minutes and time.monotonic() - start > args.minutes * 60:
+                print(f"conformance: time budget of {args.minutes} min used", file=sys.stderr)
+                break
+            chunk = min(50, args.examples - conformance.STATS["examples"])
+            run_state_machine_as_test(machine, settings=settings(s, max_examples=chunk))
     except conformance.Divergence:
         divergences = 1
         traceback.print_exc()
