@@ -14,11 +14,12 @@ import stat
 
 import trio
 
-from unionfs import sysio, whiteout
+from unionfs import sysio
 from unionfs.errors import oserror
 from unionfs.inodes import Inode
 from unionfs.lookup import Resolution
 from unionfs.state import State
+from unionfs.whiteout import Dialect
 
 # Below this size the copy runs inline: a thread hop costs more than the copy.
 THREAD_COPY_MIN = 1 << 20
@@ -29,11 +30,12 @@ def temp_name() -> str:
     return f"#{os.getpid():x}{next(_tmp_counter):x}"
 
 
-def copy_xattrs(src_dfd: int, src_name: str, dst_dfd: int, dst_name: str) -> None:
+def copy_xattrs(dialect: Dialect, src_dfd: int, src_name: str, dst_dfd: int,
+                dst_name: str) -> None:
     for name in sysio.listxattr(src_dfd, src_name):
-        # Our own markers describe the lower layer, not the copy; user names
-        # escaped under the private prefix are data and travel with it.
-        if whiteout.is_private(name) and not name.startswith(whiteout.ESCAPED):
+        # Markers describe the lower layer, not the copy; user names escaped under
+        # the private prefix are data and travel with it.
+        if dialect.is_private(name):
             continue
         try:
             value = sysio.getxattr(src_dfd, src_name, name)
@@ -45,14 +47,48 @@ def copy_xattrs(src_dfd: int, src_name: str, dst_dfd: int, dst_name: str) -> Non
                 raise
 
 
-def copy_metadata(src_dfd: int, src_name: str, dfd: int, name: str,
-                  st: os.stat_result) -> None:
+def copy_metadata(dialect: Dialect, src_dfd: int, src_name: str, dfd: int, name: str,
+                  st: os.stat_result, mode_and_times: bool = True) -> None:
     """Owner first: a chown clears set-id bits and security.capability, so the
     xattrs and the mode come after it, and the times last."""
-    sysio.chown(dfd, name, st.st_uid, st.st_gid)
-    copy_xattrs(src_dfd, src_name, dfd, name)
+    try:
+        sysio.chown(dfd, name, st.st_uid, st.st_gid)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            # An owner our user namespace can't map (shown as the overflow id): the
+            # kernel refuses such a copy-up the same way.
+            raise oserror(errno.EOVERFLOW) from None
+        if e.errno != errno.EPERM:
+            raise
+        # Unprivileged: we can't give files away, so the copy is the mounting user's,
+        # as every file such a user writes is (README, "Rootless").
+    copy_xattrs(dialect, src_dfd, src_name, dfd, name)
+    if mode_and_times:
+        set_mode_and_times(dfd, name, st)
+
+
+def set_mode_and_times(dfd: int, name: str, st: os.stat_result) -> None:
     sysio.chmod(dfd, name, stat.S_IMODE(st.st_mode))
     sysio.utimens(dfd, name, st.st_atime_ns, st.st_mtime_ns)
+
+
+def rename_into(wfd: int, tmp: str, udfd: int, name: str) -> None:
+    """The final rename of a copy-up.  Unprivileged, a read-only upper parent (a
+    lower dir of mode 0555, copied up) refuses it even though the caller may change
+    the child: we own that directory, so we open it for the moment of the rename."""
+    try:
+        sysio.renameat2(wfd, tmp, udfd, name, sysio.RENAME_NOREPLACE)
+        return
+    except PermissionError as e:
+        pst = os.fstat(udfd)
+        if e.errno != errno.EACCES or pst.st_uid != os.geteuid() or \
+                pst.st_mode & 0o300 == 0o300:
+            raise
+    os.chmod(sysio.proc_fd(udfd), stat.S_IMODE(pst.st_mode) | 0o300)
+    try:
+        sysio.renameat2(wfd, tmp, udfd, name, sysio.RENAME_NOREPLACE)
+    finally:
+        os.chmod(sysio.proc_fd(udfd), stat.S_IMODE(pst.st_mode))
 
 
 def restore_times(dirfd: int, before: os.stat_result) -> None:
@@ -96,7 +132,7 @@ async def _copy_one(fs: State, node: Inode, data: bool) -> None:
             dst = sysio.open_at(wfd, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 if data and st.st_size:
-                    src = sysio.open_at(ldfd, name, os.O_RDONLY | os.O_NOATIME)
+                    src = sysio.open_noatime(ldfd, name, os.O_RDONLY)
                     try:
                         if st.st_size >= THREAD_COPY_MIN:
                             await trio.to_thread.run_sync(sysio.copy_file_data, src, dst,
@@ -114,11 +150,16 @@ async def _copy_one(fs: State, node: Inode, data: bool) -> None:
         # Cached directory fds may have rotated while the data copy awaited.
         ldfd = stack.dirfd(node.layer, ppath)
         udfd = stack.dirfd(upper, ppath)
-        copy_metadata(ldfd, name, wfd, tmp, st)
-        sysio.renameat2(wfd, tmp, udfd, name, sysio.RENAME_NOREPLACE)
+        # Unprivileged, a directory without u+w can't be moved (its ".." changes):
+        # its own mode and times go on after the rename.
+        late = kind == stat.S_IFDIR and os.geteuid() != 0
+        copy_metadata(fs.dialect, ldfd, name, wfd, tmp, st, mode_and_times=not late)
+        rename_into(wfd, tmp, udfd, name)
     except BaseException:
         _discard(wfd, tmp)
         raise
+    if late:
+        set_mode_and_times(udfd, name, st)
     restore_times(udfd, pst)
     new_st = sysio.lstat(udfd, name)
     dirs = [upper, *node.dirs] if kind == stat.S_IFDIR else []

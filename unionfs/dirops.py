@@ -13,7 +13,7 @@ import os
 import stat
 from collections.abc import Callable
 
-from unionfs import lookup, sysio, whiteout
+from unionfs import lookup, sysio
 from unionfs.copyup import copy_up, temp_name
 from unionfs.errors import oserror
 from unionfs.inodes import Inode, object_key
@@ -21,6 +21,7 @@ from unionfs.lookup import Resolution
 from unionfs.probe import remove_tree_at
 from unionfs.readdir import list_merged
 from unionfs.state import State
+from unionfs.whiteout import CHARDEV, OCI
 
 SETID = stat.S_ISUID | stat.S_ISGID
 
@@ -49,9 +50,15 @@ def is_empty(fs: State, path: str, res: Resolution) -> bool:
     return all(e.hidden for e in list_merged(fs.stack, path, res.dirs))
 
 
-def _upper_whiteout(udfd: int, name: str) -> bool:
+def _whiteout_object(fs: State, udfd: int, name: str) -> bool:
+    """Is there a whiteout *object* at ``name`` in upper (one a rename must replace)?"""
     st = sysio.lstat_or_none(udfd, name)
-    return st is not None and whiteout.is_whiteout(udfd, name, st)
+    return st is not None and fs.dialect.is_whiteout(udfd, name, st)
+
+
+def check_new_name(fs: State, name: str) -> None:
+    if fs.dialect.hides_name(name):
+        raise oserror(errno.EINVAL)  # a .wh. name would be read as a marker
 
 
 async def create_object(fs: State, parent: Inode, name: str, mode: int, uid: int, gid: int,
@@ -59,9 +66,11 @@ async def create_object(fs: State, parent: Inode, name: str, mode: int, uid: int
     """Make a new object with ``make(dirfd, name, mode)`` where ``name`` is free in
     the merged view; returns its resolution in upper."""
     fs.check_writable()
+    check_new_name(fs, name)
     if resolve_in(fs, parent, name) is not None:
         raise oserror(errno.EEXIST)
     udfd = await upper_dir(fs, parent)
+    dialect = fs.dialect
     is_dir = stat.S_ISDIR(mode)
     pst = os.fstat(udfd)
     if pst.st_mode & stat.S_ISGID:  # BSD group semantics of a setgid directory
@@ -69,7 +78,8 @@ async def create_object(fs: State, parent: Inode, name: str, mode: int, uid: int
         if is_dir:
             mode |= stat.S_ISGID
     perm = stat.S_IMODE(mode)
-    if _upper_whiteout(udfd, name):
+    whited_out = dialect.upper_whiteout(udfd, name)
+    if whited_out and sysio.lstat_or_none(udfd, name) is not None:
         wfd, tmp = fs.stack.work_fd, temp_name()
         make(wfd, tmp, perm)
         try:
@@ -78,7 +88,7 @@ async def create_object(fs: State, parent: Inode, name: str, mode: int, uid: int
                 # A new directory over a whiteout must not merge with what the
                 # whiteout hid: opaque, and swapped in (rename can't replace a
                 # whiteout with a directory).
-                whiteout.set_opaque(wfd, tmp)
+                dialect.set_opaque(wfd, tmp)
                 sysio.renameat2(wfd, tmp, udfd, name, sysio.RENAME_EXCHANGE)
                 sysio.unlink(wfd, tmp)
             else:
@@ -90,15 +100,25 @@ async def create_object(fs: State, parent: Inode, name: str, mode: int, uid: int
         make(udfd, name, perm)
         try:
             _finish(udfd, name, perm, uid, gid, is_dir)
+            if whited_out and is_dir:  # an OCI .wh.NAME hid the name: no object to swap
+                dialect.set_opaque(udfd, name)
         except BaseException:
             remove_tree_at(udfd, name)
             raise
+    if whited_out:
+        dialect.drop_file_whiteout(udfd, name)
     st = sysio.lstat(udfd, name)
     return Resolution(fs.upper, st, [fs.upper] if is_dir else [])
 
 
 def _finish(dfd: int, name: str, perm: int, uid: int, gid: int, is_dir: bool) -> None:
-    sysio.chown(dfd, name, uid, gid)
+    try:
+        sysio.chown(dfd, name, uid, gid)
+    except OSError as e:
+        # Unprivileged, an owner other than ourselves is not ours to give; the
+        # object stays the mounting user's (README, "Rootless").
+        if e.errno not in (errno.EPERM, errno.EINVAL):
+            raise
     if perm & SETID or (is_dir and perm & stat.S_ISVTX):
         sysio.chmod(dfd, name, perm)  # chown cleared the set-id bits
 
@@ -146,13 +166,14 @@ async def link(fs: State, node: Inode, new_parent: Inode, new_name: str) -> Reso
     fs.check_writable()
     if node.is_dir:
         raise oserror(errno.EPERM)
+    check_new_name(fs, new_name)
     if resolve_in(fs, new_parent, new_name) is not None:
         raise oserror(errno.EEXIST)
     await copy_up(fs, node)
     udfd = await upper_dir(fs, new_parent)
     sdfd = fs.stack.dirfd(fs.upper, node.parent_path)
     udfd = fs.stack.dirfd(fs.upper, new_parent.path)  # cached fds may rotate at an await
-    if _upper_whiteout(udfd, new_name):
+    if _whiteout_object(fs, udfd, new_name):
         wfd, tmp = fs.stack.work_fd, temp_name()
         sysio.link(sdfd, node.name, wfd, tmp)
         try:
@@ -162,6 +183,7 @@ async def link(fs: State, node: Inode, new_parent: Inode, new_name: str) -> Reso
             raise
     else:
         sysio.link(sdfd, node.name, udfd, new_name)
+    fs.dialect.drop_file_whiteout(udfd, new_name)
     return Resolution(fs.upper, sysio.lstat(udfd, new_name))
 
 
@@ -211,7 +233,7 @@ async def _remove(fs: State, parent: Inode, name: str, is_dir: bool) -> None:
         else:
             sysio.unlink(udfd, name)
     else:
-        whiteout.make_whiteout(udfd, name)
+        fs.dialect.make_whiteout(udfd, name, fs.stack.work_fd, temp_name())
     if node is not None:
         last = res.layer.upper and (res.is_dir or res.st.st_nlink <= 1)
         fs.inodes.unlinked(node, parent, name, last, res.st)
@@ -229,7 +251,10 @@ def _retire(fs: State, udfd: int, name: str, leave_whiteout: bool, is_dir: bool)
             if e.errno != errno.ENOTEMPTY:  # holds only whiteouts: move it out whole
                 raise
     wfd, tmp = fs.stack.work_fd, temp_name()
-    sysio.renameat2(udfd, name, wfd, tmp, sysio.RENAME_WHITEOUT if leave_whiteout else 0)
+    if leave_whiteout:
+        fs.dialect.replace_with_whiteout(udfd, name, wfd, tmp)
+    else:
+        sysio.renameat2(udfd, name, wfd, tmp)
     remove_tree_at(wfd, tmp)
 
 
@@ -288,6 +313,7 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
             flags == sysio.RENAME_NOREPLACE | sysio.RENAME_EXCHANGE:
         raise oserror(errno.EINVAL)
     exchange = bool(flags & sysio.RENAME_EXCHANGE)
+    check_new_name(fs, new_name)
     checked = _check_rename(fs, old_parent, old_name, new_parent, new_name, flags)
     if checked is None:
         return
@@ -332,22 +358,25 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
             # empty one first (the kernel's ovl_clear_empty).
             tmp = temp_name()
             sysio.mkdir(wfd, tmp, 0o700)
-            whiteout.set_opaque(wfd, tmp)
+            fs.dialect.set_opaque(wfd, tmp)
             sysio.renameat2(wfd, tmp, new_udfd, new_name, sysio.RENAME_EXCHANGE)
             remove_tree_at(wfd, tmp)
         _opaque_if_moved_into_merge(fs, new_parent, old_udfd, old_name, src)
-        onto_whiteout = dst is None and _upper_whiteout(new_udfd, new_name)
+        onto_whiteout = dst is None and _whiteout_object(fs, new_udfd, new_name)
         if onto_whiteout and src.is_dir:
             # rename(2) can't put a directory over a char device: swap the two,
             # and the whiteout lands at the old name, where it may be needed.
             sysio.renameat2(old_udfd, old_name, new_udfd, new_name, sysio.RENAME_EXCHANGE)
             if not leave_whiteout:
                 sysio.unlink(old_udfd, old_name)
+            elif fs.dialect.form == OCI:  # the exchanged 0/0 is not the form we write
+                sysio.unlink(old_udfd, old_name)
+                fs.dialect.make_whiteout(old_udfd, old_name, wfd, temp_name())
         else:
-            sysio.renameat2(old_udfd, old_name, new_udfd, new_name,
-                            (sysio.RENAME_WHITEOUT if leave_whiteout else 0)
-                            | (0 if dst is not None or onto_whiteout
-                               else sysio.RENAME_NOREPLACE))
+            _rename_leaving(fs, old_udfd, old_name, new_udfd, new_name, leave_whiteout,
+                            0 if dst is not None or onto_whiteout else sysio.RENAME_NOREPLACE)
+        if dst is None:
+            fs.dialect.drop_file_whiteout(new_udfd, new_name)
     if src.is_dir:
         fs.stack.forget_upper_path(old_path)
     if dst is not None and dst.is_dir:
@@ -367,9 +396,34 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
         fs.inodes.renamed(src_node, old_parent, old_name, new_parent, new_name)
 
 
+def _rename_leaving(fs: State, old_udfd: int, old_name: str, new_udfd: int, new_name: str,
+                    leave_whiteout: bool, flags: int) -> None:
+    """rename(2) in upper that leaves a whiteout at the old name when asked."""
+    dialect = fs.dialect
+    if not leave_whiteout or dialect.form == CHARDEV:
+        sysio.renameat2(old_udfd, old_name, new_udfd, new_name,
+                        flags | (sysio.RENAME_WHITEOUT if leave_whiteout else 0))
+        return
+    wfd = fs.stack.work_fd
+    if dialect.form == OCI:
+        # .wh.NAME first: it hides only the layers below, and the lower object must
+        # not show at the old name for a moment.
+        dialect.make_whiteout(old_udfd, old_name, wfd, temp_name())
+        try:
+            sysio.renameat2(old_udfd, old_name, new_udfd, new_name, flags)
+        except BaseException:
+            dialect.drop_file_whiteout(old_udfd, old_name)
+            raise
+        return
+    # Xattr whiteouts have no rename flag: the lower object shows for a moment.
+    sysio.renameat2(old_udfd, old_name, new_udfd, new_name, flags)
+    dialect.make_whiteout(old_udfd, old_name, wfd, temp_name())
+
+
 def _opaque_if_moved_into_merge(fs: State, parent: Inode, udfd: int, name: str,
                                 res: Resolution | None) -> None:
     """A directory landing in a merged directory must not merge with what lies
     below its new name (kernel: ovl_set_opaque in ovl_rename)."""
-    if res is not None and res.is_dir and parent.lowers and not whiteout.is_opaque(udfd, name):
-        whiteout.set_opaque(udfd, name)
+    if res is not None and res.is_dir and parent.lowers and \
+            not fs.dialect.is_opaque(udfd, name):
+        fs.dialect.set_opaque(udfd, name)

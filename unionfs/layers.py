@@ -8,6 +8,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from unionfs import sysio
+from unionfs.whiteout import KERNEL, Dialect
 
 # Directory fds kept open for fast *at() calls; bounded so that a huge tree can't
 # exhaust file descriptors (fuse-overlayfs #210).
@@ -37,7 +38,10 @@ class LayerStack:
         self.upper: Layer | None = self.layers[0] if upper is not None else None
         self.lowers = self.layers[1:] if upper is not None else self.layers
         self.workroot_fd = sysio.open_root(work) if work is not None else -1
+        self.work_path = work
         self.work_fd = -1  # WORK/work, set up by probe.prepare_workdir
+        # How markers are read and written; probe.prepare_workdir picks it for the upper.
+        self.dialect: Dialect = KERNEL
         self._dirfds: OrderedDict[tuple[int, str], int] = OrderedDict()
 
     def dirfd(self, layer: Layer, relpath: str) -> int:

@@ -6,7 +6,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from unionfs import sysio, whiteout
+from unionfs import sysio
 from unionfs.layers import Layer, LayerStack
 
 
@@ -29,6 +29,9 @@ def resolve(stack: LayerStack, parent_path: str, parent_dirs: list[Layer],
             name: str) -> Resolution | None:
     """Look ``name`` up in the directory ``parent_path`` whose merged layers are
     ``parent_dirs``.  None means ENOENT (absent or whited out)."""
+    dialect = stack.dialect
+    if dialect.hides_name(name):
+        return None  # an OCI marker, not an object
     found: Resolution | None = None
     for layer in parent_dirs:
         dfd = stack.dirfd_or_none(layer, parent_path)
@@ -36,8 +39,10 @@ def resolve(stack: LayerStack, parent_path: str, parent_dirs: list[Layer],
             continue
         st = sysio.lstat_or_none(dfd, name)
         if st is None:
+            if dialect.whited_out_by_file(dfd, name):
+                break
             continue
-        if whiteout.is_whiteout(dfd, name, st):
+        if dialect.is_whiteout(dfd, name, st):
             break
         is_dir = stat.S_ISDIR(st.st_mode)
         if found is None:
@@ -49,8 +54,8 @@ def resolve(stack: LayerStack, parent_path: str, parent_dirs: list[Layer],
             found.dirs.append(layer)
         else:
             break  # only directories in consecutive layers merge
-        if whiteout.is_opaque(dfd, name):
-            break
+        if dialect.is_opaque(dfd, name) or dialect.whited_out_by_file(dfd, name):
+            break  # the object in this layer stays; what lies below is hidden
     return found
 
 

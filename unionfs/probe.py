@@ -1,4 +1,5 @@
-"""Mount-time checks of what the upper filesystem can do, and the workdir set-up."""
+"""Mount-time checks: what this process may do on the upper filesystem, which
+on-disk dialect follows from that, and the workdir set-up."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import stat
 from unionfs import sysio
 from unionfs.errors import MountError
 from unionfs.layers import LayerStack
-from unionfs.whiteout import OPAQUE
+from unionfs.whiteout import CHARDEV, OCI, TRUSTED, USER, XATTR, Dialect
 
 WORKDIR_NAME = "work"
 
@@ -24,46 +25,116 @@ def remove_tree_at(dirfd: int, name: str) -> None:
         return
     sub = sysio.open_path(dirfd, name)
     try:
-        for child, _, _ in sysio.scandir_fd(sub):
+        try:
+            children = sysio.scandir_fd(sub)
+        except PermissionError:
+            # A mode-000 work dir (the kernel's) owned by us: unprivileged, we must
+            # give ourselves access before we can empty it.
+            os.chmod(sysio.proc_fd(sub), 0o700)
+            children = sysio.scandir_fd(sub)
+        for child, _, _ in children:
             remove_tree_at(sub, child)
     finally:
         os.close(sub)
     sysio.rmdir(dirfd, name)
 
 
-def prepare_workdir(stack: LayerStack) -> None:
-    """Wipe and recreate WORK/work, as the kernel does at every mount."""
+def in_initial_userns() -> bool:
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True
+
+
+def prepare_workdir(stack: LayerStack, userxattr: bool = False,
+                    whiteouts: str = "kernel") -> None:
+    """Wipe and recreate WORK/work, as the kernel does at every mount, and pick the
+    dialect from what the upper filesystem lets this process do."""
+    oci = whiteouts == "oci"
     if stack.workroot_fd < 0:
+        # Read-only: nothing to probe; read the markers this process could have written.
+        trusted = not userxattr and os.geteuid() == 0 and in_initial_userns()
+        stack.dialect = Dialect(TRUSTED if trusted else USER, CHARDEV, oci)
         return
     try:
         remove_tree_at(stack.workroot_fd, WORKDIR_NAME)
-        # Mode 000 like the kernel's: nobody but us has business in there.
-        sysio.mkdir(stack.workroot_fd, WORKDIR_NAME, 0)
+        # Mode 000 like the kernel's where we may still use it (root, also in a user
+        # namespace); an unprivileged owner needs rwx to work in it.
+        sysio.mkdir(stack.workroot_fd, WORKDIR_NAME, 0 if os.geteuid() == 0 else 0o700)
         stack.work_fd = sysio.open_dir_beneath(stack.workroot_fd, WORKDIR_NAME)
     except OSError as e:
-        raise MountError(f"cannot prepare work directory '{stack.layers[0].path}': "
+        raise MountError(f"cannot prepare work directory '{stack.work_path}': "
                          f"{e.strerror}", e.errno or errno.EIO) from None
-    _check_upper_features(stack)
+    try:
+        stack.dialect = _probe_dialect(stack.work_fd, userxattr, oci)
+    except BaseException:
+        cleanup_workdir(stack)
+        raise
 
 
-def _check_upper_features(stack: LayerStack) -> None:
-    """The upper must hold trusted.* xattrs and 0/0 char devices, or the UPPER we
-    write would not mean the same thing to the kernel."""
-    name = "#probe"
-    wfd = stack.work_fd
+def cleanup_workdir(stack: LayerStack) -> None:
+    """After a failed mount: take WORK/work away again, so nothing is left behind."""
+    if stack.work_fd >= 0:
+        os.close(stack.work_fd)
+        stack.work_fd = -1
+    if stack.workroot_fd >= 0:
+        try:
+            remove_tree_at(stack.workroot_fd, WORKDIR_NAME)
+        except OSError:
+            pass
+
+
+def _probe_dialect(wfd: int, userxattr: bool, oci: bool) -> Dialect:
+    """trusted.overlay.* where we may (real root), else user.overlay.* (the kernel's
+    userxattr format); whiteouts as 0/0 char devices with RENAME_WHITEOUT where
+    allowed (unprivileged since Linux 5.8), else the form the chosen readers know."""
+    name = f"#probe{os.getpid():x}"
     try:
         sysio.mkdir(wfd, name, 0o700)
-        try:
-            sysio.setxattr(wfd, name, OPAQUE, b"y")
-        except OSError as e:
-            raise MountError("upper filesystem cannot store trusted.* xattrs "
-                             f"({e.strerror}); run as root on ext4, xfs, btrfs or tmpfs",
-                             e.errno) from None
-        try:
-            sysio.mknod(wfd, name + ".wh", stat.S_IFCHR, 0)
-        except OSError as e:
-            raise MountError(f"upper filesystem refuses whiteouts (mknod 0/0: {e.strerror})",
-                             e.errno) from None
+        prefix = USER
+        if not userxattr:
+            try:
+                sysio.setxattr(wfd, name, TRUSTED + "opaque", b"y")
+                prefix = TRUSTED
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EACCES, errno.EOPNOTSUPP):
+                    raise
+        if prefix == USER:
+            try:
+                sysio.setxattr(wfd, name, USER + "opaque", b"y")
+            except OSError as e:
+                raise MountError("upper filesystem cannot store trusted.* or user.* xattrs "
+                                 f"({e.strerror}); use ext4, xfs, btrfs or tmpfs",
+                                 e.errno or errno.EIO) from None
+        form = CHARDEV if _whiteouts_allowed(wfd, name) else (OCI if oci else XATTR)
+        if form == XATTR:
+            try:
+                fd = sysio.open_at(wfd, name + ".x", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0)
+                os.close(fd)
+                sysio.setxattr(wfd, name + ".x", prefix + "whiteout", b"")
+            except OSError:
+                form = OCI
+        # A layer we write .wh. files into must be read that way too.
+        return Dialect(prefix, form, oci or form == OCI)
+    except OSError as e:
+        raise MountError(f"cannot probe the upper filesystem in work directory: {e.strerror}",
+                         e.errno or errno.EIO) from None
     finally:
-        remove_tree_at(wfd, name)
-        remove_tree_at(wfd, name + ".wh")
+        for leftover in (name, name + ".wh", name + ".f", name + ".g", name + ".x"):
+            try:
+                remove_tree_at(wfd, leftover)
+            except OSError:
+                pass
+
+
+def _whiteouts_allowed(wfd: int, name: str) -> bool:
+    try:
+        sysio.mknod(wfd, name + ".wh", stat.S_IFCHR, 0)
+        os.close(sysio.open_at(wfd, name + ".f", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        sysio.renameat2(wfd, name + ".f", wfd, name + ".g", sysio.RENAME_WHITEOUT)
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EACCES, errno.EINVAL, errno.EOPNOTSUPP):
+            return False
+        raise
+    return True

@@ -5,8 +5,9 @@ from __future__ import annotations
 import stat
 from dataclasses import dataclass
 
-from unionfs import sysio, whiteout
+from unionfs import sysio
 from unionfs.layers import Layer, LayerStack
+from unionfs.whiteout import WH_PREFIX, is_whiteout_stat
 
 
 @dataclass(slots=True)
@@ -20,6 +21,7 @@ def list_merged(stack: LayerStack, path: str, dirs: list[Layer]) -> list[Entry]:
     """Entries of the merged directory in the kernel's order: the lowest layer's
     entries first, then those that appear only in higher layers, top down.
     The first occurrence of a name wins; whiteouts stay in as hidden slots."""
+    dialect = stack.dialect
     seen: set[str] = set()
     per_layer: list[list[Entry]] = []
     for layer in dirs:
@@ -27,18 +29,33 @@ def list_merged(stack: LayerStack, path: str, dirs: list[Layer]) -> list[Entry]:
         if dfd is None:
             per_layer.append([])
             continue
-        # Xattr whiteouts are hidden from listings only below an opaque="x" marker.
-        xwhiteouts = sysio.fd_getxattr_or_none(dfd, whiteout.OPAQUE) == b"x"
+        # Xattr whiteouts are hidden from listings only below an opaque="x" marker
+        # (kernel rule); a reader of OCI forms hides them everywhere, as lookup does.
+        xwhiteouts = dialect.oci or dialect.lists_xattr_whiteouts(dfd)
         new: list[Entry] = []
-        for name, kind, _ in sysio.scandir_fd(dfd):
+        listing = sysio.scandir_fd(dfd)
+        if dialect.oci:
+            # ".wh.NAME" hides NAME below this layer, as a whiteout would; the marker
+            # files themselves never show.  The layer's own NAME (if any) still counts.
+            for name, _, _ in listing:
+                if name.startswith(WH_PREFIX):
+                    seen.add(name)
+            names = {n for n, _, _ in listing}
+            for name, _, _ in listing:
+                target = name[len(WH_PREFIX):]
+                if name.startswith(WH_PREFIX) and target and target not in seen \
+                        and target not in names and not target.startswith(WH_PREFIX):
+                    seen.add(target)
+                    new.append(Entry(target, layer, True))
+        for name, kind, _ in listing:
             if name in seen:
                 continue
             seen.add(name)
             hidden = False
             if kind == 0 or (xwhiteouts and kind == stat.S_IFREG):
                 st = sysio.lstat_or_none(dfd, name)
-                hidden = st is None or (whiteout.is_whiteout(dfd, name, st) if xwhiteouts
-                                        else whiteout.is_whiteout_stat(st))
+                hidden = st is None or (dialect.is_whiteout(dfd, name, st) if xwhiteouts
+                                        else is_whiteout_stat(st))
             new.append(Entry(name, layer, hidden))
         per_layer.append(new)
     if len(per_layer) == 1:

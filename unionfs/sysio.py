@@ -92,6 +92,17 @@ def open_at(dirfd: int, name: str, flags: int, mode: int = 0o600) -> int:
     return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
 
 
+def open_noatime(dirfd: int, name: str, flags: int) -> int:
+    """Open without touching the atime where we may: O_NOATIME needs ownership of
+    the file or CAP_FOWNER, which a rootless mount often lacks for lower files."""
+    try:
+        return open_at(dirfd, name, flags | os.O_NOATIME)
+    except PermissionError as e:
+        if e.errno != errno.EPERM:
+            raise
+        return open_at(dirfd, name, flags)
+
+
 def open_path(dirfd: int, name: str) -> int:
     """O_PATH fd to the object itself (a symlink is not followed)."""
     return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)

@@ -1,7 +1,19 @@
 """On-disk markers: whiteouts, opaque directories and the private xattr namespace.
 
-The formats are the kernel's (overlay-semantics §3, §4, §10), so that an UPPER
-written here mounts under kernel overlayfs and the reverse.
+All of it is one ``Dialect``, chosen once at mount (probe.py) and used by
+lookup, readdir, copy-up and dirops alike, so no module tests a prefix of its own.
+
+- The private prefix: ``trusted.overlay.`` (the kernel's default, needs
+  CAP_SYS_ADMIN) or ``user.overlay.`` (the kernel's ``userxattr`` format, for
+  rootless mounts).  User names under it are stored escaped with one more
+  ``overlay.`` (kernel 6.7+), so they can never be mistaken for our markers.
+- How we write a whiteout: a 0/0 char device (the kernel's form; mknod of 0/0 is
+  unprivileged since Linux 5.8), else the kernel's xattr whiteout (an empty file
+  with ``P.whiteout``; kernels 6.7+ read it), else an OCI ``.wh.NAME`` file.
+- What we read: the kernel's forms in the dialect's prefix, and with ``oci``
+  also every form container tools write: ``.wh.NAME``, ``.wh..wh..opq`` and the
+  opaque marks of the other prefix and of fuse-overlayfs.  The kernel ignores
+  those, so ``oci`` is off where kernel-exact behaviour is asked for.
 """
 
 from __future__ import annotations
@@ -9,67 +21,202 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from dataclasses import dataclass, field
 
 from unionfs import sysio
 from unionfs.errors import oserror
 
-PRIVATE = "trusted.overlay."
-OPAQUE = PRIVATE + "opaque"
-XATTR_WHITEOUT = PRIVATE + "whiteout"
-# Names a user sets under the private prefix are stored with one more "overlay."
-# (kernel 6.7+), so they can never be mistaken for our own markers.
-ESCAPED = PRIVATE + "overlay."
+TRUSTED = "trusted.overlay."
+USER = "user.overlay."
+FUSE_OVERLAYFS = "user.fuseoverlayfs."
 XATTR_NAME_MAX = 255
+
+WH_PREFIX = ".wh."
+WH_OPAQUE = ".wh..wh..opq"  # in a directory: the directory is opaque
+
+# How a whiteout is written (Dialect.form).
+CHARDEV, XATTR, OCI = "chardev", "xattr", "oci"
 
 
 def is_whiteout_stat(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def is_whiteout(dirfd: int, name: str, st: os.stat_result) -> bool:
-    """A 0/0 char device, or (read-only support, kernel 6.7+) an empty regular
-    file carrying ``trusted.overlay.whiteout``."""
-    if is_whiteout_stat(st):
-        return True
-    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
-        return sysio.getxattr_or_none(dirfd, name, XATTR_WHITEOUT) is not None
-    return False
+@dataclass(frozen=True)
+class Dialect:
+    prefix: str = TRUSTED
+    form: str = CHARDEV
+    oci: bool = False  # read .wh. files and the other tools' opaque marks
+    # The private namespaces whose names are markers, never data shown to users.
+    foreign: tuple[str, ...] = field(init=False)
 
+    def __post_init__(self) -> None:
+        other = USER if self.prefix == TRUSTED else TRUSTED
+        object.__setattr__(self, "foreign", (other, FUSE_OVERLAYFS) if self.oci else ())
 
-def opaque_value(dirfd: int, name: str) -> bytes | None:
-    return sysio.getxattr_or_none(dirfd, name, OPAQUE)
+    @property
+    def opaque(self) -> str:
+        return self.prefix + "opaque"
 
+    @property
+    def xattr_whiteout(self) -> str:
+        return self.prefix + "whiteout"
 
-def is_opaque(dirfd: int, name: str) -> bool:
-    return opaque_value(dirfd, name) == b"y"
+    @property
+    def escaped(self) -> str:
+        return self.prefix + "overlay."
 
+    def describe(self) -> str:
+        wh = {CHARDEV: "0/0 char devices", XATTR: f"empty files with {self.xattr_whiteout}",
+              OCI: ".wh.NAME files"}[self.form]
+        return (f"xattrs {self.prefix}*, whiteouts written as {wh}, reading "
+                + ("OCI .wh. whiteouts too" if self.oci else "kernel formats only"))
 
-def make_whiteout(dirfd: int, name: str) -> None:
-    sysio.mknod(dirfd, name, stat.S_IFCHR, 0)
+    # -- reading -------------------------------------------------------------------
+    def hides_name(self, name: str) -> bool:
+        """A name that is a marker in this dialect: never shown, never creatable."""
+        return self.oci and name.startswith(WH_PREFIX)
 
+    def is_whiteout(self, dirfd: int, name: str, st: os.stat_result) -> bool:
+        """Is the object ``name`` (already lstat'ed) itself a whiteout?"""
+        if is_whiteout_stat(st):
+            return True
+        if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+            if sysio.getxattr_or_none(dirfd, name, self.xattr_whiteout) is not None:
+                return True
+            return bool(self.foreign) and \
+                sysio.getxattr_or_none(dirfd, name, self.foreign[0] + "whiteout") is not None
+        return False
 
-def set_opaque(dirfd: int, name: str) -> None:
-    sysio.setxattr(dirfd, name, OPAQUE, b"y")
+    def whited_out_by_file(self, dirfd: int, name: str) -> bool:
+        """An OCI ``.wh.NAME`` beside ``name`` hides it in the layers below."""
+        return self.oci and len(name) + 4 <= 255 and \
+            sysio.lstat_or_none(dirfd, WH_PREFIX + name) is not None
 
+    def is_opaque(self, dirfd: int, name: str) -> bool:
+        """Does directory ``name`` hide the directories below it?"""
+        if not self.oci:
+            return sysio.getxattr_or_none(dirfd, name, self.opaque) == b"y"
+        names = sysio.listxattr(dirfd, name)
+        for attr in (self.opaque, *(p + "opaque" for p in self.foreign)):
+            if attr in names:
+                value = sysio.getxattr_or_none(dirfd, name, attr) or b""
+                if value == b"y" or (attr.startswith(FUSE_OVERLAYFS) and value[:1] == b"y"):
+                    return True
+        sub = sysio.open_path(dirfd, name)
+        try:
+            return sysio.lstat_or_none(sub, WH_OPAQUE) is not None
+        finally:
+            os.close(sub)
 
-def is_private(real_name: str) -> bool:
-    return real_name.startswith(PRIVATE)
+    def lists_xattr_whiteouts(self, dirfd: int) -> bool:
+        """The kernel hides xattr whiteouts from a listing only below ``opaque=x``."""
+        return sysio.fd_getxattr_or_none(dirfd, self.opaque) == b"x"
 
+    # -- writing -------------------------------------------------------------------
+    def make_whiteout(self, dirfd: int, name: str, workfd: int, tmp: str) -> None:
+        """A whiteout at ``name``, where nothing is (``tmp`` is a free name in work)."""
+        if self.form == CHARDEV:
+            sysio.mknod(dirfd, name, stat.S_IFCHR, 0)
+        elif self.form == XATTR:
+            self._xattr_whiteout_in(workfd, tmp)
+            try:
+                sysio.renameat2(workfd, tmp, dirfd, name, sysio.RENAME_NOREPLACE)
+            except BaseException:
+                sysio.unlink(workfd, tmp)
+                raise
+            self._mark_xattr_whiteouts(dirfd)
+        else:
+            self._oci_whiteout(dirfd, name)
 
-def to_real_xattr(name: str) -> str:
-    """The on-disk name for an xattr name given through the mount."""
-    if name.startswith(PRIVATE):
-        real = ESCAPED + name[len(PRIVATE):]
-        if len(os.fsencode(real)) > XATTR_NAME_MAX:
-            raise oserror(errno.EOPNOTSUPP)
+    def replace_with_whiteout(self, dirfd: int, name: str, workfd: int, tmp: str) -> None:
+        """Move the object at ``name`` to ``tmp`` in work, leaving a whiteout at ``name``
+        with no moment where the layers below show through."""
+        if self.form == CHARDEV:
+            sysio.renameat2(dirfd, name, workfd, tmp, sysio.RENAME_WHITEOUT)
+        elif self.form == XATTR:
+            self._xattr_whiteout_in(workfd, tmp)
+            sysio.renameat2(workfd, tmp, dirfd, name, sysio.RENAME_EXCHANGE)
+            self._mark_xattr_whiteouts(dirfd)
+        else:
+            self._oci_whiteout(dirfd, name)  # first: NAME is hidden from here on
+            sysio.renameat2(dirfd, name, workfd, tmp)
+
+    def upper_whiteout(self, dirfd: int, name: str) -> bool:
+        """Is ``name`` whited out in this (upper) directory, in any form we read?"""
+        st = sysio.lstat_or_none(dirfd, name)
+        if st is not None:
+            return self.is_whiteout(dirfd, name, st)
+        return self.whited_out_by_file(dirfd, name)
+
+    def drop_file_whiteout(self, dirfd: int, name: str) -> None:
+        """After a new ``name`` went in: an OCI ``.wh.NAME`` beside it must go too, or
+        the name would vanish again under a reader that applies it (fuse-overlayfs #279)."""
+        if self.oci or self.form == OCI:
+            try:
+                sysio.unlink(dirfd, WH_PREFIX + name)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                if e.errno != errno.ENAMETOOLONG:
+                    raise
+
+    def set_opaque(self, dirfd: int, name: str) -> None:
+        sysio.setxattr(dirfd, name, self.opaque, b"y")
+        if self.form == OCI:
+            # Readers of .wh. files (containers-storage) may not read our xattr.
+            sub = sysio.open_dir_beneath(dirfd, name)
+            try:
+                self._oci_file(sub, WH_OPAQUE)
+            finally:
+                os.close(sub)
+
+    def _xattr_whiteout_in(self, workfd: int, tmp: str) -> None:
+        os.close(sysio.open_at(workfd, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0))
+        sysio.setxattr(workfd, tmp, self.xattr_whiteout, b"")
+
+    def _mark_xattr_whiteouts(self, dirfd: int) -> None:
+        # "x" keeps the kernel from listing the whiteout; it must not override "y".
+        if sysio.fd_getxattr_or_none(dirfd, self.opaque) is None:
+            os.setxattr(sysio.proc_fd(dirfd), self.opaque, b"x")
+
+    def _oci_whiteout(self, dirfd: int, name: str) -> None:
+        if len(os.fsencode(name)) + len(WH_PREFIX) > 255:
+            raise oserror(errno.ENAMETOOLONG, name)
+        self._oci_file(dirfd, WH_PREFIX + name)
+
+    @staticmethod
+    def _oci_file(dirfd: int, name: str) -> None:
+        try:
+            os.close(sysio.open_at(dirfd, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0))
+        except FileExistsError:
+            pass
+
+    # -- private xattr names -----------------------------------------------------------
+    def is_private(self, real: str) -> bool:
+        """A marker (ours or another tool's), not data: never copied up, never shown."""
+        if real.startswith(self.escaped):
+            return False
+        return real.startswith(self.prefix) or real.startswith(self.foreign)
+
+    def to_real_xattr(self, name: str) -> str:
+        """The on-disk name for an xattr name given through the mount."""
+        if name.startswith(self.prefix):
+            real = self.escaped + name[len(self.prefix):]
+            if len(os.fsencode(real)) > XATTR_NAME_MAX:
+                raise oserror(errno.EOPNOTSUPP)
+            return real
+        if self.foreign and name.startswith(self.foreign):
+            raise oserror(errno.EPERM)  # another tool's marker: not ours to change
+        return name
+
+    def to_visible_xattr(self, real: str) -> str | None:
+        """The name shown through the mount for an on-disk xattr, None if private."""
+        if real.startswith(self.escaped):
+            return self.prefix + real[len(self.escaped):]
+        if self.is_private(real):
+            return None
         return real
-    return name
 
 
-def to_visible_xattr(real: str) -> str | None:
-    """The name shown through the mount for an on-disk xattr, None if private."""
-    if real.startswith(ESCAPED):
-        return PRIVATE + real[len(ESCAPED):]
-    if real.startswith(PRIVATE):
-        return None
-    return real
+KERNEL = Dialect()
