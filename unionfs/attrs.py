@@ -11,6 +11,7 @@ from unionfs import sysio
 from unionfs.copyup import copy_up
 from unionfs.errors import oserror
 from unionfs.inodes import Inode
+from unionfs.lookup import Resolution
 from unionfs.state import State
 
 
@@ -34,6 +35,63 @@ def nlink_of(node: Inode, st: os.stat_result) -> int:
         return 0  # removed, and only its remembered attributes are left
     # A merged directory's link count means nothing: the kernel reports 1.
     return 1 if node.is_dir and node.merged else st.st_nlink
+
+
+def real_path(fs: State, node: Inode) -> str | int:
+    """What the os.*xattr calls take for the topmost real object: a path that doesn't follow
+    the object if it is a symlink, or the fd of an open file whose names are all gone."""
+    if node.gone:
+        return open_fd(node)
+    if node.parent is None:
+        return sysio.at_path(node.layer.fd, ".")
+    return sysio.at_path(fs.stack.dirfd(node.layer, node.parent_path), node.name)
+
+
+# -- owners and modes as shown (uidmapping=, squash_to_*, xattr_permissions=) ----------
+
+def _override(fs: State, target: str | int) -> tuple[int, int, int] | None:
+    assert fs.override_xattr is not None
+    try:
+        raw = os.getxattr(target, fs.override_xattr, follow_symlinks=isinstance(target, int))
+    except OSError:
+        return None
+    fields = raw.decode("ascii", "replace").split(":")
+    try:
+        return int(fields[0]), int(fields[1]), int(fields[2], 8)
+    except (IndexError, ValueError):
+        return None  # a damaged value: show the real owner rather than fail
+
+
+def shown_owner(fs: State, node: Inode, st: os.stat_result) -> tuple[int, int, int]:
+    """(st_mode, st_uid, st_gid) as the mount shows them."""
+    mode, uid, gid = st.st_mode, st.st_uid, st.st_gid
+    if fs.override_xattr is not None and (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        try:
+            found = _override(fs, real_path(fs, node))
+        except OSError:
+            found = None
+        if found is not None:
+            uid, gid = found[0], found[1]
+            mode = stat.S_IFMT(mode) | stat.S_IMODE(found[2])
+    owners = fs.owners
+    if not owners.identity:
+        uid, gid = owners.uid.shown(uid), owners.gid.shown(gid)
+    return mode, uid, gid
+
+
+def _write_override(fs: State, target: str | int, uid: int, gid: int, mode: int) -> None:
+    assert fs.override_xattr is not None
+    os.setxattr(target, fs.override_xattr, f"{uid}:{gid}:{stat.S_IMODE(mode):o}".encode(),
+                follow_symlinks=isinstance(target, int))
+
+
+def record_owner(fs: State, parent: Inode, name: str, res: Resolution, uid: int, gid: int,
+                 mode: int) -> None:
+    """xattr_permissions: a new object's owner and mode live in the override xattr."""
+    if not (res.is_dir or stat.S_ISREG(res.st.st_mode)):
+        return
+    target = sysio.at_path(fs.stack.dirfd(fs.upper, parent.path), name)
+    _write_override(fs, target, uid, gid, mode)
 
 
 @dataclass
@@ -82,6 +140,18 @@ async def setattr(fs: State, node: Inode, ch: AttrChange) -> None:
         return
     # Even a change of nothing (chown(f, -1, -1)) copies up, as in the kernel.
     await copy_up(fs, node, data=ch.size != 0)
+    if fs.owners.squashed:
+        ch.uid = ch.gid = None  # squashed owners can't be changed, and don't fail
+    if fs.override_xattr is not None and (ch.uid is not None or ch.gid is not None
+                                          or ch.mode is not None) \
+            and (node.is_dir or stat.S_ISREG(node.mode)):
+        target = real_path(fs, node)
+        st = real_stat(fs, node)
+        cur = _override(fs, target) or (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+        _write_override(fs, target, cur[0] if ch.uid is None else ch.uid,
+                        cur[1] if ch.gid is None else ch.gid,
+                        cur[2] if ch.mode is None else ch.mode)
+        ch.uid = ch.gid = ch.mode = None  # kept in the xattr, not on the real file
     if not ch.any_change:
         return
     dfd = fs.stack.dirfd(fs.upper, node.parent_path) if node.parent is not None else None

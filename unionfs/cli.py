@@ -10,7 +10,7 @@ import sys
 from typing import NoReturn
 
 from unionfs import __version__
-from unionfs.config import MountConfig, parse_options, split_lowerdir
+from unionfs.config import MountConfig, apply_options, parse_options, split_lowerdir
 from unionfs.errors import MountError
 
 PROG = "pyunionfs"
@@ -32,6 +32,8 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
                    "foreground, syslog in the background)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
                    help="comma-separated options: lowerdir=, upperdir=, workdir=, "
+                   "userxattr, whiteouts=kernel|oci, volatile, uidmapping=, gidmapping=, "
+                   "squash_to_root, squash_to_uid=, squash_to_gid=, xattr_permissions=, "
                    "fsname=, and libfuse/mount words (ro, allow_other, noatime, ...)")
 
 
@@ -55,18 +57,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _helper_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, usage=f"{PROG} SOURCE MOUNTPOINT -o lowerdir=...[,upperdir=...,"
-                "workdir=...]")
+    """fuse-overlayfs's command line (``PROG -o OPTS MERGED``, as containers-storage runs
+    a mount_program) and mount(8)'s helper form (``PROG SOURCE MERGED -o OPTS``)."""
+    p = _Parser(prog=PROG, usage=f"{PROG} [-f] [-d] -o lowerdir=...[,upperdir=...,"
+                "workdir=...] [SOURCE] MOUNTPOINT")
+    p.add_argument("-V", "--version", action="version", version=f"{PROG} {__version__}")
     _add_mount_options(p)
-    p.add_argument("source")
-    p.add_argument("mountpoint")
+    p.add_argument("paths", nargs="+", metavar="PATH", help=argparse.SUPPRESS)
     return p
 
 
 def config_from_args(paths: list[str], options: list[str], args: argparse.Namespace,
-                     fsname: str | None = None) -> MountConfig:
-    ours, fuse = parse_options(options)
+                     fsname: str | None = None, strict: bool = True) -> MountConfig:
+    parsed = parse_options(options, strict=strict)
+    ours, fuse = parsed.ours, parsed.fuse
+    if parsed.unknown:
+        print(f"{PROG}: warning: ignoring unknown options: {', '.join(parsed.unknown)}",
+              file=sys.stderr)
     lowers = upper = work = None
+    if not strict and "lowerdir" not in ours:
+        raise MountError("missing option -o lowerdir=...")
     if "lowerdir" in ours:
         if len(paths) != 1:
             raise MountError("with -o lowerdir=... give only the mount point")
@@ -83,6 +93,11 @@ def config_from_args(paths: list[str], options: list[str], args: argparse.Namesp
                       foreground=args.foreground or (args.debug and not args.log),
                       debug=args.debug, debug_fuse=args.debug_fuse, log=args.log,
                       fuse_options=fuse)
+    if not strict:
+        # The mount-program forms speak fuse-overlayfs's dialect: containers-storage
+        # writes layers with .wh. files for them and passes no option to say so.
+        cfg.whiteouts = "oci"
+    apply_options(cfg, ours)
     for o in fuse:
         if o.startswith("fsname="):
             cfg.fsname = o.split("=", 1)[1]
@@ -126,10 +141,15 @@ def _umount(merged: str, lazy: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] not in ("mount", "umount") and not argv[0].startswith("-"):
-            # mount(8) -> mount.fuse3 -> "pyunionfs SOURCE MOUNTPOINT -o OPTS"
+        if argv and argv[0] not in ("mount", "umount", "--version", "-h", "--help"):
+            # "pyunionfs -o OPTS MERGED" (a mount_program), or mount(8) -> mount.fuse3 ->
+            # "pyunionfs SOURCE MOUNTPOINT -o OPTS"
             args = _helper_parser().parse_args(argv)
-            cfg = config_from_args([args.mountpoint], args.options, args, fsname=args.source)
+            if len(args.paths) > 2:
+                raise MountError("expected [SOURCE] MOUNTPOINT with -o lowerdir=...")
+            source = args.paths[0] if len(args.paths) == 2 else None
+            cfg = config_from_args(args.paths[-1:], args.options, args, fsname=source,
+                                   strict=False)
             return _mount(cfg)
         args = build_parser().parse_args(argv)
         if args.cmd == "umount":

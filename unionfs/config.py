@@ -8,6 +8,7 @@ import stat
 from dataclasses import dataclass, field
 
 from unionfs.errors import MountError
+from unionfs.idmap import IdMap, Owners, parse_mapping
 
 # libfuse options that pyfuse3.init() accepts; generic mount(8) words outside this
 # list ("defaults", "rw", "auto", ...) are dropped silently, as mount helpers must.
@@ -17,10 +18,17 @@ FUSE_PASSTHROUGH = {
     "nodiratime", "relatime", "norelatime", "strictatime", "nostrictatime", "lazytime",
     "nolazytime",
 }
-FUSE_PASSTHROUGH_PREFIXES = ("fsname=", "context=", "fscontext=", "defcontext=",
-                             "rootcontext=")
+FUSE_PASSTHROUGH_PREFIXES = ("fsname=",)
 SILENTLY_IGNORED = {"defaults", "rw", "auto", "noauto", "user", "users", "nouser", "nofail",
                     "_netdev"}
+# SELinux labels: containers-storage always passes one; a label on a FUSE mount needs
+# policy support we can't assume, so, like fuse-overlayfs, we accept and ignore them.
+IGNORED_PREFIXES = ("context=", "fscontext=", "defcontext=", "rootcontext=", "x-")
+# fuse-overlayfs options that change nothing here (our defaults already are what they
+# ask for, or they tune fuse-overlayfs internals).
+PEER_NOOPS = {"noacl", "static_nlink", "threaded", "fast_ino", "writeback", "timeout",
+              "redirect_dir", "ino32_t", "xino", "plugins", "noxattrs", "debug"}
+WHITEOUT_MODES = ("kernel", "oci")
 
 
 @dataclass
@@ -35,6 +43,11 @@ class MountConfig:
     log: str | None = None
     fuse_options: list[str] = field(default_factory=list)
     fsname: str = "pyunionfs"
+    userxattr: bool = False  # user.overlay.* even where trusted.* would work
+    whiteouts: str = "kernel"  # also read OCI .wh. whiteouts ("oci")
+    volatile: bool = False  # fsync is a no-op
+    owners: Owners = field(default_factory=Owners)
+    xattr_permissions: int = 0  # 2: owner/mode kept in user.containers.override_stat
 
     @property
     def readonly(self) -> bool:
@@ -64,39 +77,94 @@ def split_lowerdir(spec: str) -> list[str]:
     return parts
 
 
-def parse_options(opts: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Split ``-o`` values into our own keys and libfuse options to pass on."""
-    ours: dict[str, str] = {}
-    fuse: list[str] = []
+OUR_KEYS = ("lowerdir", "upperdir", "workdir", "whiteouts", "uidmapping", "gidmapping",
+            "squash_to_uid", "squash_to_gid", "xattr_permissions", "fsync")
+OUR_FLAGS = ("userxattr", "volatile", "squash_to_root")
+
+
+@dataclass
+class Options:
+    """What ``-o`` said: our own keys and flags, libfuse words, words we ignored."""
+
+    ours: dict[str, str] = field(default_factory=dict)
+    fuse: list[str] = field(default_factory=list)
+    unknown: list[str] = field(default_factory=list)
+
+
+def parse_options(opts: list[str], strict: bool = True) -> Options:
+    """Split ``-o`` values into our own keys and libfuse options to pass on.  With
+    ``strict`` an unknown word is an error; otherwise (fuse-overlayfs's command line)
+    it is listed in ``unknown`` for a warning."""
+    out = Options()
     for group in opts:
         for word in _split_commas(group):
             if not word:
-                continue
+                continue  # containers-storage may send ",,"
             key, eq, value = word.partition("=")
-            if key in ("lowerdir", "upperdir", "workdir"):
-                ours[key] = value
+            if (eq and key in OUR_KEYS) or (not eq and word in OUR_FLAGS):
+                out.ours[key] = value
             elif word in FUSE_PASSTHROUGH or word.startswith(FUSE_PASSTHROUGH_PREFIXES):
-                fuse.append(word)
-            elif word in SILENTLY_IGNORED or word.startswith("x-"):
+                out.fuse.append(word)
+            elif word in SILENTLY_IGNORED or word.startswith(IGNORED_PREFIXES):
                 continue
-            else:
+            elif key in PEER_NOOPS and not strict:
+                continue
+            elif strict:
                 raise MountError(f"unknown option '{word}'")
-    return ours, fuse
+            else:
+                out.unknown.append(word)
+    return out
+
+
+def apply_options(cfg: MountConfig, ours: dict[str, str]) -> None:
+    """Our own option keys onto ``cfg``; bad values are one-line errors."""
+    if "userxattr" in ours:
+        cfg.userxattr = True
+    if "whiteouts" in ours:
+        if ours["whiteouts"] not in WHITEOUT_MODES:
+            raise MountError(f"whiteouts={ours['whiteouts']}: expected one of "
+                             + ", ".join(WHITEOUT_MODES))
+        cfg.whiteouts = ours["whiteouts"]
+    if "volatile" in ours or ours.get("fsync") == "0":
+        cfg.volatile = True
+    if "uidmapping" in ours:
+        cfg.owners.uid = IdMap(parse_mapping(ours["uidmapping"], "uidmapping"))
+    if "gidmapping" in ours:
+        cfg.owners.gid = IdMap(parse_mapping(ours["gidmapping"], "gidmapping"))
+    # squash_to_uid/gid take precedence over squash_to_root, as in fuse-overlayfs.
+    for key, idmap, default in (("squash_to_uid", cfg.owners.uid, 0),
+                                ("squash_to_gid", cfg.owners.gid, 0)):
+        value = ours.get(key)
+        if value is None and "squash_to_root" in ours:
+            value = str(default)
+        if value is not None:
+            if not value.isdigit():
+                raise MountError(f"{key}={value}: expected a number")
+            idmap.squash = int(value)
+    if "xattr_permissions" in ours:
+        value = ours["xattr_permissions"]
+        if value not in ("0", "1", "2"):
+            raise MountError(f"xattr_permissions={value}: expected 0, 1 or 2")
+        cfg.xattr_permissions = int(value)
 
 
 def _split_commas(s: str) -> list[str]:
-    # A lowerdir value may itself hold an escaped comma ("\,").
-    out, cur, i = [], [], 0
+    # A lowerdir value may itself hold an escaped comma ("\,"), and a quoted value
+    # (containers-storage's context="a,b") commas of its own.
+    out, cur, i, quoted = [], [], 0, False
     while i < len(s):
-        if s[i] == "\\" and i + 1 < len(s) and s[i + 1] == ",":
+        c = s[i]
+        if c == "\\" and i + 1 < len(s) and s[i + 1] == ",":
             cur.append(",")
             i += 2
             continue
-        if s[i] == ",":
+        if c == '"':
+            quoted = not quoted
+        if c == "," and not quoted:
             out.append("".join(cur))
             cur = []
         else:
-            cur.append(s[i])
+            cur.append(c)
         i += 1
     out.append("".join(cur))
     return out

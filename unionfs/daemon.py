@@ -22,7 +22,7 @@ from unionfs.inodes import InodeTable
 from unionfs.layers import LayerStack
 from unionfs.lookup import root_resolution
 from unionfs.ops import Operations
-from unionfs.probe import prepare_workdir
+from unionfs.probe import cleanup_workdir, prepare_workdir
 from unionfs.state import State
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,16 @@ def prepare(cfg: MountConfig) -> State:
     except OSError as e:
         raise MountError(f"cannot open layer '{e.filename}': {e.strerror}",
                          e.errno or errno.EIO) from None
-    prepare_workdir(stack)
-    return State(stack, InodeTable(root_resolution(stack)))
+    try:
+        prepare_workdir(stack, cfg.userxattr, cfg.whiteouts)
+    except BaseException:
+        stack.close()
+        raise
+    log.info("on-disk dialect: %s", stack.dialect.describe())
+    override = {1: "security.fuseoverlayfs.override_stat",
+                2: "user.containers.override_stat"}.get(cfg.xattr_permissions)
+    return State(stack, InodeTable(root_resolution(stack)), owners=cfg.owners,
+                 volatile=cfg.volatile, override_xattr=override)
 
 
 def mount(cfg: MountConfig) -> int:
@@ -67,7 +75,8 @@ def mount(cfg: MountConfig) -> int:
     try:
         pyfuse3.init(ops, cfg.merged, fuse_options(cfg))
     except RuntimeError as e:
-        raise MountError(f"cannot mount on '{cfg.merged}': {e}") from None
+        cleanup_workdir(fs.stack)
+        raise MountError(f"cannot mount on '{cfg.merged}': {e} ({_mount_hint()})") from None
     if cfg.foreground:
         return serve(None)
     read_end, write_end = os.pipe()
@@ -84,6 +93,14 @@ def mount(cfg: MountConfig) -> int:
         os.dup2(devnull, fd)
     os.close(devnull)
     os._exit(serve(write_end))
+
+
+def _mount_hint() -> str:
+    if os.geteuid() == 0:
+        return "is /dev/fuse there and the mount point not in use?"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return "this user may not open /dev/fuse"
+    return "fusermount3 refused; see its message above"
 
 
 def _wait_ready(read_end: int, merged: str) -> int:

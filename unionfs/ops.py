@@ -94,10 +94,8 @@ class Operations(pyfuse3.Operations):
         e.generation = 0
         e.entry_timeout = TIMEOUT
         e.attr_timeout = TIMEOUT
-        e.st_mode = st.st_mode
         e.st_nlink = attrs.nlink_of(node, st)
-        e.st_uid = st.st_uid
-        e.st_gid = st.st_gid
+        e.st_mode, e.st_uid, e.st_gid = attrs.shown_owner(self.fs, node, st)
         e.st_rdev = st.st_rdev
         e.st_size = st.st_size
         e.st_blksize = st.st_blksize
@@ -106,6 +104,17 @@ class Operations(pyfuse3.Operations):
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
         return e
+
+    def _caller(self, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
+        """The caller's ids as stored on disk."""
+        owners = self.fs.owners
+        return owners.uid.disk(ctx.uid, strict=False), owners.gid.disk(ctx.gid, strict=False)
+
+    def _created(self, parent: Inode, name: str, res: lookup.Resolution, mode: int,
+                 ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if self.fs.override_xattr is not None:
+            attrs.record_owner(self.fs, parent, name, res, ctx.uid, ctx.gid, mode)
+        return self._entry(parent, name, res)
 
     def _entry(self, parent: Inode, name: str, res: lookup.Resolution) -> pyfuse3.EntryAttributes:
         node = self.fs.inodes.bind(parent, name, res)
@@ -138,11 +147,12 @@ class Operations(pyfuse3.Operations):
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
+        owners = self.fs.owners
         ch = attrs.AttrChange(
             size=attr.st_size if fields.update_size else None,
             mode=attr.st_mode if fields.update_mode else None,
-            uid=attr.st_uid if fields.update_uid else None,
-            gid=attr.st_gid if fields.update_gid else None,
+            uid=owners.uid.disk(attr.st_uid) if fields.update_uid else None,
+            gid=owners.gid.disk(attr.st_gid) if fields.update_gid else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
         )
@@ -231,23 +241,23 @@ class Operations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent, sname = self._node(parent_inode), _name(name)
-        res = await dirops.mkdir(self.fs, parent, sname, mode, ctx.uid, ctx.gid)
-        return self._entry(parent, sname, res)
+        res = await dirops.mkdir(self.fs, parent, sname, mode, *self._caller(ctx))
+        return self._created(parent, sname, res, mode, ctx)
 
     @_guard
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent, sname = self._node(parent_inode), _name(name)
-        res = await dirops.mknod(self.fs, parent, sname, mode, rdev, ctx.uid, ctx.gid)
-        return self._entry(parent, sname, res)
+        res = await dirops.mknod(self.fs, parent, sname, mode, rdev, *self._caller(ctx))
+        return self._created(parent, sname, res, mode, ctx)
 
     @_guard
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent, sname = self._node(parent_inode), _name(name)
-        res = await dirops.symlink(self.fs, parent, sname, os.fsdecode(target), ctx.uid,
-                                   ctx.gid)
-        return self._entry(parent, sname, res)
+        res = await dirops.symlink(self.fs, parent, sname, os.fsdecode(target),
+                                   *self._caller(ctx))
+        return self._created(parent, sname, res, 0o777, ctx)
 
     @_guard
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
@@ -282,9 +292,11 @@ class Operations(pyfuse3.Operations):
             self.fs.check_writable()
             await copy_up(self.fs, node, data=not flags & os.O_TRUNC)
         oflags = flags & OPEN_FLAGS
-        if not node.in_upper:
-            oflags |= os.O_NOATIME  # reading a lower file leaves it untouched
-        fd = sysio.open_at(self.fs.stack.dirfd(node.layer, node.parent_path), node.name, oflags)
+        dfd = self.fs.stack.dirfd(node.layer, node.parent_path)
+        if node.in_upper:
+            fd = sysio.open_at(dfd, node.name, oflags)
+        else:
+            fd = sysio.open_noatime(dfd, node.name, oflags)  # a lower file stays untouched
         h = self.fs.handles.add_file(node, fd, oflags & ~os.O_TRUNC, node.layer)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True)
 
@@ -293,8 +305,8 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent, sname = self._node(parent_inode), _name(name)
-        res, fd = await dirops.create(self.fs, parent, sname, mode, flags, ctx.uid, ctx.gid)
-        entry = self._entry(parent, sname, res)
+        res, fd = await dirops.create(self.fs, parent, sname, mode, flags, *self._caller(ctx))
+        entry = self._created(parent, sname, res, mode, ctx)
         node = self.fs.inodes[entry.st_ino]
         h = self.fs.handles.add_file(node, fd, flags & os.O_ACCMODE, node.layer)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True), entry
@@ -318,6 +330,8 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def fsync(self, fh: int, datasync: bool) -> None:
+        if self.fs.volatile:
+            return  # -o volatile: the caller gave up durability for speed
         # A dup: a copy-up may switch (and close) the handle's fd while the thread runs.
         fd = os.dup(self.fs.handles.files[fh].fd)
         try:

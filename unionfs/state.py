@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 
 from unionfs.errors import oserror
 from unionfs.handles import HandleTable
+from unionfs.idmap import Owners
 from unionfs.inodes import InodeTable
 from unionfs.layers import Layer, LayerStack
+from unionfs.whiteout import Dialect
 
 
 @dataclass
@@ -16,6 +18,13 @@ class State:
     stack: LayerStack
     inodes: InodeTable
     handles: HandleTable = field(default_factory=lambda: HandleTable())
+    owners: Owners = field(default_factory=Owners)  # id translation at the edge
+    volatile: bool = False  # fsync does nothing
+    override_xattr: str | None = None  # owner/mode kept in this xattr (xattr_permissions)
+
+    @property
+    def dialect(self) -> Dialect:
+        return self.stack.dialect
 
     @property
     def upper(self) -> Layer:
