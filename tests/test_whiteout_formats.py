@@ -14,6 +14,7 @@ import os
 import stat
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from overlay_harness import (
@@ -207,3 +208,64 @@ def test_version_in_both_forms() -> None:
     for args in (["--version"], ["-V"]):
         r = _mount_program(args)
         assert r.returncode == 0 and r.stdout.startswith("pyunionfs "), (args, r)
+
+
+def _workload(m: Path) -> None:
+    """Deletes, renames and replaces: every way a whiteout or opaque mark gets written."""
+    os.unlink(m / "etc/kept")
+    os.rename(m / "etc/other", m / "etc/renamed")
+    for p in sorted((m / "usr").rglob("*"), reverse=True):
+        p.rmdir() if p.is_dir() else p.unlink()
+    (m / "usr").rmdir()
+    (m / "usr").mkdir()
+    (m / "usr/fresh").write_text("f")
+    (m / "var/new").write_text("again")
+    os.unlink(m / "var/new")
+
+
+STACK = [{"etc/kept": File("k"), "etc/other": File("o"), "usr/bin/y": File(),
+          "usr/lib/x": File(), "var/new": File("n")}, {"etc/base": File("b")}]
+
+
+@pytest.mark.parametrize("form", ["xattr", "oci"])
+def test_forced_whiteout_forms_mean_the_same_after_remount(make_stack, monkeypatch,
+                                                          form: str) -> None:
+    """What a filesystem that refuses 0/0 devices gets: xattr whiteouts, or .wh. files.
+    The view must survive a remount, and for xattr whiteouts the kernel must agree (it
+    reads them fully in lower layers, so the upper is given to it as the top lower)."""
+    paths = make_stack(STACK)
+    monkeypatch.setenv("PYUNIONFS_WRITE_WHITEOUTS", form)
+    with PyUnionMount(paths):
+        _workload(paths.merged)
+        view = snapshot_merged(paths.merged)
+    assert paths.upper is not None
+    upper = tree_of(paths.upper)
+    assert "chr" not in upper.values(), upper
+    if form == "oci":
+        assert upper.get("etc/.wh.kept") == "file" and upper.get("usr/.wh..wh..opq") == "file"
+    else:
+        assert os.getxattr(paths.upper / "etc/kept", "trusted.overlay.whiteout") == b""
+        assert os.getxattr(paths.upper / "etc", "trusted.overlay.opaque") == b"x"
+    monkeypatch.delenv("PYUNIONFS_WRITE_WHITEOUTS")
+    with PyUnionMount(paths, extra_args=["-o", f"whiteouts={'oci' if form == 'oci' else 'kernel'}"]):
+        again = snapshot_merged(paths.merged)
+    assert again == view, view.diff(again, ("first mount", "remount"))
+    if form == "xattr":
+        ro = StackPaths(paths.base, [paths.upper, *paths.lowers], None, None, paths.merged)
+        with KernelMount(ro):
+            kview = snapshot_merged(paths.merged)
+        assert kview == view, view.diff(kview, ("pyunionfs", "kernel, upper as lower"))
+
+
+def test_oci_form_over_a_kernel_upper(make_stack, monkeypatch) -> None:
+    """Mixed uppers: 0/0 whiteouts the kernel wrote and .wh. files we write side by side."""
+    paths = make_stack(STACK, upper={"etc/base": Whiteout()})
+    monkeypatch.setenv("PYUNIONFS_WRITE_WHITEOUTS", "oci")
+    with PyUnionMount(paths):
+        assert sorted(os.listdir(paths.merged / "etc")) == ["kept", "other"]
+        (paths.merged / "etc/base").write_text("over a 0/0 whiteout")
+        os.unlink(paths.merged / "etc/kept")
+        (paths.merged / "etc/kept").write_text("over a .wh. file")
+        assert sorted(os.listdir(paths.merged / "etc")) == ["base", "kept", "other"]
+    assert paths.upper is not None
+    assert sorted(os.listdir(paths.upper / "etc")) == ["base", "kept"]  # .wh.kept dropped
