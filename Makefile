@@ -4,7 +4,7 @@
 #   make deps    system packages (fuse3, libfuse3-dev, ...) + .venv with pip install -e '.[test]'
 #   make demo    build a small layered "image", mount it, change it, show what lands in upper/
 #   make test    ruff + the pytest suite (needs root and /dev/fuse for the mount tests)
-#   make lint    ruff check, bash -n on the shell scripts
+#   make lint    ruff check, mypy, bash -n on the shell scripts
 #   make conformance  random stacks + ops vs kernel overlayfs (EXAMPLES=20000 STEPS=30 MINUTES=0)
 #   make bench   pyunionfs vs kernel overlayfs vs fuse-overlayfs (BENCH_ARGS=--quick for a smoke run)
 #   make clean   caches and build output; never unmounts anything
@@ -33,6 +33,7 @@ deps:
 
 lint: deps
 	$(RUFF) check unionfs tests scripts
+	$(VENV)/bin/mypy
 	@for f in $(SHELL_SCRIPTS); do bash -n "$$f" || exit 1; done
 	@if command -v shellcheck >/dev/null 2>&1; then shellcheck $(SHELL_SCRIPTS); fi
 

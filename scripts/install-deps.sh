@@ -76,7 +76,7 @@ venv_ok() {
     [[ -f $stamp && $stamp -nt pyproject.toml && -x $VENV/bin/pyunionfs ]] || return 1
     "$VENV/bin/python" -c 'import pyfuse3, trio, xattr, pytest, pytest_trio, pytest_timeout, hypothesis' \
         >/dev/null 2>&1 || return 1
-    [[ -x $VENV/bin/ruff ]]
+    [[ -x $VENV/bin/ruff && -x $VENV/bin/mypy ]]
 }
 
 install_python_packages() {

@@ -179,7 +179,8 @@ def _resolve_dir(path: str, what: str) -> tuple[str, os.stat_result]:
         if e.errno == errno.ENOTCONN:
             raise MountError(f"{what} '{path}' is a stale FUSE mount (its daemon is gone); "
                              f"run 'pyunionfs umount {path}'", e.errno) from None
-        raise MountError(f"failed to resolve {what} '{path}': {e.strerror}", e.errno) from None
+        raise MountError(f"failed to resolve {what} '{path}': {e.strerror}",
+                         e.errno or errno.EIO) from None
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"{what} '{path}' is not a directory", errno.ENOTDIR)
     return os.path.realpath(path), st

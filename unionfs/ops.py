@@ -10,7 +10,7 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -168,7 +168,9 @@ class Operations(pyfuse3.Operations):
         return os.fsencode(sysio.readlink(self.fs.stack.dirfd(node.layer, node.parent_path),
                                           node.name))
 
-    def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    # Not async, unlike the stub: pyfuse3 calls forget without awaiting when it returns
+    # None, so the counts drop at once instead of in a task scheduled for later.
+    def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:  # type: ignore[override]
         try:
             for ino, n in inode_list:
                 self.fs.inodes.forget(ino, n)
