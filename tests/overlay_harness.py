@@ -5,9 +5,17 @@ the kernel's overlayfs (the reference), the other with pyunionfs.  The same oper
 both merged trees and the outcomes (return values or errno names), the merged trees and the
 normalised upper directories are compared.
 
-Environment knobs (for debugging the harness itself):
+Environment knobs:
   UNIONFS_TEST_IMPL=kernel   mount the "ours" side with kernel overlayfs too; every differential test
                              must then pass, which proves the harness and the tests' premises.
+  UNIONFS_TEST_USERNS=1      the rootless dialect: pytest runs as root of a user namespace (uids
+                             0..65535 mapped, no capability in the initial namespace, so trusted.*
+                             xattrs give EPERM). The kernel side mounts with ``-o userxattr``; layer
+                             specs' ``trusted.overlay.*`` markers are written as ``user.overlay.*``
+                             and uppers are normalised with that prefix. Start such a run with
+                             ``python tests/overlay_harness.py userns -- python -m pytest ...``
+                             (see ``userns_main``); ``make test`` runs a subset that way
+                             (tests/test_rootless.py::test_differential_suite_in_userns).
 """
 
 from __future__ import annotations
@@ -43,18 +51,34 @@ CMD_TIMEOUT = 30.0  # any other helper command
 # are identical down to their times and the lower-untouched check compares exact values.
 DEFAULT_TIME_NS = 1_600_000_000 * 10**9
 
+IMPL = os.environ.get("UNIONFS_TEST_IMPL", "pyunionfs")
+USERNS = os.environ.get("UNIONFS_TEST_USERNS", "") not in ("", "0")
+
+# The overlay's private xattr prefix ("xattr P" in overlay-semantics.md): trusted.overlay. by default,
+# user.overlay. with the kernel's userxattr option (and for rootless pyunionfs).
+TRUSTED_PREFIX = "trusted.overlay."
+USER_PREFIX = "user.overlay."
+PRIVATE_PREFIX = USER_PREFIX if USERNS else TRUSTED_PREFIX
+
+
+def dialect_xattr(name: str, prefix: str | None = None) -> str:
+    """A layer spec's xattr name as it is written on disk in the session's dialect (or in the one
+    with private ``prefix``): specs spell private names ``trusted.overlay.*``."""
+    prefix = prefix or PRIVATE_PREFIX
+    if name.startswith(TRUSTED_PREFIX):
+        return prefix + name[len(TRUSTED_PREFIX):]
+    return name
+
+
 # Kernel bookkeeping xattrs that pyunionfs need not reproduce and that carry host-specific data:
 #   origin: a lower file handle (bytes differ between the two stacks, which live in other dirs),
 #   impure: "this dir has copied-up children whose st_ino comes from origin" (only an ino cache hint),
 #   uuid:   the per-mount uuid on the upper root.
-# They are ignored on purpose by the upper normaliser.  Anything else under trusted.overlay. (opaque,
-# redirect, metacopy, nlink, escaped trusted.overlay.overlay.* names...) is compared.
-IGNORED_UPPER_XATTRS = frozenset(
-    {"trusted.overlay.origin", "trusted.overlay.impure", "trusted.overlay.uuid"}
-)
-OPAQUE_XATTR = "trusted.overlay.opaque"
-
-IMPL = os.environ.get("UNIONFS_TEST_IMPL", "pyunionfs")
+# They are ignored on purpose by the upper normaliser.  Anything else under the private prefix
+# (opaque, redirect, metacopy, nlink, escaped P.overlay.* names...) is compared.
+BOOKKEEPING_XATTRS = ("origin", "impure", "uuid")
+IGNORED_UPPER_XATTRS = frozenset(PRIVATE_PREFIX + n for n in BOOKKEEPING_XATTRS)
+OPAQUE_XATTR = PRIVATE_PREFIX + "opaque"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -142,8 +166,16 @@ def _b(v: bytes | str) -> bytes:
     return os.fsencode(v) if isinstance(v, str) else v
 
 
-def materialise(spec: LayerSpec | None, root: Path) -> None:
-    """Create ``root`` and fill it from ``spec``, deterministically.
+def _skip_in_userns(reason: str) -> None:
+    import pytest  # only the test suite builds stacks in userns mode
+
+    pytest.skip(f"userns mode: {reason}")
+
+
+def materialise(spec: LayerSpec | None, root: Path, prefix: str | None = None) -> None:
+    """Create ``root`` and fill it from ``spec``, deterministically. Private ``trusted.overlay.*``
+    names in the spec (and ``Dir(opaque=True)``) are written with ``prefix`` (default: the session's
+    dialect, PRIVATE_PREFIX).
 
     Order matters for identical results: dirs, then other objects, then hard links; then xattrs,
     owners, modes; times last, deepest first, so creating children does not disturb a parent's mtime.
@@ -193,7 +225,14 @@ def materialise(spec: LayerSpec | None, root: Path) -> None:
             os.mkfifo(path, 0o600)
         elif isinstance(ent, Device):
             kind = stat.S_IFCHR if ent.kind == "c" else stat.S_IFBLK
-            os.mknod(path, kind | 0o600, os.makedev(ent.major, ent.minor))
+            try:
+                os.mknod(path, kind | 0o600, os.makedev(ent.major, ent.minor))
+            except PermissionError:
+                if USERNS:
+                    _skip_in_userns(f"the layer spec has a device node {ent.kind} "
+                                    f"{ent.major}:{ent.minor}, which needs CAP_MKNOD outside the "
+                                    "user namespace")
+                raise
         elif isinstance(ent, Whiteout):
             os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
     for rel in ordered:
@@ -209,11 +248,17 @@ def materialise(spec: LayerSpec | None, root: Path) -> None:
         if not isinstance(ent, Symlink):
             os.chmod(path, ent.mode)  # after chown, which clears setuid/setgid bits
         # xattrs last: chown drops security.capability
-        xattrs = dict(getattr(ent, "xattrs", {}))
+        xattrs = {dialect_xattr(n, prefix): v for n, v in getattr(ent, "xattrs", {}).items()}
         if isinstance(ent, Dir) and ent.opaque:
-            xattrs[OPAQUE_XATTR] = b"y"
+            xattrs[(prefix or PRIVATE_PREFIX) + "opaque"] = b"y"
         for name in sorted(xattrs):
-            os.setxattr(path, name, _b(xattrs[name]), follow_symlinks=False)
+            try:
+                os.setxattr(path, name, _b(xattrs[name]), follow_symlinks=False)
+            except PermissionError:
+                if USERNS and name.startswith("trusted."):
+                    _skip_in_userns(f"the layer spec needs xattr {name}, which root of a user "
+                                    "namespace cannot store")
+                raise
     for rel in sorted(ordered, key=lambda r: (-r.count("/"), r)):
         ent = entries[rel]
         if isinstance(ent, Hardlink):
@@ -236,6 +281,7 @@ class StackSpec:
     lowers: list[LayerSpec]
     upper: LayerSpec | None = None
     readonly: bool = False
+    prefix: str | None = None  # private xattr prefix on disk; None = the session's PRIVATE_PREFIX
 
 
 @dataclass
@@ -262,12 +308,12 @@ def build_stack(spec: StackSpec, base: Path) -> StackPaths:
     lowers = []
     for i, layer in enumerate(spec.lowers):
         d = base / f"lower{i}"
-        materialise(layer, d)
+        materialise(layer, d, spec.prefix)
         lowers.append(d)
     upper = work = None
     if not spec.readonly:
         upper = base / "upper"
-        materialise(spec.upper, upper)
+        materialise(spec.upper, upper, spec.prefix)
         work = base / "work"
         work.mkdir()
     merged = base / "merged"
@@ -368,11 +414,14 @@ def _lowerdir_arg(lowers: Iterable[Path]) -> str:
 class KernelMount(Mount):
     impl = "kernel"
 
-    def __init__(self, paths: StackPaths, work: Path | None = None):
+    def __init__(self, paths: StackPaths, work: Path | None = None, userxattr: bool | None = None):
+        """``userxattr`` (default: in userns mode) mounts with the kernel's user.overlay. dialect."""
         self.paths = paths
         opts = f"lowerdir={_lowerdir_arg(paths.lowers)}"
         if paths.upper is not None:
             opts += f",upperdir={paths.upper},workdir={work or paths.work}"
+        if USERNS if userxattr is None else userxattr:
+            opts += ",userxattr"
         r = run_cmd(["mount", "-t", "overlay", "overlay", "-o", opts, str(paths.merged)],
                     timeout=MOUNT_TIMEOUT)
         if r.returncode != 0:
@@ -472,9 +521,11 @@ class PyUnionMount(Mount):
             raise MountError("; ".join(problems) + "\n" + self.log_tail())
 
 
-def mount_stack(paths: StackPaths, impl: str, work: Path | None = None) -> Mount:
+def mount_stack(paths: StackPaths, impl: str, work: Path | None = None,
+                userxattr: bool | None = None) -> Mount:
+    """``userxattr`` applies to the kernel only: pyunionfs picks its dialect itself at mount."""
     if impl == "kernel":
-        return KernelMount(paths, work)
+        return KernelMount(paths, work, userxattr)
     return PyUnionMount(paths, work)
 
 
@@ -564,17 +615,19 @@ def _walk(root: str) -> Iterator[tuple[str, str, os.stat_result]]:
                 stack.append((crel, cpath))
 
 
-def _node(path: str, st: os.stat_result, upper: bool, mtimes: bool) -> Node:
+def _node(path: str, st: os.stat_result, upper: bool, mtimes: bool,
+          prefix: str | None = None) -> Node:
     kind = _TYPES.get(stat.S_IFMT(st.st_mode), "?")
     if upper and kind == "chr" and st.st_rdev == 0:
         return Node("whiteout", None, None, None, None, None, None, (), None)
     xattrs = read_xattrs(path)
     opaque = None
     if upper:
-        for n in IGNORED_UPPER_XATTRS:
-            xattrs.pop(n, None)
+        prefix = prefix or PRIVATE_PREFIX
+        for n in BOOKKEEPING_XATTRS:
+            xattrs.pop(prefix + n, None)
         if kind == "dir":
-            opaque = xattrs.pop(OPAQUE_XATTR, None) == b"y"
+            opaque = xattrs.pop(prefix + "opaque", None) == b"y"
     digest = None
     if kind == "file":
         digest = _sha256_file(path)
@@ -597,11 +650,11 @@ def _node(path: str, st: os.stat_result, upper: bool, mtimes: bool) -> Node:
     )
 
 
-def _snapshot(root: Path | str, upper: bool, mtimes: bool) -> Snapshot:
+def _snapshot(root: Path | str, upper: bool, mtimes: bool, prefix: str | None = None) -> Snapshot:
     nodes: dict[str, Node] = {}
     inodes: dict[tuple[int, int], set[str]] = {}
     for rel, path, st in _walk(str(root)):
-        node = _node(path, st, upper, mtimes)
+        node = _node(path, st, upper, mtimes, prefix)
         nodes[rel] = node
         if node.type not in ("dir", "whiteout"):
             inodes.setdefault((st.st_dev, st.st_ino), set()).add(rel)
@@ -614,11 +667,12 @@ def snapshot_merged(root: Path | str, mtimes: bool = False) -> Snapshot:
     return _snapshot(root, upper=False, mtimes=mtimes)
 
 
-def snapshot_upper(root: Path | str, mtimes: bool = False) -> Snapshot:
+def snapshot_upper(root: Path | str, mtimes: bool = False, prefix: str | None = None) -> Snapshot:
     """A layer dir as overlay semantics see it: whiteouts are just 'whiteout' (the kernel hard-links
     one shared whiteout inode, so their nlink/owner carry no meaning), dirs carry ``opaque``, and the
-    kernel bookkeeping xattrs in IGNORED_UPPER_XATTRS are dropped."""
-    return _snapshot(root, upper=True, mtimes=mtimes)
+    kernel bookkeeping xattrs (BOOKKEEPING_XATTRS under the private ``prefix``, by default the
+    session's PRIVATE_PREFIX: IGNORED_UPPER_XATTRS) are dropped."""
+    return _snapshot(root, upper=True, mtimes=mtimes, prefix=prefix)
 
 
 def snapshot_raw(root: Path | str) -> dict[str, tuple[Any, ...]]:
@@ -1012,3 +1066,155 @@ def ls_op(rel: str = ".") -> Op:
 
     op.__name__ = f"listdir {rel}"
     return op
+
+
+# --------------------------------------------------------------------------------------------------
+# User namespaces: the rootless dialect (UNIONFS_TEST_USERNS=1)
+# --------------------------------------------------------------------------------------------------
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 1 << 18
+PR_SET_PDEATHSIG = 1
+USERNS_IDS = 65536  # uids/gids 0..65535 are mapped onto themselves (specs use 1000, 2000, 65534...)
+_INIT_UID_MAP = ["0", "0", "4294967295"]
+
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                        ctypes.c_void_p]
+_libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong]
+
+
+def in_user_namespace() -> bool:
+    """True unless this process is in the initial user namespace."""
+    with open("/proc/self/uid_map") as f:
+        return f.read().split() != _INIT_UID_MAP
+
+
+def _libc_check(rc: int, what: str) -> None:
+    if rc != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def _exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return code if code >= 0 else 128 - code
+
+
+def userns_run(argv: list[str], ids: int = USERNS_IDS) -> int:
+    """Run ``argv`` as uid/gid 0 of new user, mount and pid namespaces; return its exit status.
+
+    Like ``unshare --user --map-users=0,0,N --map-groups=0,0,N --mount --propagation private --pid
+    --fork --mount-proc`` (util-linux's --map-users needs newuidmap; as root we write the maps
+    ourselves). Root of that namespace can mount overlay and FUSE but has no capability outside it,
+    so trusted.* xattrs give EPERM: the rootless situation. The pid namespace makes cleanup total:
+    when the command exits or anything here is killed, every process it left (FUSE daemons
+    included) dies with the namespace's init, and their mounts with the mount namespace.
+    Must be called from a single-threaded process (it forks); ``python overlay_harness.py userns``.
+    """
+    r_unshared, w_unshared = os.pipe()
+    r_mapped, w_mapped = os.pipe()
+    child = os.fork()
+    if child == 0:  # never returns
+        code = 125
+        try:
+            os.close(r_unshared)
+            os.close(w_mapped)
+            _libc_check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+            _libc_check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID), "unshare")
+            os.write(w_unshared, b"u")
+            os.close(w_unshared)
+            if os.read(r_mapped, 1) != b"m":
+                raise RuntimeError("the parent did not write the id maps")
+            os.close(r_mapped)
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
+            _libc_check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None),
+                        "making / private")
+            init = os.fork()
+            if init == 0:  # pid 1 of the new pid namespace
+                code = 125
+                try:
+                    _libc_check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+                    _libc_check(_libc.mount(b"proc", b"/proc", b"proc",
+                                            MS_NOSUID | MS_NODEV | MS_NOEXEC, None), "mounting /proc")
+                    cmd = os.fork()
+                    if cmd == 0:
+                        try:
+                            os.execvp(argv[0], argv)
+                        except OSError as e:
+                            print(f"userns: cannot run {argv[0]}: {e}", file=sys.stderr)
+                        os._exit(127)
+                    while True:  # reap orphans until the command itself exits
+                        pid, status = os.wait()
+                        if pid == cmd:
+                            code = _exit_code(status)
+                            break
+                except BaseException as e:  # noqa: BLE001 - report, then exit (never return)
+                    print(f"userns: {e}", file=sys.stderr)
+                finally:
+                    os._exit(code)  # kills whatever is left in the pid namespace
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(sig, lambda *_: os.kill(init, signal.SIGKILL))
+            while True:
+                try:
+                    _, status = os.waitpid(init, 0)
+                    break
+                except InterruptedError:  # pragma: no cover - PEP 475 retries already
+                    continue
+            code = _exit_code(status)
+        except BaseException as e:  # noqa: BLE001 - report, then exit (never return)
+            print(f"userns: {e}", file=sys.stderr)
+        finally:
+            os._exit(code)
+    os.close(w_unshared)
+    os.close(r_mapped)
+    try:
+        if os.read(r_unshared, 1) != b"u":
+            raise RuntimeError("userns: the child failed before unsharing")
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{child}/{name}", "w") as f:
+                f.write(f"0 0 {ids}\n")
+        os.write(w_mapped, b"m")
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        raise
+    finally:
+        os.close(r_unshared)
+        os.close(w_mapped)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: os.kill(child, signal.SIGTERM))
+    _, status = os.waitpid(child, 0)
+    return _exit_code(status)
+
+
+def userns_main(args: list[str]) -> int:
+    """``python tests/overlay_harness.py userns [--] CMD ARGS...``: run CMD with UNIONFS_TEST_USERNS=1
+    in a fresh user namespace (see ``userns_run``), e.g.
+    ``.venv/bin/python tests/overlay_harness.py userns .venv/bin/python -m pytest tests/test_rename.py``.
+    """
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if not args:
+        print("usage: overlay_harness.py userns [--] CMD [ARGS...]", file=sys.stderr)
+        return 2
+    if os.geteuid() != 0 or in_user_namespace():
+        print("userns: must run as root of the initial user namespace (it writes a 0..65535 id "
+              "map)", file=sys.stderr)
+        return 2
+    os.environ["UNIONFS_TEST_USERNS"] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return userns_run(args)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["userns"]:
+        sys.exit(userns_main(sys.argv[2:]))
+    print("usage: overlay_harness.py userns [--] CMD [ARGS...]", file=sys.stderr)
+    sys.exit(2)
