@@ -1,0 +1,689 @@
+"""Rootless pyunionfs (the ``user.overlay.*`` dialect), two ways:
+
+* ``test_differential_suite_in_userns``: a subset of the differential suite run again as root of a
+  user namespace (UNIONFS_TEST_USERNS=1, see overlay_harness.userns_run): the kernel side mounts
+  with ``-o userxattr``, pyunionfs must choose that dialect by itself.
+* a plain unprivileged user (TEST_USER, created if missing) mounting through the setuid
+  fusermount3, with /dev/fuse granted to it by an ACL entry for the module's duration; its uppers
+  are then read by kernel overlayfs with ``-o userxattr``, and uppers the kernel wrote in that user's
+  own user namespace are read by its pyunionfs.
+
+``python tests/test_rootless.py workload MERGED`` runs ``workload`` on a mount (used inside the
+test user's user namespace, where the kernel side of the reverse direction is mounted).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import pickle
+import pwd
+import re
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from overlay_harness import (
+    CMD_TIMEOUT,
+    MOUNT_TIMEOUT,
+    PYTHON,
+    REPO,
+    UMOUNT_TIMEOUT,
+    USER_PREFIX,
+    USERNS,
+    File,
+    KernelMount,
+    Snapshot,
+    StackPaths,
+    StackSpec,
+    Symlink,
+    build_stack,
+    environment_problem,
+    force_unmount,
+    in_user_namespace,
+    is_mounted,
+    mount_table,
+    read_xattrs,
+    run_as,
+    snapshot_merged,
+    snapshot_upper,
+    wait_until,
+)
+
+TEST_USER = "pyunionfs-test"
+FUSE_DEV = "/dev/fuse"
+# serialises the ACL grants of concurrent test sessions on this machine
+FUSE_LOCK = ("/run/lock" if os.path.isdir("/run/lock") else "/tmp") + "/pyunionfs-test-acl.lock"
+LOCK_TIMEOUT = 300.0
+USER_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+
+# The differential modules re-run in userns mode, and the userns-only counterparts of what they skip.
+USERNS_SUITE = ["tests/test_lookup.py", "tests/test_dirops.py", "tests/test_rename.py",
+                "tests/test_copyup.py", "tests/test_readdir.py", "tests/test_xattr.py",
+                "tests/test_interop.py", "tests/test_rootless_userns.py"]
+USERNS_SUITE_TIMEOUT = 600.0
+
+
+def _root_problem() -> str | None:
+    if USERNS or (os.geteuid() == 0 and in_user_namespace()):
+        return "runs from the initial user namespace only (it makes users and namespaces)"
+    return environment_problem()
+
+
+pytestmark = pytest.mark.skipif(bool(_root_problem()), reason=_root_problem() or "")
+
+
+# --------------------------------------------------------------------------------------------------
+# The differential suite in a user namespace
+# --------------------------------------------------------------------------------------------------
+
+
+def _summary_counts(out: str) -> dict[str, int]:
+    lines = [ln for ln in out.splitlines() if re.search(r"\d+ (passed|failed|skipped|error)", ln)]
+    return {k: int(n) for n, k in re.findall(r"(\d+) (\w+)", lines[-1])} if lines else {}
+
+
+@pytest.mark.timeout(USERNS_SUITE_TIMEOUT + 60)
+def test_differential_suite_in_userns(tmp_path: Path) -> None:
+    """USERNS_SUITE as root of a user namespace; the nested run's own summary is the verdict."""
+    cmd = [PYTHON, str(REPO / "tests/overlay_harness.py"), "userns", "--",
+           PYTHON, "-m", "pytest", *USERNS_SUITE, "-q", "-p", "no:cacheprovider", "--maxfail=10",
+           "-rfE", "--timeout=120", f"--basetemp={tmp_path / 'userns'}"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(cmd, cwd=str(REPO), env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=USERNS_SUITE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        # the launcher, its namespace init and the nested pytest share this process group; the
+        # init's death takes every other process of the pid namespace (FUSE daemons) with it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=CMD_TIMEOUT)
+        pytest.fail(f"userns suite still running after {USERNS_SUITE_TIMEOUT}s:\n{out[-6000:]}")
+    counts = _summary_counts(out)
+    tail = "\n".join(out.splitlines()[-60:])
+    assert proc.returncode == 0, f"userns suite failed (exit {proc.returncode}):\n{tail}"
+    assert counts.get("passed", 0) > 0, f"userns suite ran no test:\n{tail}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The test user and its access to /dev/fuse
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def test_user() -> tuple[int, int]:
+    """(uid, gid) of TEST_USER, a system user created here if missing (and kept: another test
+    session may be using it at the same moment)."""
+    try:
+        pw = pwd.getpwnam(TEST_USER)
+    except KeyError:
+        r = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                            "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", TEST_USER],
+                           capture_output=True, text=True, timeout=CMD_TIMEOUT)
+        if r.returncode != 0 and "already exists" not in r.stderr:
+            pytest.skip(f"cannot create the test user {TEST_USER}: {r.stderr.strip()}")
+        pw = pwd.getpwnam(TEST_USER)
+    return pw.pw_uid, pw.pw_gid
+
+
+# POSIX ACL xattr (system.posix_acl_access): version 2, then (tag u16, perm u16, id u32) entries.
+ACL_XATTR = "system.posix_acl_access"
+ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 1, 2, 4, 8, 0x10, 0x20
+ACL_UNDEFINED_ID = 0xFFFFFFFF
+
+
+def _acl_parse(raw: bytes) -> list[tuple[int, int, int]]:
+    (version,) = struct.unpack_from("<I", raw)
+    assert version == 2, f"unknown ACL xattr version {version}"
+    return [struct.unpack_from("<HHI", raw, off) for off in range(4, len(raw), 8)]
+
+
+def _acl_pack(entries: list[tuple[int, int, int]]) -> bytes:
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in sorted(entries))
+
+
+def _acl_get(path: str) -> bytes | None:
+    try:
+        return os.getxattr(path, ACL_XATTR)
+    except OSError as e:
+        if e.errno == errno.ENODATA:
+            return None
+        raise
+
+
+def _acl_with_user(raw: bytes | None, mode: int, uid: int, perm: int) -> bytes:
+    """``raw`` (or the ACL equivalent to ``mode``) plus ``user:uid:perm``, mask widened to cover
+    it: what ``setfacl -m u:USER:perm`` makes."""
+    if raw is None:
+        entries = [(ACL_USER_OBJ, (mode >> 6) & 7, ACL_UNDEFINED_ID),
+                   (ACL_GROUP_OBJ, (mode >> 3) & 7, ACL_UNDEFINED_ID),
+                   (ACL_OTHER, mode & 7, ACL_UNDEFINED_ID)]
+    else:
+        entries = _acl_parse(raw)
+    entries = [e for e in entries if not (e[0] == ACL_USER and e[2] == uid) and e[0] != ACL_MASK]
+    entries.append((ACL_USER, perm, uid))
+    mask = 0
+    for tag, p, _ in entries:
+        if tag in (ACL_USER, ACL_GROUP_OBJ, ACL_GROUP):
+            mask |= p
+    entries.append((ACL_MASK, mask, ACL_UNDEFINED_ID))
+    return _acl_pack(entries)
+
+
+def _acl_without_user(raw: bytes, uid: int) -> bytes:
+    return _acl_pack([e for e in _acl_parse(raw) if not (e[0] == ACL_USER and e[2] == uid)])
+
+
+@contextlib.contextmanager
+def acl_grant(path: str, uid: int, perm: int) -> Iterator[None]:
+    """``user:uid:perm`` on ``path`` (like ``setfacl -m``) while active. Afterwards the exact
+    previous ACL and mode come back (``getfacl``/``setfacl --restore``), unless someone else changed
+    the ACL meanwhile: then only our entry is taken out of theirs."""
+    st = os.stat(path)
+    before = _acl_get(path)
+    ours = _acl_with_user(before, stat.S_IMODE(st.st_mode), uid, perm)
+    try:
+        os.setxattr(path, ACL_XATTR, ours)
+    except OSError as e:
+        pytest.skip(f"cannot grant {TEST_USER} access to {path} with a POSIX ACL: {e}")
+    try:
+        yield
+    finally:
+        now = _acl_get(path)
+        if now == ours:  # untouched since our grant: restore exactly
+            if before is None:
+                os.removexattr(path, ACL_XATTR)
+            else:
+                os.setxattr(path, ACL_XATTR, before)
+            os.chmod(path, stat.S_IMODE(st.st_mode))
+        elif now is not None:
+            os.setxattr(path, ACL_XATTR, _acl_without_user(now, uid))
+
+
+def _unsearchable_dirs(uid: int, gid: int, path: str) -> list[str]:
+    """Ancestors of ``path`` (symlinks resolved) that uid/gid may not search."""
+    real = Path(os.path.realpath(path))
+    dirs = [str(d) for d in reversed(real.parents)]
+    res = run_as(uid, gid, lambda _: [d for d in dirs if not os.access(d, os.X_OK)], real)
+    assert res[0] == "ok", res
+    return res[1]
+
+
+@contextlib.contextmanager
+def _file_lock(path: str, timeout: float) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.skip(f"{path} held by another test session for {timeout}s")
+                time.sleep(0.2)
+        yield
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture(scope="module")
+def fuse_user(test_user: tuple[int, int]) -> Iterator[tuple[int, int]]:
+    """TEST_USER, for this module with rw on /dev/fuse and search (x) on the dirs above the venv's
+    real python (e.g. /root for a pyenv build), each an ACL entry that is removed afterwards."""
+    uid, gid = test_user
+    with _file_lock(FUSE_LOCK, LOCK_TIMEOUT), contextlib.ExitStack() as grants:
+        grants.enter_context(acl_grant(FUSE_DEV, uid, 6))
+        for d in _unsearchable_dirs(uid, gid, PYTHON):
+            grants.enter_context(acl_grant(d, uid, 1))
+        r = run_user(uid, gid, [PYTHON, "-c", "import os, unionfs; os.close(os.open("
+                                f"{FUSE_DEV!r}, os.O_RDWR))"])
+        assert r.returncode == 0, f"{TEST_USER} can't run pyunionfs or open {FUSE_DEV}: {r.stderr}"
+        yield test_user
+
+
+# --------------------------------------------------------------------------------------------------
+# Running things as the test user
+# --------------------------------------------------------------------------------------------------
+
+
+def as_user(uid: int, gid: int, argv: list[str]) -> list[str]:
+    """``argv`` as uid/gid (no supplementary groups, no capabilities) with a clean environment."""
+    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--",
+            "env", "-i", f"PATH={USER_PATH}", "HOME=/nonexistent", "LANG=C.UTF-8",
+            f"PYTHONPATH={REPO}", "PYTHONDONTWRITEBYTECODE=1", *argv]
+
+
+def run_user(uid: int, gid: int, argv: list[str],
+             timeout: float = CMD_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(as_user(uid, gid, argv), capture_output=True, text=True, timeout=timeout,
+                          cwd=str(REPO), stdin=subprocess.DEVNULL, check=False)
+
+
+def user_snapshot(uid: int, gid: int, root: Path, mtimes: bool = True) -> Snapshot:
+    """The merged view as the user sees it (a FUSE mount without allow_other is the mounting
+    user's only, and the kernel mount is looked at with the same credentials)."""
+    res = run_as(uid, gid, lambda m: pickle.dumps(snapshot_merged(m, mtimes)), root)
+    assert res[0] == "ok", f"snapshot of {root} as {uid}: {res}"
+    return pickle.loads(res[1])
+
+
+def user_op(uid: int, gid: int, fn: Callable[[Path], Any], root: Path) -> Any:
+    res = run_as(uid, gid, fn, root)
+    assert res[0] == "ok", f"{getattr(fn, '__name__', 'op')} as {uid}: {res}"
+    return res[1]
+
+
+def unionfs_pids(merged: Path) -> list[int]:
+    """pids of unionfs processes whose command line names this (unique, per-test) mount point:
+    the daemon a background mount forked."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if os.fsencode(str(merged)) in argv and any(b"unionfs" in a for a in argv):
+            pids.append(int(d))
+    return pids
+
+
+class UserMount:
+    """``python -m unionfs mount LOWERS UPPER WORK MERGED`` as the test user (daemon form, or
+    ``-f`` as a child process); ``stop()`` unmounts with the user's fusermount3 -u (root's -uz as
+    the last resort) and waits for the daemon to exit."""
+
+    def __init__(self, uid: int, gid: int, paths: StackPaths, foreground: bool,
+                 work: Path | None = None):
+        self.uid, self.gid, self.paths, self.foreground = uid, gid, paths, foreground
+        self.root = paths.merged
+        self.log = paths.base / "pyunionfs-user.log"
+        self.stderr = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+        lowers = ":".join(str(p) for p in paths.lowers)
+        args = [PYTHON, "-m", "unionfs", "mount", lowers, str(paths.upper),
+                str(work or paths.work), str(paths.merged)]
+        if foreground:
+            self._err = open(paths.base / "pyunionfs-user.stderr", "w+b")
+            self.proc = subprocess.Popen(as_user(uid, gid, [*args[:4], "-f", *args[4:]]),
+                                         cwd=str(REPO), stdin=subprocess.DEVNULL,
+                                         stdout=self._err, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+            try:
+                if not wait_until(lambda: is_mounted(self.root) or self.proc.poll() is not None,
+                                  MOUNT_TIMEOUT):
+                    raise AssertionError(f"not mounted after {MOUNT_TIMEOUT}s")
+                assert is_mounted(self.root), (
+                    f"pyunionfs -f exited {self.proc.poll()}:\n{self.read_stderr()}")
+            except BaseException:
+                self.stop()
+                raise
+        else:
+            r = run_user(uid, gid, [*args[:4], "--log", str(self.log), *args[4:]],
+                         timeout=MOUNT_TIMEOUT + 15)
+            self.stderr = r.stderr
+            if r.returncode != 0 or not is_mounted(self.root):
+                self.stop()
+                raise AssertionError(f"background mount as {TEST_USER} failed ({r.returncode}):\n"
+                                     f"{r.stderr}{self.read_log()}")
+        row = [r for r in mount_table() if r[0] == os.path.realpath(self.root)][-1]
+        if row[1] != "fuse.pyunionfs" or f"user_id={uid}" not in row[3].split(","):
+            self.stop()
+            raise AssertionError(f"not {TEST_USER}'s pyunionfs mount: {row}")
+
+    def read_stderr(self) -> str:
+        if self.proc is None:
+            return self.stderr
+        self._err.seek(0)
+        return self._err.read().decode(errors="replace")
+
+    def read_log(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def output(self) -> str:
+        return self.read_stderr() + self.read_log()
+
+    def stop(self) -> None:
+        """Idempotent; raises if the unmount needed the fallbacks or the daemon lingered."""
+        problems = []
+        merged = str(self.root)
+        pids = [self.proc.pid] if self.proc is not None else unionfs_pids(self.root)
+        if is_mounted(merged):
+            try:
+                r = run_user(self.uid, self.gid, ["fusermount3", "-u", merged],
+                             timeout=UMOUNT_TIMEOUT)
+                if r.returncode != 0:
+                    problems.append(f"fusermount3 -u as {TEST_USER}: {r.stderr.strip()}")
+            except subprocess.TimeoutExpired:
+                problems.append("fusermount3 -u timed out")
+            force_unmount(merged)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=UMOUNT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                problems.append("pyunionfs -f did not exit after unmount")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=CMD_TIMEOUT)
+        elif not wait_until(lambda: not unionfs_pids(self.root), UMOUNT_TIMEOUT):
+            problems.append("daemon did not exit after unmount")
+            for pid in unionfs_pids(self.root):
+                if pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        if is_mounted(merged):
+            problems.append("still mounted")
+        if problems:
+            raise AssertionError("; ".join(problems) + "\n" + self.output())
+
+
+@pytest.fixture
+def user_mounts() -> Iterator[Callable[..., UserMount]]:
+    """``user_mounts(uid, gid, paths, foreground, work=None)``; all stopped at teardown."""
+    made: list[UserMount] = []
+
+    def factory(uid: int, gid: int, paths: StackPaths, foreground: bool,
+                work: Path | None = None) -> UserMount:
+        m = UserMount(uid, gid, paths, foreground, work)
+        made.append(m)
+        return m
+
+    yield factory
+    errors = []
+    for m in reversed(made):
+        try:
+            m.stop()
+        except Exception as e:  # noqa: BLE001 - stop all, then report
+            errors.append(e)
+    if errors:
+        raise errors[0]
+
+
+@contextlib.contextmanager
+def kernel_mount(paths: StackPaths, work: Path) -> Iterator[KernelMount]:
+    """Root's kernel overlayfs with ``-o userxattr`` on the same layers."""
+    m = KernelMount(paths, work, userxattr=True)
+    try:
+        yield m
+    finally:
+        m.stop()
+
+
+# --------------------------------------------------------------------------------------------------
+# The image, the workload and what it must leave
+# --------------------------------------------------------------------------------------------------
+
+IMAGE = StackSpec(
+    upper={"etc/preexisting": File("u")},
+    lowers=[
+        {"etc/conf": File("conf=1\n", mode=0o640, mtime=1_500_000_000), "etc/drop": File("drop"),
+         "usr/bin/tool": File("#!", mode=0o755), "usr/share/doc/a": File("a"),
+         "old/tree/x": File("x"), "old/keep": File("k"), "sym": Symlink("etc/conf"),
+         "rw/data": File("0123456789")},
+        {"etc/conf": File("base"), "old/tree/y": File("y"), "old/deeper/z": File("z"),
+         "base-only": File("base"), "usr/share/doc/c": File("c")},
+    ],
+    prefix=USER_PREFIX,
+)
+
+
+def build_user_stack(base: Path, uid: int, gid: int) -> StackPaths:
+    """IMAGE under ``base``, every object (and the dirs holding the layers) owned by the user."""
+    paths = build_stack(IMAGE, base)
+    for dirpath, dirnames, filenames in os.walk(base):
+        for n in [*dirnames, *filenames]:
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            os.chown(p, uid, gid, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+                os.chmod(p, stat.S_IMODE(st.st_mode))  # keep the mode; chown kept the times
+    os.chown(base, uid, gid)
+    return paths
+
+
+def workload(m: Path) -> None:
+    """What a rootless user does to an image: append, overwrite, create, delete, rm -rf a lower
+    dir and make it again, rename, chmod, user.* xattr, new dir and symlink."""
+    with open(m / "etc/conf", "a") as f:
+        f.write("edited=2\n")
+    with open(m / "rw/data", "r+b") as f:
+        f.seek(3)
+        f.write(b"XY")
+    (m / "base-only").write_text("rewritten")
+    (m / "etc/new").write_text("new file")
+    os.unlink(m / "etc/drop")
+    os.unlink(m / "usr/share/doc/c")
+    shutil.rmtree(m / "old")
+    os.makedirs(m / "old/tree")
+    (m / "old/tree/fresh").write_text("fresh")
+    os.rename(m / "usr/share/doc/a", m / "usr/share/doc/a-renamed")
+    os.chmod(m / "usr/bin/tool", 0o700)
+    os.setxattr(m / "etc/conf", "user.tag", b"v")
+    os.mkdir(m / "newdir")
+    os.symlink("../etc/new", m / "newdir/link")
+    os.utime(m / "etc/new", ns=(1_600_000_000_000_000_000, 1_600_000_001_000_000_000))
+
+
+def check_merged(snap: Snapshot, uid: int, gid: int) -> None:
+    """The merged view after ``workload`` (whoever ran it)."""
+    n = snap.nodes
+    expected = {".", "base-only", "etc", "etc/conf", "etc/new", "etc/preexisting", "newdir",
+                "newdir/link", "old", "old/tree", "old/tree/fresh", "rw", "rw/data", "sym", "usr",
+                "usr/bin", "usr/bin/tool", "usr/share", "usr/share/doc", "usr/share/doc/a-renamed"}
+    assert set(n) == expected, f"names: missing {expected - set(n)}, extra {set(n) - expected}"
+    assert n["usr/bin/tool"].mode == 0o700
+    assert dict(n["etc/conf"].xattrs) == {"user.tag": b"v"}
+    assert n["etc/conf"].size == len("conf=1\nedited=2\n")
+    assert n["rw/data"].size == 10
+    assert all((node.uid, node.gid) == (uid, gid) for node in n.values()), "owners"
+    assert not any(name.startswith(("trusted.", USER_PREFIX)) for node in n.values()
+                   for name, _ in node.xattrs), "a private xattr shows in the merged view"
+
+
+def check_upper(paths: StackPaths, uid: int) -> None:
+    """The rootless on-disk format: 0/0 char-device whiteouts, user.overlay.opaque=y on the
+    re-made dir, no trusted.* anywhere, WORK holding just an empty work/ the user can reuse."""
+    upper, work = paths.upper, paths.work
+    assert upper is not None and work is not None
+    for rel in ("etc/drop", "usr/share/doc/c", "usr/share/doc/a"):
+        st = os.lstat(upper / rel)
+        assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, f"{rel} is not a 0/0 whiteout"
+    assert os.getxattr(upper / "old", USER_PREFIX + "opaque") == b"y"
+    snap = snapshot_upper(upper, prefix=USER_PREFIX)
+    assert snap.nodes["old"].opaque is True and snap.nodes["newdir"].opaque is False
+    assert snap.nodes["old/tree"].opaque is False
+    for tree in (upper, work):
+        for dirpath, dirnames, filenames in os.walk(tree):
+            for name in [".", *dirnames, *filenames]:
+                p = os.path.join(dirpath, name)
+                trusted = [x for x in read_xattrs(p, ("trusted.",))]
+                assert not trusted, f"{p} has {trusted}"
+    assert sorted(os.listdir(work)) == ["work"], f"WORK holds {os.listdir(work)}"
+    st = os.lstat(work / "work")
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == uid, "WORK/work is not the user's dir"
+    with os.scandir(work / "work") as it:  # root may look into a mode-000 dir
+        assert not list(it), "WORK/work not empty after unmount"
+
+
+# --------------------------------------------------------------------------------------------------
+# Plain unprivileged user
+# --------------------------------------------------------------------------------------------------
+
+FORMS = {"background": False, "foreground": True}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_user_mount_workload_and_kernel_reads_it(fuse_user, user_mounts, tmp_path: Path,
+                                                 form: str) -> None:
+    uid, gid = fuse_user
+    paths = build_user_stack(tmp_path / "stack", uid, gid)
+    m = user_mounts(uid, gid, paths, FORMS[form])
+    user_op(uid, gid, workload, m.root)
+    ours = user_snapshot(uid, gid, m.root)
+    check_merged(ours, uid, gid)
+    assert user_op(uid, gid, lambda r: (r / "rw/data").read_bytes(), m.root) == b"012XY56789"
+    assert user_op(uid, gid, lambda r: sorted(os.listdir(r / "old")), m.root) == ["tree"]
+    m.stop()
+    out = m.output()
+    assert not re.search(r"Traceback| (ERROR|CRITICAL) ", out), f"pyunionfs said:\n{out}"
+    check_upper(paths, uid)
+
+    again = user_mounts(uid, gid, paths, FORMS[form])  # the user can remount its own WORK
+    assert user_snapshot(uid, gid, again.root) == ours
+    again.stop()
+
+    with kernel_mount(paths, paths.work) as k:  # WORK as pyunionfs left it
+        theirs = user_snapshot(uid, gid, k.root)
+    assert ours == theirs, "kernel (userxattr) reads the rootless upper differently:\n" + (
+        ours.diff(theirs, ("pyunionfs", "kernel")))
+
+
+def _kernel_in_user_namespace(uid: int, gid: int, paths: StackPaths) -> None:
+    """Kernel overlayfs mounted by the test user in its own user namespace (``unshare -Urm``, the
+    userxattr dialect is then required), with ``workload`` run on it there."""
+    opts = (f"lowerdir={':'.join(map(str, paths.lowers))},upperdir={paths.upper},"
+            f"workdir={paths.work},userxattr")
+    script = ('mount -t overlay overlay -o "$1" "$2" || exit 99; '
+              f'{PYTHON} {REPO / "tests/test_rootless.py"} workload "$2"; rc=$?; '
+              'umount "$2" || exit 98; exit $rc')
+    r = run_user(uid, gid, ["unshare", "--user", "--map-root-user", "--mount", "--",
+                            "sh", "-c", script, "sh", opts, str(paths.merged)],
+                 timeout=MOUNT_TIMEOUT + CMD_TIMEOUT)
+    assert r.returncode == 0, f"kernel overlay in {TEST_USER}'s userns: exit {r.returncode}\n" \
+                              f"{r.stdout}{r.stderr}"
+
+
+def test_kernel_userns_upper_read_by_user_pyunionfs(fuse_user, user_mounts,
+                                                    tmp_path: Path) -> None:
+    uid, gid = fuse_user
+    paths = build_user_stack(tmp_path / "stack", uid, gid)
+    _kernel_in_user_namespace(uid, gid, paths)
+    fresh = tmp_path / "stack/work-k"
+    fresh.mkdir()
+    with kernel_mount(paths, fresh) as k:
+        theirs = user_snapshot(uid, gid, k.root)
+    check_merged(theirs, uid, gid)
+    m = user_mounts(uid, gid, paths, False)  # reusing the WORK the kernel (in the userns) left
+    ours = user_snapshot(uid, gid, m.root)
+    m.stop()
+    assert not re.search(r"Traceback| (ERROR|CRITICAL) ", m.output()), m.output()
+    assert theirs == ours, "rootless pyunionfs reads the kernel's userxattr upper differently:\n" + (
+        theirs.diff(ours, ("kernel", "pyunionfs")))
+
+
+def test_user_upper_same_as_kernel_userns_upper(fuse_user, user_mounts, tmp_path: Path) -> None:
+    """The same workload leaves the same (normalised) upper, whether rootless pyunionfs or the
+    kernel in the user's user namespace ran it."""
+    uid, gid = fuse_user
+    k_paths = build_user_stack(tmp_path / "kernel", uid, gid)
+    o_paths = build_user_stack(tmp_path / "ours", uid, gid)
+    _kernel_in_user_namespace(uid, gid, k_paths)
+    m = user_mounts(uid, gid, o_paths, False)
+    user_op(uid, gid, workload, m.root)
+    m.stop()
+    assert k_paths.upper is not None and o_paths.upper is not None
+    a = snapshot_upper(k_paths.upper, prefix=USER_PREFIX)
+    b = snapshot_upper(o_paths.upper, prefix=USER_PREFIX)
+    assert a == b, "upper dirs differ:\n" + a.diff(b, ("kernel(userns)", "pyunionfs(user)"))
+
+
+# -- failure paths ---------------------------------------------------------------------------------
+
+
+def _foreign_work(paths: StackPaths) -> None:
+    os.chown(paths.work, 0, 0)  # root's WORK, 0755: the user can't make WORK/work
+
+
+def _missing_lower(paths: StackPaths) -> None:
+    shutil.rmtree(paths.lowers[1])
+
+
+def _foreign_nonempty_work(paths: StackPaths) -> None:
+    # a root mount's leftovers: WORK/work (mode 000, root's) with something inside
+    assert paths.work is not None
+    os.mkdir(paths.work / "work")
+    os.mkdir(paths.work / "work/#stale")
+    (paths.work / "work/#stale/f").write_text("x")
+    os.chmod(paths.work / "work", 0)
+
+
+FAILURES: dict[str, Callable[[StackPaths], None]] = {
+    "unwritable-work": _foreign_work, "missing-lower": _missing_lower,
+    "foreign-nonempty-work": _foreign_nonempty_work,
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize("case", list(FAILURES))
+def test_user_mount_failure_is_one_line(fuse_user, tmp_path: Path, case: str, form: str) -> None:
+    uid, gid = fuse_user
+    paths = build_user_stack(tmp_path / "stack", uid, gid)
+    FAILURES[case](paths)
+    assert paths.work is not None
+    work_before = sorted(os.listdir(paths.work))
+    lowers = ":".join(str(p) for p in paths.lowers)
+    args = [PYTHON, "-m", "unionfs", "mount", *(["-f"] if FORMS[form] else []), lowers,
+            str(paths.upper), str(paths.work), str(paths.merged)]
+    proc = subprocess.Popen(as_user(uid, gid, args), cwd=str(REPO), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=MOUNT_TIMEOUT + 15)
+    except subprocess.TimeoutExpired:  # -f that mounted after all: it runs until unmounted
+        err = "(still running)"
+    finally:
+        if is_mounted(paths.merged):
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                run_user(uid, gid, ["fusermount3", "-u", str(paths.merged)], UMOUNT_TIMEOUT)
+            force_unmount(str(paths.merged))
+        try:
+            proc.wait(timeout=UMOUNT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=CMD_TIMEOUT)
+        if not wait_until(lambda: not unionfs_pids(paths.merged), UMOUNT_TIMEOUT):
+            for pid in unionfs_pids(paths.merged):  # a daemon of this test's own mount point
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    assert proc.returncode != 0 and err != "(still running)", f"mount succeeded: {err}"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pyunionfs: error: "), (
+        f"expected one 'pyunionfs: error: ...' line, got:\n{err}")
+    assert sorted(os.listdir(paths.work)) == work_before, (
+        f"WORK changed by the failed mount: {work_before} -> {sorted(os.listdir(paths.work))}")
+    if case == "foreign-nonempty-work":
+        assert stat.S_IMODE(os.lstat(paths.work / "work").st_mode) == 0
+        assert (paths.work / "work/#stale/f").read_text() == "x", "root's leftovers were touched"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) == 2 and argv[0] == "workload":
+        workload(Path(argv[1]))
+        return 0
+    print("usage: test_rootless.py workload MERGED", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
+
