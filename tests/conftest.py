@@ -38,9 +38,6 @@ _PROBLEM = environment_problem()
 _ESCAPE_ELSEWHERE = ("sets or reads trusted.overlay.* names through the mount; with userxattr "
                      "those are ordinary trusted.* xattrs (EPERM in a user namespace) — the "
                      "user.overlay. form is in test_rootless_userns.py")
-_WORKLOAD = ("the workload sets trusted.overlay.esc through the mount (EPERM in a user namespace); "
-             "the same image and workload in the user.overlay. dialect run in "
-             "test_rootless_userns.py")
 USERNS_SKIPS = {
     "tests/test_dirops.py::test_mknod_devices_fifo_socket":
         "mknod of device nodes through the mount needs CAP_MKNOD outside the user namespace",
@@ -53,11 +50,6 @@ USERNS_SKIPS = {
         "two names don't look linked",
     "tests/test_xattr.py::test_setting_overlay_xattr_is_escaped_in_upper": _ESCAPE_ELSEWHERE,
     "tests/test_xattr.py::test_escaped_xattr_on_disk_appears_unescaped": _ESCAPE_ELSEWHERE,
-    "tests/test_interop.py::test_pyunionfs_upper_read_by_kernel": _WORKLOAD,
-    "tests/test_interop.py::test_kernel_upper_read_by_pyunionfs": _WORKLOAD,
-    "tests/test_interop.py::test_kernel_workdir_reused_by_pyunionfs": _WORKLOAD,
-    "tests/test_interop.py::test_remount_shows_same_tree": _WORKLOAD,
-    "tests/test_interop.py::test_upper_on_disk_format_after_workload": _WORKLOAD,
 }
 
 # UNIONFS_TEST_USERNS=1, pyunionfs side only: differences that come from FUSE itself there.

@@ -1050,6 +1050,23 @@ def hash_tree(root: Path | str) -> str:
     return hashlib.sha256(repr(sorted(snapshot_raw(root).items())).encode()).hexdigest()
 
 
+def unionfs_pids(merged: Path) -> list[int]:
+    """pids of unionfs processes whose command line names this (unique, per-test) mount point:
+    the daemon a background mount forked."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if os.fsencode(str(merged)) in argv and any(b"unionfs" in a for a in argv):
+            pids.append(int(d))
+    return pids
+
+
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -22,6 +22,7 @@ from overlay_harness import (
     is_mounted,
     mount_table,
     run_as,
+    unionfs_pids,
     wait_until,
 )
 
@@ -34,20 +35,6 @@ def _cli(*args: str, timeout: float = CMD_TIMEOUT) -> subprocess.CompletedProces
                           timeout=timeout, cwd=str(REPO), env=env, stdin=subprocess.DEVNULL)
 
 
-def _daemon_pids(merged: Path) -> list[int]:
-    """pids of unionfs processes whose command line names this (unique, per-test) mount point."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if os.fsencode(str(merged)) in argv and any(b"unionfs" in a for a in argv):
-            pids.append(int(d))
-    return pids
 
 
 @contextlib.contextmanager
@@ -61,8 +48,8 @@ def _background_cleanup(merged: Path) -> Iterator[None]:
                 subprocess.run(["fusermount3", "-u", str(merged)], timeout=UMOUNT_TIMEOUT,
                                capture_output=True)
             force_unmount(str(merged))
-        if not wait_until(lambda: not _daemon_pids(merged), UMOUNT_TIMEOUT):
-            for pid in _daemon_pids(merged):
+        if not wait_until(lambda: not unionfs_pids(merged), UMOUNT_TIMEOUT):
+            for pid in unionfs_pids(merged):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
 
@@ -85,7 +72,7 @@ def test_background_mount_is_live_on_return(make_stack):
         r = _cli("umount", str(paths.merged))
         assert r.returncode == 0, r.stderr
         assert not is_mounted(paths.merged)
-        assert wait_until(lambda: not _daemon_pids(paths.merged), UMOUNT_TIMEOUT), \
+        assert wait_until(lambda: not unionfs_pids(paths.merged), UMOUNT_TIMEOUT), \
             "daemon still running after umount"
 
 
@@ -209,9 +196,9 @@ def test_killed_daemon_leaves_a_stale_mount_we_name_and_remove(make_stack):
     with _background_cleanup(paths.merged):
         assert _cli("mount", lowers, str(paths.upper), str(paths.work),
                     str(paths.merged)).returncode == 0
-        for pid in _daemon_pids(paths.merged):
+        for pid in unionfs_pids(paths.merged):
             os.kill(pid, signal.SIGKILL)
-        assert wait_until(lambda: not _daemon_pids(paths.merged), UMOUNT_TIMEOUT)
+        assert wait_until(lambda: not unionfs_pids(paths.merged), UMOUNT_TIMEOUT)
         r = _cli("mount", lowers, str(paths.upper), str(paths.work), str(paths.merged))
         assert r.returncode != 0
         assert len(r.stderr.strip().splitlines()) == 1 and "stale" in r.stderr, r.stderr

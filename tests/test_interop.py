@@ -9,6 +9,7 @@ from pathlib import Path
 
 from overlay_harness import (
     IMPL,
+    PRIVATE_PREFIX,
     Dir,
     Fifo,
     File,
@@ -55,7 +56,7 @@ def workload(m: Path) -> None:
     os.makedirs(m / "old/tree")  # opaque re-creation
     (m / "old/tree/fresh").write_text("fresh")
     os.setxattr(m / "etc/conf", "user.tag", b"v")
-    os.setxattr(m / "base-only", "trusted.overlay.esc", b"escaped")
+    os.setxattr(m / "base-only", PRIVATE_PREFIX + "esc", b"escaped")  # the dialect's own
     os.link(m / "etc/new", m / "etc/new-link")
     os.symlink("../etc/new", m / "usr/newlink")
     os.mkfifo(m / "var/fifo")
@@ -126,6 +127,7 @@ def test_upper_on_disk_format_after_workload(make_pair):
     # the lower whiteout already ends the lookup, so nothing is "below" the new dir: not opaque
     assert snap.nodes["hidden"].opaque is False
     assert snap.nodes["etc"].opaque is False
+    assert dict(snap.nodes["base-only"].xattrs) == {PRIVATE_PREFIX + "overlay.esc": b"escaped"}
     for side in pair.sides:  # real 0/0 char devices, as the kernel writes them
         st = os.lstat(side.upper / "etc/drop")
         assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0, side.impl

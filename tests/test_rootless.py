@@ -57,6 +57,7 @@ from overlay_harness import (
     run_as,
     snapshot_merged,
     snapshot_upper,
+    unionfs_pids,
     wait_until,
 )
 
@@ -287,21 +288,6 @@ def user_op(uid: int, gid: int, fn: Callable[[Path], Any], root: Path) -> Any:
     return res[1]
 
 
-def unionfs_pids(merged: Path) -> list[int]:
-    """pids of unionfs processes whose command line names this (unique, per-test) mount point:
-    the daemon a background mount forked."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if os.fsencode(str(merged)) in argv and any(b"unionfs" in a for a in argv):
-            pids.append(int(d))
-    return pids
 
 
 class UserMount:
