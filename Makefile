@@ -7,6 +7,8 @@
 #   make lint    ruff check, mypy, bash -n on the shell scripts
 #   make conformance  random stacks + ops vs kernel overlayfs (EXAMPLES=20000 STEPS=30 MINUTES=0)
 #   make bench   pyunionfs vs kernel overlayfs vs fuse-overlayfs (BENCH_ARGS=--quick for a smoke run)
+#   make test-containers  podman/buildah with pyunionfs as mount_program, root + rootless
+#   make bench-podman  `podman run --rm IMG true`: kernel overlay vs fuse-overlayfs vs pyunionfs
 #   make clean   caches and build output; never unmounts anything
 
 SHELL := /bin/bash
@@ -21,7 +23,7 @@ TEST_TIME_LIMIT ?= 80m
 PYTEST_ARGS ?=
 BENCH_ARGS  ?=
 BENCH_JSON  ?= bench-out/bench.json
-SHELL_SCRIPTS := scripts/install-deps.sh scripts/demo.sh .ci/run
+SHELL_SCRIPTS := scripts/install-deps.sh scripts/demo.sh .ci/run scripts/containers/install-deps.sh
 
 .PHONY: help deps demo test lint bench clean conformance
 
@@ -47,6 +49,27 @@ test: deps lint
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; rc=0; fi; \
 	if [ $$rc -eq 124 ]; then echo "make test: error: test run exceeded $(TEST_TIME_LIMIT)" >&2; fi; \
 	exit $$rc
+
+# podman/buildah with a containers-storage mount_program (tests/containers/). Installs podman,
+# buildah, runc, busybox-static, uidmap, acl first. CONTAINER_DRIVERS=pyunionfs,fuse-overlayfs,native
+# adds the references; CONTAINER_MODES=root or rootless for one of the two.
+CONTAINER_DRIVERS    ?= pyunionfs
+CONTAINER_MODES      ?= root,rootless
+CONTAINER_TIME_LIMIT ?= 10m
+BENCH_PODMAN_ARGS    ?=
+.PHONY: test-containers bench-podman
+test-containers: deps
+	@bash scripts/containers/install-deps.sh
+	@rc=0; if [ -t 0 ]; then cap=; else cap="timeout -k 60 $(CONTAINER_TIME_LIMIT)"; fi; \
+	PYUNIONFS_CONTAINER_TESTS=1 PYUNIONFS_CONTAINER_DRIVERS=$(CONTAINER_DRIVERS) \
+	PYUNIONFS_CONTAINER_MODES=$(CONTAINER_MODES) $$cap $(PY) -m pytest tests/containers -q \
+		-p no:cacheprovider --timeout=300 $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 124 ]; then echo "make test-containers: error: exceeded $(CONTAINER_TIME_LIMIT)" >&2; fi; \
+	exit $$rc
+
+bench-podman: deps
+	@bash scripts/containers/install-deps.sh
+	$(PY) scripts/containers/bench_podman.py $(BENCH_PODMAN_ARGS)
 
 demo: deps
 	@if [ -t 0 ]; then bash scripts/demo.sh; else timeout -k 30 600 bash scripts/demo.sh; fi
