@@ -20,6 +20,7 @@ import pytest
 from overlay_harness import (
     CMD_TIMEOUT,
     IMPL,
+    PRIVATE_PREFIX,
     PYTHON,
     REPO,
     Dir,
@@ -47,7 +48,7 @@ OCI_LOWERS = [
      "var/old": File("hidden by .wh..wh..opq"), "usr/lib/x": File(), "usr/bin/y": File(),
      "opq-user/below": File(), "opq-fo/below": File(), "both": File("below")},
 ]
-# The same stack in the kernel's own format: 0/0 whiteouts and trusted.overlay.opaque.
+# The same stack in the kernel's own format: 0/0 whiteouts and P.opaque (the harness's dialect).
 KERNEL_LOWERS = [
     {"etc/gone": Whiteout(), "etc/kept": File("top"), "var": Dir(opaque=True),
      "var/new": File("new"), "usr/lib": Whiteout(), "opq-user": Dir(opaque=True),
@@ -103,7 +104,7 @@ def test_oci_markers_hidden_and_not_creatable(oci_mount) -> None:
 
 
 def test_oci_changes_then_kernel_reads_the_upper(oci_mount) -> None:
-    """Writing in oci mode (root: 0/0 whiteouts, trusted.overlay.opaque) over .wh. layers:
+    """Writing in oci mode (0/0 whiteouts, the dialect's opaque mark) over .wh. layers:
     delete, recreate, replace a directory; lookup agrees with readdir throughout."""
     paths, m = oci_mount
     root = paths.merged
@@ -121,7 +122,7 @@ def test_oci_changes_then_kernel_reads_the_upper(oci_mount) -> None:
     up = paths.upper
     assert up is not None
     assert stat.S_ISCHR(os.lstat(up / "etc/other").st_mode)
-    assert os.getxattr(up / "usr", "trusted.overlay.opaque") == b"y"
+    assert os.getxattr(up / "usr", PRIVATE_PREFIX + "opaque") == b"y"
     view = snapshot_merged(root)
     m.stop()
     # The lowers still hold .wh. files the kernel can't read, so the kernel is pointed at
@@ -244,8 +245,8 @@ def test_forced_whiteout_forms_mean_the_same_after_remount(make_stack, monkeypat
     if form == "oci":
         assert upper.get("etc/.wh.kept") == "file" and upper.get("usr/.wh..wh..opq") == "file"
     else:
-        assert os.getxattr(paths.upper / "etc/kept", "trusted.overlay.whiteout") == b""
-        assert os.getxattr(paths.upper / "etc", "trusted.overlay.opaque") == b"x"
+        assert os.getxattr(paths.upper / "etc/kept", PRIVATE_PREFIX + "whiteout") == b""
+        assert os.getxattr(paths.upper / "etc", PRIVATE_PREFIX + "opaque") == b"x"
     monkeypatch.delenv("PYUNIONFS_WRITE_WHITEOUTS")
     with PyUnionMount(paths, extra_args=["-o", f"whiteouts={'oci' if form == 'oci' else 'kernel'}"]):
         again = snapshot_merged(paths.merged)
