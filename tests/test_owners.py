@@ -98,3 +98,47 @@ def test_bad_option_values_are_one_line_errors(make_stack, opt: str, msg: str) -
     assert r.returncode == 1
     assert r.stderr == f"pyunionfs: error: {msg}\n"
     assert paths.work is not None and os.listdir(paths.work) == []
+
+
+def test_override_xattr_is_not_writable_through_the_mount(make_stack) -> None:
+    """Otherwise any user could make a file of theirs show as setuid root."""
+    paths = make_stack(LAYERS)
+    with PyUnionMount(paths, extra_args=["-o", "xattr_permissions=2"]):
+        f = paths.merged / "dir/mine"
+        f.write_text("x")
+        for name in ("user.containers.override_stat", "security.fuseoverlayfs.override_stat"):
+            with pytest.raises(OSError) as e:
+                os.setxattr(f, name, b"0:0:4755")
+            assert e.value.errno == errno.EPERM, name
+            with pytest.raises(OSError) as e:
+                os.getxattr(f, name)
+            assert e.value.errno == errno.ENODATA, name
+            with pytest.raises(OSError) as e:
+                os.removexattr(f, name)
+            assert e.value.errno == errno.EPERM, name
+        assert stat.S_IMODE(os.lstat(f).st_mode) & stat.S_ISUID == 0
+
+
+def test_mapping_with_xattr_permissions_shows_the_creator(make_stack) -> None:
+    """containers-storage passes both with force_mask: the override holds on-disk ids."""
+    paths = make_stack(LAYERS)
+    opts = "uidmapping=100:0:10,gidmapping=100:0:10,xattr_permissions=2"
+    with PyUnionMount(paths, extra_args=["-o", opts]):
+        (paths.merged / "new").write_text("n")
+        os.mkdir(paths.merged / "nd")
+        assert _owner(paths.merged / "new") == (0, 0)
+        assert _owner(paths.merged / "nd") == (0, 0)
+    assert paths.upper is not None
+    assert os.getxattr(paths.upper / "new", "user.containers.override_stat").startswith(
+        b"100:100:")
+
+
+def test_option_words_parse_like_fuse_overlayfs() -> None:
+    from unionfs.config import parse_options
+    o = parse_options(['lowerdir=/l,,volatile,context="system_u:object_r:t:s0:c1,c2",'
+                       "userxattr=1,squash_to_root=0,upperdir=/u"], strict=False)
+    assert o.ours == {"lowerdir": "/l", "volatile": "", "userxattr": "", "upperdir": "/u"}
+    assert o.unknown == []
+    # a quote inside a path is a character, not the start of a quoted value
+    o = parse_options(['lowerdir=/a"b,upperdir=/u,workdir=/w'], strict=False)
+    assert o.ours == {"lowerdir": '/a"b', "upperdir": "/u", "workdir": "/w"}

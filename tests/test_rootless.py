@@ -674,3 +674,40 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 
+
+
+def _read_only_dirs(m: Path) -> None:
+    with open(m / "ro/f", "a") as f:  # copy-up into a parent the user can't write
+        f.write("more")
+    os.unlink(m / "etc/drop")
+    os.mkdir(m / "etc/drop", 0o555)  # over a whiteout: opaque mark on a 0555 dir
+    os.mkdir(m / "etc/ro-new", 0o555)
+    os.rename(m / "etc/ro-new", m / "etc/ro-moved")  # into a merged parent: opaque too
+
+
+def test_user_read_only_directories(fuse_user, user_mounts, tmp_path: Path) -> None:
+    """What the kernel does with its own privileges, an ordinary user's daemon must manage on
+    directories it owns but may not write (fuse-overlayfs #414, #349)."""
+    uid, gid = fuse_user
+    paths = build_user_stack(tmp_path / "stack", uid, gid)
+    ro = paths.lowers[0] / "ro"
+    ro.mkdir()
+    (ro / "f").write_text("data")
+    os.chown(ro / "f", uid, gid)
+    os.chown(ro, uid, gid)
+    os.chmod(ro, 0o555)
+    m = user_mounts(uid, gid, paths, FORMS["background"])
+    user_op(uid, gid, _read_only_dirs, m.root)
+    ours = user_snapshot(uid, gid, m.root)
+    assert user_op(uid, gid, lambda r: (r / "ro/f").read_text(), m.root) == "datamore"
+    m.stop()
+    out = m.output()
+    assert not re.search(r"Traceback| (ERROR|CRITICAL) ", out), f"pyunionfs said:\n{out}"
+    assert paths.upper is not None
+    for d in ("ro", "etc/drop", "etc/ro-moved"):
+        assert stat.S_IMODE(os.lstat(paths.upper / d).st_mode) == 0o555, d
+    for d in ("etc/drop", "etc/ro-moved"):
+        assert os.getxattr(paths.upper / d, "user.overlay.opaque") == b"y", d
+    with kernel_mount(paths, paths.work) as k:
+        theirs = user_snapshot(uid, gid, k.root)
+    assert ours == theirs, ours.diff(theirs, ("pyunionfs", "kernel"))

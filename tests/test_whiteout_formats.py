@@ -270,3 +270,46 @@ def test_oci_form_over_a_kernel_upper(make_stack, monkeypatch) -> None:
         assert sorted(os.listdir(paths.merged / "etc")) == ["base", "kept", "other"]
     assert paths.upper is not None
     assert sorted(os.listdir(paths.upper / "etc")) == ["base", "kept"]  # .wh.kept dropped
+
+
+def test_long_non_ascii_names_in_oci_mode(make_stack) -> None:
+    """252..255 bytes but fewer characters: there is no room for a .wh. name, and
+    looking one up must not fail the listing (ENAMETOOLONG)."""
+    long = "é" * 126  # 252 bytes
+    paths = make_stack([{long: File("hi"), "d": Dir()}, {"other": File()}])
+    with PyUnionMount(paths, extra_args=["-o", "whiteouts=oci"]):
+        assert sorted(os.listdir(paths.merged)) == sorted([long, "d", "other"])
+        assert (paths.merged / long).read_text() == "hi"
+
+
+def test_oci_form_reserves_room_for_the_prefix(make_stack, monkeypatch) -> None:
+    paths = make_stack([{"a" * 253: File("x")}, {}])
+    monkeypatch.setenv("PYUNIONFS_WRITE_WHITEOUTS", "oci")
+    with PyUnionMount(paths):
+        assert os.statvfs(paths.merged).f_namemax == 251
+        with pytest.raises(OSError) as e:
+            (paths.merged / ("b" * 252)).write_text("y")
+        assert e.value.errno == errno.ENAMETOOLONG
+        (paths.merged / ("b" * 251)).write_text("y")
+        os.unlink(paths.merged / ("b" * 251))
+
+
+@pytest.mark.parametrize("form", ["xattr", "oci"])
+def test_forced_forms_rename_dirs_and_onto_whiteouts(make_stack, monkeypatch, form: str) -> None:
+    """Renames that leave a whiteout go through work in one step each; a directory moved
+    onto a 0/0 whiteout keeps that whiteout at its old name."""
+    paths = make_stack([{"a/f": File("1"), "b": File("2"), "gone": File("3")}, {}],
+                       upper={"gone": Whiteout(), "up/x": File("u")})
+    monkeypatch.setenv("PYUNIONFS_WRITE_WHITEOUTS", form)
+    with PyUnionMount(paths):
+        m = paths.merged
+        os.rename(m / "b", m / "b2")
+        os.mkdir(m / "nd")
+        os.rename(m / "nd", m / "gone")  # a pure-upper dir onto a 0/0 whiteout
+        os.rename(m / "up", m / "up2")
+        assert sorted(os.listdir(m)) == ["a", "b2", "gone", "up2"]
+        view = snapshot_merged(m)
+    monkeypatch.delenv("PYUNIONFS_WRITE_WHITEOUTS")
+    mode = "oci" if form == "oci" else "kernel"
+    with PyUnionMount(paths, extra_args=["-o", f"whiteouts={mode}"]):
+        assert snapshot_merged(paths.merged) == view

@@ -49,6 +49,17 @@ def real_path(fs: State, node: Inode) -> str | int:
 
 # -- owners and modes as shown (uidmapping=, squash_to_*, xattr_permissions=) ----------
 
+# Where xattr_permissions=1|2 keeps owner and mode (fuse-overlayfs's names).
+OVERRIDE_XATTRS = {1: "security.fuseoverlayfs.override_stat", 2: "user.containers.override_stat"}
+
+
+def protected_xattr(fs: State, name: str) -> bool:
+    """A name the mount answers for itself: writable through it, any user could make a
+    file of theirs show as setuid root.  Guarded wherever container tools may read them."""
+    return (fs.override_xattr is not None or fs.dialect.oci) and \
+        name in OVERRIDE_XATTRS.values()
+
+
 def _override(fs: State, target: str | int) -> tuple[int, int, int] | None:
     assert fs.override_xattr is not None
     try:

@@ -101,7 +101,13 @@ def parse_options(opts: list[str], strict: bool = True) -> Options:
             if not word:
                 continue  # containers-storage may send ",,"
             key, eq, value = word.partition("=")
-            if (eq and key in OUR_KEYS) or (not eq and word in OUR_FLAGS):
+            if key in OUR_FLAGS:
+                # "volatile=1" means volatile too; "=0" (or no, off, false) turns it off.
+                if value.lower() not in ("0", "no", "off", "false") or not eq:
+                    out.ours[key] = ""
+                else:
+                    out.ours.pop(key, None)
+            elif eq and key in OUR_KEYS:
                 out.ours[key] = value
             elif word in FUSE_PASSTHROUGH or word.startswith(FUSE_PASSTHROUGH_PREFIXES):
                 out.fuse.append(word)
@@ -158,7 +164,9 @@ def _split_commas(s: str) -> list[str]:
             cur.append(",")
             i += 2
             continue
-        if c == '"':
+        # A quote opens only right after "=" (context="a,b") and closes at the end of
+        # that value: a '"' inside a path is just a character.
+        if c == '"' and (quoted or (cur and cur[-1] == "=")):
             quoted = not quoted
         if c == "," and not quoted:
             out.append("".join(cur))

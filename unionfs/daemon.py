@@ -16,6 +16,7 @@ import pyfuse3
 import trio
 
 from unionfs import log as logsetup
+from unionfs.attrs import OVERRIDE_XATTRS
 from unionfs.config import MountConfig, validate
 from unionfs.errors import MountError
 from unionfs.inodes import InodeTable
@@ -56,8 +57,7 @@ def prepare(cfg: MountConfig) -> State:
         stack.close()
         raise
     log.info("on-disk dialect: %s", stack.dialect.describe())
-    override = {1: "security.fuseoverlayfs.override_stat",
-                2: "user.containers.override_stat"}.get(cfg.xattr_permissions)
+    override = OVERRIDE_XATTRS.get(cfg.xattr_permissions)
     return State(stack, InodeTable(root_resolution(stack)), owners=cfg.owners,
                  volatile=cfg.volatile, override_xattr=override)
 

@@ -21,7 +21,7 @@ from unionfs.lookup import Resolution
 from unionfs.probe import remove_tree_at
 from unionfs.readdir import list_merged
 from unionfs.state import State
-from unionfs.whiteout import CHARDEV, OCI
+from unionfs.whiteout import CHARDEV, NAME_MAX, OCI, WH_PREFIX
 
 SETID = stat.S_ISUID | stat.S_ISGID
 
@@ -59,6 +59,27 @@ def _whiteout_object(fs: State, udfd: int, name: str) -> bool:
 def check_new_name(fs: State, name: str) -> None:
     if fs.dialect.hides_name(name):
         raise oserror(errno.EINVAL)  # a .wh. name would be read as a marker
+    if fs.dialect.form == OCI and len(os.fsencode(name)) > NAME_MAX - len(WH_PREFIX):
+        # Its whiteout could never be written, so it could never be removed
+        # (fuse-overlayfs reserves the same 4 bytes; statfs says so too).
+        raise oserror(errno.ENAMETOOLONG)
+
+
+def set_opaque(fs: State, dfd: int, name: str) -> None:
+    """The dialect's opaque mark.  Unprivileged, a directory of ours without u+w
+    (mkdir -m 555) takes no user.* xattr and no file: open it for the moment."""
+    try:
+        fs.dialect.set_opaque(dfd, name)
+        return
+    except PermissionError:
+        st = sysio.lstat(dfd, name)
+        if st.st_uid != os.geteuid() or st.st_mode & 0o300 == 0o300:
+            raise
+    sysio.chmod(dfd, name, stat.S_IMODE(st.st_mode) | 0o300)
+    try:
+        fs.dialect.set_opaque(dfd, name)
+    finally:
+        sysio.chmod(dfd, name, stat.S_IMODE(st.st_mode))
 
 
 async def create_object(fs: State, parent: Inode, name: str, mode: int, uid: int, gid: int,
@@ -81,14 +102,17 @@ async def create_object(fs: State, parent: Inode, name: str, mode: int, uid: int
     whited_out = dialect.upper_whiteout(udfd, name)
     if whited_out and sysio.lstat_or_none(udfd, name) is not None:
         wfd, tmp = fs.stack.work_fd, temp_name()
-        make(wfd, tmp, perm)
+        # Unprivileged, a directory without u+w can't move to another parent (its ".."
+        # changes): it gets its mode once it is in place.
+        late = is_dir and os.geteuid() != 0 and perm & 0o300 != 0o300
+        make(wfd, tmp, perm | 0o700 if late else perm)
         try:
-            _finish(wfd, tmp, perm, uid, gid, is_dir)
+            _finish(wfd, tmp, perm | 0o700 if late else perm, uid, gid, is_dir)
             if is_dir:
                 # A new directory over a whiteout must not merge with what the
                 # whiteout hid: opaque, and swapped in (rename can't replace a
                 # whiteout with a directory).
-                dialect.set_opaque(wfd, tmp)
+                set_opaque(fs, wfd, tmp)
                 sysio.renameat2(wfd, tmp, udfd, name, sysio.RENAME_EXCHANGE)
                 sysio.unlink(wfd, tmp)
             else:
@@ -96,12 +120,14 @@ async def create_object(fs: State, parent: Inode, name: str, mode: int, uid: int
         except BaseException:
             remove_tree_at(wfd, tmp)
             raise
+        if late:
+            sysio.chmod(udfd, name, perm)
     else:
         make(udfd, name, perm)
         try:
             _finish(udfd, name, perm, uid, gid, is_dir)
             if whited_out and is_dir:  # an OCI .wh.NAME hid the name: no object to swap
-                dialect.set_opaque(udfd, name)
+                set_opaque(fs, udfd, name)
         except BaseException:
             remove_tree_at(udfd, name)
             raise
@@ -358,7 +384,7 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
             # empty one first (the kernel's ovl_clear_empty).
             tmp = temp_name()
             sysio.mkdir(wfd, tmp, 0o700)
-            fs.dialect.set_opaque(wfd, tmp)
+            set_opaque(fs, wfd, tmp)
             sysio.renameat2(wfd, tmp, new_udfd, new_name, sysio.RENAME_EXCHANGE)
             remove_tree_at(wfd, tmp)
         _opaque_if_moved_into_merge(fs, new_parent, old_udfd, old_name, src)
@@ -369,9 +395,8 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
             sysio.renameat2(old_udfd, old_name, new_udfd, new_name, sysio.RENAME_EXCHANGE)
             if not leave_whiteout:
                 sysio.unlink(old_udfd, old_name)
-            elif fs.dialect.form == OCI:  # the exchanged 0/0 is not the form we write
-                sysio.unlink(old_udfd, old_name)
-                fs.dialect.make_whiteout(old_udfd, old_name, wfd, temp_name())
+            # else the swapped-in whiteout stays where it is needed, whatever form we
+            # write: every reader understands a 0/0 device
         else:
             _rename_leaving(fs, old_udfd, old_name, new_udfd, new_name, leave_whiteout,
                             0 if dst is not None or onto_whiteout else sysio.RENAME_NOREPLACE)
@@ -404,20 +429,22 @@ def _rename_leaving(fs: State, old_udfd: int, old_name: str, new_udfd: int, new_
         sysio.renameat2(old_udfd, old_name, new_udfd, new_name,
                         flags | (sysio.RENAME_WHITEOUT if leave_whiteout else 0))
         return
-    wfd = fs.stack.work_fd
-    if dialect.form == OCI:
-        # .wh.NAME first: it hides only the layers below, and the lower object must
-        # not show at the old name for a moment.
-        dialect.make_whiteout(old_udfd, old_name, wfd, temp_name())
-        try:
-            sysio.renameat2(old_udfd, old_name, new_udfd, new_name, flags)
-        except BaseException:
-            dialect.drop_file_whiteout(old_udfd, old_name)
-            raise
-        return
-    # Xattr whiteouts have no rename flag: the lower object shows for a moment.
-    sysio.renameat2(old_udfd, old_name, new_udfd, new_name, flags)
-    dialect.make_whiteout(old_udfd, old_name, wfd, temp_name())
+    # No rename flag for these forms: the object goes via work, leaving the whiteout in
+    # the same step, so the lower object never shows; a refused second step is undone.
+    wfd, tmp = fs.stack.work_fd, temp_name()
+    had_marker = dialect.whited_out_by_file(old_udfd, old_name)
+    dialect.replace_with_whiteout(old_udfd, old_name, wfd, tmp)
+    try:
+        sysio.renameat2(wfd, tmp, new_udfd, new_name, flags)
+    except BaseException:
+        if dialect.form == OCI:
+            sysio.renameat2(wfd, tmp, old_udfd, old_name, sysio.RENAME_NOREPLACE)
+            if not had_marker:
+                dialect.drop_file_whiteout(old_udfd, old_name)
+        else:
+            sysio.renameat2(wfd, tmp, old_udfd, old_name, sysio.RENAME_EXCHANGE)
+            sysio.unlink(wfd, tmp)
+        raise
 
 
 def _opaque_if_moved_into_merge(fs: State, parent: Inode, udfd: int, name: str,
@@ -426,4 +453,4 @@ def _opaque_if_moved_into_merge(fs: State, parent: Inode, udfd: int, name: str,
     below its new name (kernel: ovl_set_opaque in ovl_rename)."""
     if res is not None and res.is_dir and parent.lowers and \
             not fs.dialect.is_opaque(udfd, name):
-        fs.dialect.set_opaque(udfd, name)
+        set_opaque(fs, udfd, name)

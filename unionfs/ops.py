@@ -21,6 +21,7 @@ from unionfs.copyup import copy_up
 from unionfs.inodes import Inode
 from unionfs.readdir import list_merged
 from unionfs.state import State
+from unionfs.whiteout import OCI, WH_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class Operations(pyfuse3.Operations):
     def _created(self, parent: Inode, name: str, res: lookup.Resolution, mode: int,
                  ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if self.fs.override_xattr is not None:
-            attrs.record_owner(self.fs, parent, name, res, ctx.uid, ctx.gid, mode)
+            attrs.record_owner(self.fs, parent, name, res, *self._caller(ctx), mode)
         return self._entry(parent, name, res)
 
     def _entry(self, parent: Inode, name: str, res: lookup.Resolution) -> pyfuse3.EntryAttributes:
@@ -184,6 +185,8 @@ class Operations(pyfuse3.Operations):
         for f in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
                   "f_ffree", "f_favail", "f_namemax"):
             setattr(d, f, getattr(sv, f))
+        if self.fs.dialect.form == OCI:
+            d.f_namemax -= len(WH_PREFIX)  # room for the ".wh." of a whiteout
         return d
 
     # -- directories -------------------------------------------------------------

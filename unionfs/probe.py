@@ -113,7 +113,8 @@ def _probe_dialect(wfd: int, userxattr: bool, oci: bool) -> Dialect:
             form = forced  # what a filesystem without 0/0 gets; for tests and OCI tooling
         if form == XATTR:
             try:
-                fd = sysio.open_at(wfd, name + ".x", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0)
+                fd = sysio.open_at(wfd, name + ".x", os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                                   0o600)
                 os.close(fd)
                 sysio.setxattr(wfd, name + ".x", prefix + "whiteout", b"")
             except OSError:

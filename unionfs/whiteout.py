@@ -30,6 +30,7 @@ TRUSTED = "trusted.overlay."
 USER = "user.overlay."
 FUSE_OVERLAYFS = "user.fuseoverlayfs."
 XATTR_NAME_MAX = 255
+NAME_MAX = 255
 
 WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"  # in a directory: the directory is opaque
@@ -90,8 +91,9 @@ class Dialect:
 
     def whited_out_by_file(self, dirfd: int, name: str) -> bool:
         """An OCI ``.wh.NAME`` beside ``name`` hides it in the layers below."""
-        return self.oci and len(name) + 4 <= 255 and \
-            sysio.lstat_or_none(dirfd, WH_PREFIX + name) is not None
+        if not self.oci or len(os.fsencode(name)) + len(WH_PREFIX) > NAME_MAX:
+            return False  # no .wh. name can exist for it
+        return sysio.lstat_or_none(dirfd, WH_PREFIX + name) is not None
 
     def is_opaque(self, dirfd: int, name: str) -> bool:
         """Does directory ``name`` hide the directories below it?"""
@@ -172,8 +174,13 @@ class Dialect:
                 os.close(sub)
 
     def _xattr_whiteout_in(self, workfd: int, tmp: str) -> None:
-        os.close(sysio.open_at(workfd, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0))
-        sysio.setxattr(workfd, tmp, self.xattr_whiteout, b"")
+        # Mode 000 only after the xattr: without privileges a user.* xattr needs write access.
+        fd = sysio.open_at(workfd, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.setxattr(sysio.proc_fd(fd), self.xattr_whiteout, b"")
+            os.fchmod(fd, 0)
+        finally:
+            os.close(fd)
 
     def _mark_xattr_whiteouts(self, dirfd: int) -> None:
         # "x" keeps the kernel from listing the whiteout; it must not override "y".
@@ -181,7 +188,7 @@ class Dialect:
             os.setxattr(sysio.proc_fd(dirfd), self.opaque, b"x")
 
     def _oci_whiteout(self, dirfd: int, name: str) -> None:
-        if len(os.fsencode(name)) + len(WH_PREFIX) > 255:
+        if len(os.fsencode(name)) + len(WH_PREFIX) > NAME_MAX:
             raise oserror(errno.ENAMETOOLONG, name)
         self._oci_file(dirfd, WH_PREFIX + name)
 

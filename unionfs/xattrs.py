@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import os
 
-from unionfs.attrs import real_path
+from unionfs.attrs import protected_xattr, real_path
 from unionfs.copyup import copy_up
 from unionfs.errors import oserror
 from unionfs.inodes import Inode
@@ -20,11 +20,18 @@ def _nofollow(target: str | int) -> bool:
     return isinstance(target, str)  # follow_symlinks=False is refused with an fd
 
 
+def _real_name(fs: State, name: str) -> str:
+    """The on-disk name for ``name``; EPERM for the markers nobody may set through us."""
+    if protected_xattr(fs, name):
+        raise oserror(errno.EPERM)
+    return fs.dialect.to_real_xattr(name)
+
+
 def getxattr(fs: State, node: Inode, name: str) -> bytes:
     try:
-        real = fs.dialect.to_real_xattr(name)
+        real = _real_name(fs, name)
     except PermissionError:
-        raise oserror(errno.ENODATA) from None  # another tool's marker: hidden
+        raise oserror(errno.ENODATA) from None  # a marker: hidden
     try:
         target = real_path(fs, node)
         return os.getxattr(target, real, follow_symlinks=not _nofollow(target))
@@ -48,14 +55,14 @@ def listxattr(fs: State, node: Inode, privileged: bool = True) -> list[str]:
         shown = fs.dialect.to_visible_xattr(real)
         # The kernel lists trusted.* only to CAP_SYS_ADMIN; FUSE leaves that to us.
         if shown is not None and (privileged or not shown.startswith("trusted.")) \
-                and shown != fs.override_xattr:
+                and not protected_xattr(fs, shown):
             out.append(shown)
     return out
 
 
 async def setxattr(fs: State, node: Inode, name: str, value: bytes, flags: int = 0) -> None:
     fs.check_writable()
-    real = fs.dialect.to_real_xattr(name)
+    real = _real_name(fs, name)
     if not node.gone:
         await copy_up(fs, node)
     target = real_path(fs, node)
@@ -64,7 +71,7 @@ async def setxattr(fs: State, node: Inode, name: str, value: bytes, flags: int =
 
 async def removexattr(fs: State, node: Inode, name: str) -> None:
     fs.check_writable()
-    real = fs.dialect.to_real_xattr(name)
+    real = _real_name(fs, name)
     if not node.in_upper and not node.gone:
         # A name that isn't there fails before anything is copied up.
         target = real_path(fs, node)
