@@ -818,6 +818,18 @@ class Side:
             m.stop()
 
 
+def stop_all(items: Iterable[Any]) -> None:
+    """``stop()`` every item even when some fail, then raise the first failure."""
+    errs = []
+    for it in items:
+        try:
+            it.stop()
+        except Exception as e:  # noqa: BLE001 - stop all, then report
+            errs.append(e)
+    if errs:
+        raise errs[0]
+
+
 class Pair:
     """Kernel overlayfs and pyunionfs over byte-identical copies of one stack."""
 
@@ -836,14 +848,7 @@ class Pair:
         return (self.k, self.o)
 
     def stop(self) -> None:
-        errs = []
-        for s in (self.o, self.k):
-            try:
-                s.stop()
-            except Exception as e:  # noqa: BLE001 - stop both, then report
-                errs.append(e)
-        if errs:
-            raise errs[0]
+        stop_all((self.o, self.k))
 
     # -- operations -------------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ from overlay_harness import (
     run_as,
     snapshot_merged,
     snapshot_upper,
+    stop_all,
     unionfs_pids,
     wait_until,
 )
@@ -395,14 +396,7 @@ def user_mounts() -> Iterator[Callable[..., UserMount]]:
         return m
 
     yield factory
-    errors = []
-    for m in reversed(made):
-        try:
-            m.stop()
-        except Exception as e:  # noqa: BLE001 - stop all, then report
-            errors.append(e)
-    if errors:
-        raise errors[0]
+    stop_all(reversed(made))
 
 
 @contextlib.contextmanager
