@@ -73,22 +73,10 @@ def set_mode_and_times(dfd: int, name: str, st: os.stat_result) -> None:
 
 
 def rename_into(wfd: int, tmp: str, udfd: int, name: str) -> None:
-    """The final rename of a copy-up.  Unprivileged, a read-only upper parent (a
-    lower dir of mode 0555, copied up) refuses it even though the caller may change
-    the child: we own that directory, so we open it for the moment of the rename."""
-    try:
-        sysio.renameat2(wfd, tmp, udfd, name, sysio.RENAME_NOREPLACE)
-        return
-    except PermissionError as e:
-        pst = os.fstat(udfd)
-        if e.errno != errno.EACCES or pst.st_uid != os.geteuid() or \
-                pst.st_mode & 0o300 == 0o300:
-            raise
-    os.chmod(sysio.proc_fd(udfd), stat.S_IMODE(pst.st_mode) | 0o300)
-    try:
-        sysio.renameat2(wfd, tmp, udfd, name, sysio.RENAME_NOREPLACE)
-    finally:
-        os.chmod(sysio.proc_fd(udfd), stat.S_IMODE(pst.st_mode))
+    """The final rename of a copy-up, also into a read-only upper parent of ours (the
+    caller may change the child even where it may not change the parent)."""
+    sysio.as_owner(udfd, ".", lambda: sysio.renameat2(wfd, tmp, udfd, name,
+                                                      sysio.RENAME_NOREPLACE))
 
 
 def restore_times(dirfd: int, before: os.stat_result) -> None:

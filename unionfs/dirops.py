@@ -68,18 +68,7 @@ def check_new_name(fs: State, name: str) -> None:
 def set_opaque(fs: State, dfd: int, name: str) -> None:
     """The dialect's opaque mark.  Unprivileged, a directory of ours without u+w
     (mkdir -m 555) takes no user.* xattr and no file: open it for the moment."""
-    try:
-        fs.dialect.set_opaque(dfd, name)
-        return
-    except PermissionError:
-        st = sysio.lstat(dfd, name)
-        if st.st_uid != os.geteuid() or st.st_mode & 0o300 == 0o300:
-            raise
-    sysio.chmod(dfd, name, stat.S_IMODE(st.st_mode) | 0o300)
-    try:
-        fs.dialect.set_opaque(dfd, name)
-    finally:
-        sysio.chmod(dfd, name, stat.S_IMODE(st.st_mode))
+    sysio.as_owner(dfd, name, lambda: fs.dialect.set_opaque(dfd, name))
 
 
 async def create_object(fs: State, parent: Inode, name: str, mode: int, uid: int, gid: int,

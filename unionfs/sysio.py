@@ -14,6 +14,7 @@ import ctypes
 import errno
 import os
 import stat
+from collections.abc import Callable
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -189,6 +190,27 @@ def chmod(dirfd: int, name: str, mode: int) -> None:
         return
     with ObjectRef(dirfd, name) as p:
         os.chmod(p, mode)
+
+
+def as_owner(dirfd: int, name: str, fn: Callable[[], None]) -> None:
+    """Run ``fn``, a change in or of directory ``name`` (``"."``: ``dirfd`` itself).
+    Unprivileged, a directory of ours without u+wx (a lower dir of mode 0555, copied up;
+    mkdir -m 555) refuses it where the kernel, with its privileges, would go ahead:
+    then give ourselves u+wx for the moment of ``fn``."""
+    try:
+        fn()
+        return
+    except PermissionError as e:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        if e.errno != errno.EACCES or st.st_uid != os.geteuid() or \
+                not stat.S_ISDIR(st.st_mode) or st.st_mode & 0o300 == 0o300:
+            raise
+    with ObjectRef(dirfd, name) as p:
+        os.chmod(p, stat.S_IMODE(st.st_mode) | 0o300)
+        try:
+            fn()
+        finally:
+            os.chmod(p, stat.S_IMODE(st.st_mode))
 
 
 def chown(dirfd: int, name: str, uid: int, gid: int) -> None:
