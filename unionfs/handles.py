@@ -29,12 +29,13 @@ class FileHandle:
 
 
 class DirHandle:
-    __slots__ = ("fh", "inode", "entries")
+    __slots__ = ("fh", "inode", "entries", "epoch")
 
     def __init__(self, fh: int, inode: Inode) -> None:
         self.fh = fh
         self.inode = inode
         self.entries: list[Entry] | None = None  # built on the first read at offset 0
+        self.epoch = -1  # State.epoch when they were built
 
 
 class HandleTable:

@@ -19,7 +19,7 @@ import trio
 from unionfs import attrs, dirops, lookup, sysio, xattrs
 from unionfs.copyup import copy_up
 from unionfs.inodes import Inode
-from unionfs.readdir import list_merged
+from unionfs.readdir import list_merged, resolve_entry
 from unionfs.state import State
 from unionfs.whiteout import OCI, WH_PREFIX
 
@@ -32,6 +32,13 @@ log = logging.getLogger(__name__)
 TIMEOUT = 1.0
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
+# Handlers that change nothing in the layers.  Every other one moves State.epoch on,
+# before it starts and when it ends, so that what a listing learned is trusted only
+# while nothing has changed since (a handler may wait half-way, in a copy-up).
+READ_ONLY = frozenset({"lookup", "getattr", "readlink", "statfs", "opendir", "readdir",
+                       "releasedir", "fsyncdir", "read", "flush", "fsync", "release",
+                       "getxattr", "listxattr"})
+
 # What we pass on to the real file: the kernel does O_APPEND positioning itself,
 # and O_DIRECT would demand aligned buffers Python doesn't give.
 OPEN_FLAGS = os.O_ACCMODE | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NONBLOCK
@@ -39,11 +46,15 @@ OPEN_FLAGS = os.O_ACCMODE | os.O_TRUNC | os.O_SYNC | os.O_DSYNC | os.O_NONBLOCK
 
 def _guard(fn: F) -> F:
     name = fn.__name__
+    changes = name not in READ_ONLY
 
     @functools.wraps(fn)
     async def wrapper(self: Operations, *args: Any) -> Any:
         if self.debug:
             log.debug("-> %s%r", name, args[:-1] if name not in ("read", "write") else args[:2])
+        fs = self.fs
+        if changes:
+            fs.epoch += 1
         try:
             res = await fn(self, *args)
         except pyfuse3.FUSEError as e:
@@ -58,6 +69,9 @@ def _guard(fn: F) -> F:
         except Exception:
             log.exception("internal error in %s%r", name, args[:-1])
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            if changes:
+                fs.epoch += 1
         return res
 
     return wrapper  # type: ignore[return-value]
@@ -206,7 +220,11 @@ class Operations(pyfuse3.Operations):
         if start_id == 0 or h.entries is None:
             # Built once per pass; a rewind (offset 0) picks up changes, as in the kernel.
             h.entries = list_merged(stack, path, node.dirs)
+            h.epoch = self.fs.epoch
         entries = h.entries
+        # What the listing learned holds until something changes; after that each name
+        # is looked up afresh, since it may have been removed or copied up meanwhile.
+        fresh = h.epoch == self.fs.epoch
         pos = start_id
         while pos < len(entries) + 2:
             if pos < 2:
@@ -222,9 +240,9 @@ class Operations(pyfuse3.Operations):
             pos += 1
             if e.hidden:
                 continue
-            # Resolved afresh from the top: since the listing was made the name may have
-            # been removed or copied up, and the kernel must get what a lookup would give.
-            res = lookup.resolve(stack, path, node.dirs, e.name)
+            res = resolve_entry(stack, path, e) if fresh else False
+            if res is False:
+                res = lookup.resolve(stack, path, node.dirs, e.name)
             if res is None:
                 continue
             child = self.fs.inodes.bind(node, e.name, res)

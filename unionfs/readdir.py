@@ -1,20 +1,37 @@
-"""Merged directory listings (kernel fs/overlayfs/readdir.c; overlay-semantics §5)."""
+"""Merged directory listings (kernel fs/overlayfs/readdir.c; overlay-semantics §5).
+
+A listing reads every layer of the directory once, and keeps what it learned about
+each name (the topmost layer holding it, its type, the lower layers where it is a
+directory too), so that readdirplus can give each entry its attributes with one
+lstat instead of a lookup through every layer again.
+"""
 
 from __future__ import annotations
 
+import os
 import stat
 from dataclasses import dataclass
+from typing import Literal
 
 from unionfs import sysio
 from unionfs.layers import Layer, LayerStack
+from unionfs.lookup import Resolution
 from unionfs.whiteout import WH_PREFIX, is_whiteout_stat
 
 
 @dataclass(slots=True)
 class Entry:
     name: str
-    layer: Layer
+    layer: Layer  # the topmost layer holding the name
     hidden: bool  # a whiteout: keeps its slot so offsets stay put, never shown
+    kind: int = 0  # S_IFMT from d_type (or lstat); 0 when unknown
+    st: os.stat_result | None = None  # when the listing had to lstat it
+    # A directory: the layers below where the name is a directory too, up to the
+    # first one where it is not (the opaque marks are read when it is resolved).
+    below: list[Layer] | None = None
+    merging: bool = False  # still collecting ``below`` while the listing runs
+    uncertain: bool = False  # the layers below could not be told from d_type: look it up
+    checked: bool = False  # ``hidden`` already says whether lookup takes it for a whiteout
 
 
 def list_merged(stack: LayerStack, path: str, dirs: list[Layer]) -> list[Entry]:
@@ -22,7 +39,7 @@ def list_merged(stack: LayerStack, path: str, dirs: list[Layer]) -> list[Entry]:
     entries first, then those that appear only in higher layers, top down.
     The first occurrence of a name wins; whiteouts stay in as hidden slots."""
     dialect = stack.dialect
-    seen: set[str] = set()
+    first: dict[str, Entry] = {}
     per_layer: list[list[Entry]] = []
     for layer in dirs:
         dfd = stack.dirfd_or_none(layer, path)
@@ -34,29 +51,50 @@ def list_merged(stack: LayerStack, path: str, dirs: list[Layer]) -> list[Entry]:
         xwhiteouts = dialect.oci or dialect.lists_xattr_whiteouts(dfd)
         new: list[Entry] = []
         listing = sysio.scandir_fd(dfd)
+        stoppers: set[str] = set()  # names whose merge ends in this layer (OCI .wh.NAME)
         if dialect.oci:
             # ".wh.NAME" hides NAME below this layer, as a whiteout would; the marker
             # files themselves never show.  The layer's own NAME (if any) still counts.
-            for name, _, _ in listing:
-                if name.startswith(WH_PREFIX):
-                    seen.add(name)
             names = {n for n, _, _ in listing}
             for name, _, _ in listing:
+                if name.startswith(WH_PREFIX):
+                    first.setdefault(name, Entry(name, layer, True))
+            for name, _, _ in listing:
                 target = name[len(WH_PREFIX):]
-                if name.startswith(WH_PREFIX) and target and target not in seen \
-                        and target not in names and not target.startswith(WH_PREFIX):
-                    seen.add(target)
-                    new.append(Entry(target, layer, True))
+                if not name.startswith(WH_PREFIX) or not target or target.startswith(WH_PREFIX):
+                    continue
+                stoppers.add(target)
+                if target not in first and target not in names:
+                    marker = Entry(target, layer, True)
+                    first[target] = marker
+                    new.append(marker)
         for name, kind, _ in listing:
-            if name in seen:
+            e = first.get(name)
+            if e is not None:
+                if e.merging:  # the same name lower down: does the directory merge on?
+                    if kind == stat.S_IFDIR:
+                        assert e.below is not None
+                        e.below.append(layer)
+                    else:
+                        e.merging = False
+                        e.uncertain = kind == 0  # maybe a whiteout, maybe not: look it up
                 continue
-            seen.add(name)
+            st = None
             hidden = False
             if kind == 0 or (xwhiteouts and kind == stat.S_IFREG):
                 st = sysio.lstat_or_none(dfd, name)
                 hidden = st is None or (dialect.is_whiteout(dfd, name, st) if xwhiteouts
                                         else is_whiteout_stat(st))
-            new.append(Entry(name, layer, hidden))
+                if st is not None:
+                    kind = stat.S_IFMT(st.st_mode)
+            entry = Entry(name, layer, hidden, kind, st, checked=st is not None and xwhiteouts)
+            if kind == stat.S_IFDIR and not hidden:
+                entry.below, entry.merging = [], True
+            first[name] = entry
+            new.append(entry)
+        for name in stoppers:
+            if (stopped := first.get(name)) is not None:
+                stopped.merging = False
         per_layer.append(new)
     if len(per_layer) == 1:
         return per_layer[0]
@@ -65,3 +103,38 @@ def list_merged(stack: LayerStack, path: str, dirs: list[Layer]) -> list[Entry]:
         out.extend(chunk)
     return out
 
+
+def resolve_entry(stack: LayerStack, path: str, e: Entry) -> Resolution | None | Literal[False]:
+    """What a lookup of a listed name would give, from what the listing learned:
+    a Resolution, None when the name turns out absent, or False when the listing
+    can't tell (the caller looks the name up)."""
+    if e.uncertain:
+        return False
+    dialect = stack.dialect
+    dfd = stack.dirfd_or_none(e.layer, path)
+    if dfd is None:
+        return False
+    st = e.st if e.st is not None else sysio.lstat_or_none(dfd, e.name)
+    if st is None:
+        return None
+    if stat.S_IFMT(st.st_mode) != e.kind:
+        return False  # changed since it was listed
+    if e.kind != stat.S_IFDIR:
+        if not e.checked and (e.kind == stat.S_IFREG and st.st_size == 0
+                              or e.kind == stat.S_IFCHR):
+            if dialect.is_whiteout(dfd, e.name, st):
+                return None  # an xattr whiteout the listing was told to show: lookup hides it
+        return Resolution(e.layer, st)
+    res = Resolution(e.layer, st, [e.layer])
+    if e.below:
+        layer, ldfd = e.layer, dfd
+        for lower in e.below:
+            if dialect.is_opaque(ldfd, e.name):
+                break
+            res.dirs.append(lower)
+            layer = lower
+            got = stack.dirfd_or_none(layer, path)
+            if got is None:
+                return False
+            ldfd = got
+    return res

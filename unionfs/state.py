@@ -21,6 +21,7 @@ class State:
     owners: Owners = field(default_factory=Owners)  # id translation at the edge
     volatile: bool = False  # fsync does nothing
     override_xattr: str | None = None  # owner/mode kept in this xattr (xattr_permissions)
+    epoch: int = 0  # moved on by every request that may change the layers (ops._guard)
 
     @property
     def dialect(self) -> Dialect:
