@@ -81,7 +81,16 @@ MINUTES  ?= 0
 conformance: deps
 	$(PY) scripts/conformance.py --examples $(EXAMPLES) --steps $(STEPS) --minutes $(MINUTES)
 
+# The comparison needs fuse-overlayfs: installed here if missing (not with PYUNIONFS_NO_APT=1;
+# without it the fuse-overlayfs column is n/a).
 bench: deps
+	@if ! command -v fuse-overlayfs >/dev/null 2>&1 && [ "$${PYUNIONFS_NO_APT:-0}" != 1 ]; then \
+		if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$$sudo apt-get install -y -qq fuse-overlayfs >/dev/null \
+		|| { $$sudo apt-get update -qq && $$sudo apt-get install -y -qq fuse-overlayfs >/dev/null; } \
+		|| echo "make bench: could not install fuse-overlayfs; its column will be n/a" >&2; \
+	fi
 	@mkdir -p $(dir $(BENCH_JSON))
 	$(PY) scripts/bench.py --json $(BENCH_JSON) $(BENCH_ARGS)
 
