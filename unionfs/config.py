@@ -26,7 +26,7 @@ SILENTLY_IGNORED = {"defaults", "rw", "auto", "noauto", "user", "users", "nouser
 IGNORED_PREFIXES = ("context=", "fscontext=", "defcontext=", "rootcontext=", "x-")
 # fuse-overlayfs options that change nothing here (our defaults already are what they
 # ask for, or they tune fuse-overlayfs internals).
-PEER_NOOPS = {"noacl", "static_nlink", "threaded", "fast_ino", "writeback", "timeout",
+PEER_NOOPS = {"noacl", "static_nlink", "threaded", "fast_ino", "writeback",
               "redirect_dir", "ino32_t", "xino", "plugins", "noxattrs", "debug"}
 WHITEOUT_MODES = ("kernel", "oci")
 
@@ -48,6 +48,9 @@ class MountConfig:
     volatile: bool = False  # fsync is a no-op
     owners: Owners = field(default_factory=Owners)
     xattr_permissions: int = 0  # 2: owner/mode kept in user.containers.override_stat
+    # How long the kernel may cache names and attributes.  Long, because every change
+    # goes through the mount (lowers are immutable); 0 for layers changed underneath.
+    timeout: float = 86400.0
 
     @property
     def readonly(self) -> bool:
@@ -78,7 +81,7 @@ def split_lowerdir(spec: str) -> list[str]:
 
 
 OUR_KEYS = ("lowerdir", "upperdir", "workdir", "whiteouts", "uidmapping", "gidmapping",
-            "squash_to_uid", "squash_to_gid", "xattr_permissions", "fsync")
+            "squash_to_uid", "squash_to_gid", "xattr_permissions", "fsync", "timeout")
 OUR_FLAGS = ("userxattr", "volatile", "squash_to_root")
 
 
@@ -147,6 +150,13 @@ def apply_options(cfg: MountConfig, ours: dict[str, str]) -> None:
             if not value.isdigit():
                 raise MountError(f"{key}={value}: expected a number")
             idmap.squash = int(value)
+    if "timeout" in ours:
+        try:
+            cfg.timeout = float(ours["timeout"])
+        except ValueError:
+            cfg.timeout = -1.0
+        if not 0 <= cfg.timeout < 1e9:
+            raise MountError(f"timeout={ours['timeout']}: expected seconds (0 = cache nothing)")
     if "xattr_permissions" in ours:
         value = ours["xattr_permissions"]
         if value not in ("0", "1", "2"):

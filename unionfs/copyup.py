@@ -152,6 +152,7 @@ async def _copy_one(fs: State, node: Inode, data: bool) -> None:
     new_st = sysio.lstat(udfd, name)
     dirs = [upper, *node.dirs] if kind == stat.S_IFDIR else []
     fs.inodes.rekey(node, Resolution(upper, new_st, dirs))
+    fs.attrs_changed(node.ino)
     if kind == stat.S_IFREG:
         _switch_handles(node, udfd)
 

@@ -59,7 +59,7 @@ def prepare(cfg: MountConfig) -> State:
     log.info("on-disk dialect: %s", stack.dialect.describe())
     override = OVERRIDE_XATTRS.get(cfg.xattr_permissions)
     return State(stack, InodeTable(root_resolution(stack)), owners=cfg.owners,
-                 volatile=cfg.volatile, override_xattr=override)
+                 volatile=cfg.volatile, override_xattr=override, timeout=cfg.timeout)
 
 
 def mount(cfg: MountConfig) -> int:

@@ -25,11 +25,6 @@ from unionfs.whiteout import OCI, WH_PREFIX
 
 log = logging.getLogger(__name__)
 
-# Seconds the kernel may trust an entry or attribute.  Every change to the
-# namespace goes through us and the kernel updates its caches from our replies,
-# but copy-up changes attributes (ctime, blocks) behind an open: keep this short
-# until explicit invalidation lands.
-TIMEOUT = 1.0
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 # Handlers that change nothing in the layers.  Every other one moves State.epoch on,
@@ -77,6 +72,14 @@ def _guard(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _invalidate_attrs(ino: int) -> None:
+    # Attributes only: that never waits for page locks, so it is safe inside a handler.
+    try:
+        pyfuse3.invalidate_inode(ino, attr_only=True)
+    except OSError:
+        pass  # the kernel doesn't hold the inode: nothing cached to drop
+
+
 def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
@@ -88,6 +91,9 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.debug = debug
+        self.timeout = fs.timeout
+        if fs.timeout > 0:
+            fs.attrs_changed = _invalidate_attrs
 
     # -- helpers -------------------------------------------------------------
     def _node(self, ino: int) -> Inode:
@@ -107,8 +113,8 @@ class Operations(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = node.ino
         e.generation = 0
-        e.entry_timeout = TIMEOUT
-        e.attr_timeout = TIMEOUT
+        e.entry_timeout = self.timeout
+        e.attr_timeout = self.timeout
         e.st_nlink = attrs.nlink_of(node, st)
         e.st_mode, e.st_uid, e.st_gid = attrs.shown_owner(self.fs, node, st)
         e.st_rdev = st.st_rdev
@@ -118,6 +124,13 @@ class Operations(pyfuse3.Operations):
         e.st_atime_ns = st.st_atime_ns
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
+        return e
+
+    def _absent(self) -> pyfuse3.EntryAttributes:
+        """A negative entry (inode 0): the kernel remembers the name is absent."""
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = 0
+        e.entry_timeout = self.timeout
         return e
 
     def _caller(self, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
@@ -148,6 +161,8 @@ class Operations(pyfuse3.Operations):
             return self._attrs(node, attrs.real_stat(self.fs, node))
         res = dirops.resolve_in(self.fs, parent, sname)
         if res is None:
+            if self.timeout > 0:
+                return self._absent()
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._entry(parent, sname, res)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from unionfs.errors import oserror
@@ -22,6 +23,11 @@ class State:
     volatile: bool = False  # fsync does nothing
     override_xattr: str | None = None  # owner/mode kept in this xattr (xattr_permissions)
     epoch: int = 0  # moved on by every request that may change the layers (ops._guard)
+    # Seconds the kernel may trust names and attributes (-o timeout=).  What changes
+    # through the mount reaches the kernel in our replies; what changes behind a reply
+    # (a copy-up's new ctime and blocks) is told with ``attrs_changed``.
+    timeout: float = 86400.0
+    attrs_changed: Callable[[int], None] = field(default=lambda ino: None)
 
     @property
     def dialect(self) -> Dialect:
