@@ -202,14 +202,19 @@ async def link(fs: State, node: Inode, new_parent: Inode, new_name: str) -> Reso
     return Resolution(fs.upper, sysio.lstat(udfd, new_name))
 
 
-async def settle(fs: State, parent: Inode, name: str) -> None:
+async def settle(fs: State, parent: Inode, name: str,
+                 res: Resolution | None | bool = False) -> bool:
     """Wait for a copy-up of ``name`` in flight: removing or replacing the name under it
-    would make its final rename fail (the kernel holds the name locked meanwhile)."""
-    res = resolve_in(fs, parent, name)
-    node = live_inode(fs, parent, name, res) if res is not None else None
+    would make its final rename fail (the kernel holds the name locked meanwhile).
+    ``res``: the name's resolution when the caller has it.  True if it waited."""
+    if res is False:
+        res = resolve_in(fs, parent, name)
+    node = live_inode(fs, parent, name, res) if isinstance(res, Resolution) else None
     if node is not None and node.lock.locked():
         async with node.lock:
             pass
+        return True
+    return False
 
 
 def _check_remove(fs: State, parent: Inode, name: str, is_dir: bool) -> Resolution:
@@ -234,14 +239,19 @@ async def rmdir(fs: State, parent: Inode, name: str) -> None:
 
 async def _remove(fs: State, parent: Inode, name: str, is_dir: bool) -> None:
     fs.check_writable()
-    _check_remove(fs, parent, name, is_dir)  # errors first: nothing is copied up for them
-    await settle(fs, parent, name)
-    await upper_dir(fs, parent)
-    # Checked again with no await left before the change: the awaits let others run.
-    res = _check_remove(fs, parent, name, is_dir)
+    res = _check_remove(fs, parent, name, is_dir)  # errors first: nothing is copied up for them
+    waited = await settle(fs, parent, name, res)
+    if not parent.in_upper:
+        await upper_dir(fs, parent)
+        waited = True
+    if waited:
+        # Checked again with no await left before the change: the awaits let others run.
+        res = _check_remove(fs, parent, name, is_dir)
     udfd = fs.stack.dirfd(fs.upper, parent.path)
     node = live_inode(fs, parent, name, res)
-    needs_whiteout = lower_has(fs, parent, name)
+    # A name found in a lower layer obviously needs hiding; one found in upper only if
+    # a lower layer has it too.
+    needs_whiteout = not res.layer.upper or lower_has(fs, parent, name)
     if res.layer.upper:
         if needs_whiteout or res.is_dir:
             _retire(fs, udfd, name, needs_whiteout, res.is_dir)
