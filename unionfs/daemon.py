@@ -25,6 +25,7 @@ from unionfs.lookup import root_resolution
 from unionfs.ops import Operations
 from unionfs.probe import cleanup_workdir, prepare_workdir
 from unionfs.state import State
+from unionfs.whiteout import drop_shared_whiteout
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT = 30.0
@@ -78,7 +79,7 @@ def mount(cfg: MountConfig) -> int:
         cleanup_workdir(fs.stack)
         raise MountError(f"cannot mount on '{cfg.merged}': {e} ({_mount_hint()})") from None
     if cfg.foreground:
-        return serve(None)
+        return _served(fs, serve(None))
     read_end, write_end = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -92,7 +93,13 @@ def mount(cfg: MountConfig) -> int:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
-    os._exit(serve(write_end))
+    os._exit(_served(fs, serve(write_end)))
+
+
+def _served(fs: State, rc: int) -> int:
+    """After the unmount: leave WORK/work empty, as a clean unmount should."""
+    drop_shared_whiteout(fs.stack.work_fd)
+    return rc
 
 
 def _mount_hint() -> str:

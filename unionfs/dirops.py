@@ -16,7 +16,7 @@ from collections.abc import Callable
 from unionfs import lookup, sysio
 from unionfs.copyup import copy_up, temp_name
 from unionfs.errors import oserror
-from unionfs.inodes import Inode, object_key
+from unionfs.inodes import Inode
 from unionfs.lookup import Resolution
 from unionfs.probe import remove_tree_at
 from unionfs.readdir import list_merged
@@ -42,8 +42,7 @@ async def upper_dir(fs: State, parent: Inode) -> int:
 
 
 def live_inode(fs: State, parent: Inode, name: str, res: Resolution) -> Inode | None:
-    ino = fs.inodes.ino_of.get(object_key(res))
-    return fs.inodes.get(ino) if ino is not None else None
+    return fs.inodes.live(res)
 
 
 def is_empty(fs: State, path: str, res: Resolution) -> bool:

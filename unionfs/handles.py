@@ -52,7 +52,7 @@ class HandleTable:
     def add_file(self, inode: Inode, fd: int, flags: int, layer: Layer) -> FileHandle:
         h = FileHandle(self._alloc(), inode, fd, flags, layer)
         self.files[h.fh] = h
-        inode.handles.add(h)
+        inode.add_handle(h)
         return h
 
     def add_dir(self, inode: Inode) -> DirHandle:

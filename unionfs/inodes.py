@@ -1,10 +1,14 @@
 """Our inodes: numbers, lookup counts and where each object lives in the layers.
 
 An inode number is also the FUSE node id (pyfuse3 ties them), so it must be
-unique among live inodes and should stay the same for one object for the life
-of the mount, across copy-up and across the kernel forgetting it.  We map the
-real object (device, inode) to our number and remember the mapping until the
-object is deleted.  Numbers are never reused, so the generation stays 0.
+unique among live inodes, and it must stay the same for one object for the life
+of the mount, across copy-up and across the kernel forgetting it.  So it is
+computed from the real object: the real st_ino where all layers share one
+filesystem (as the kernel's overlay shows it), with the device's ordinal in the
+high bits for a second filesystem.  Only the exceptions are remembered: a
+copied-up object keeps its lower number, and two layers sharing a real inode
+(`cp -al`) or a number still held by a removed object get a number of their own.
+What the kernel forgets is forgotten here too, so memory follows the kernel's cache.
 
 All names of one real file share one inode, as under the kernel.  FUSE names
 only the node on open/setattr, so when a lower file with several names the
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -26,25 +30,36 @@ if TYPE_CHECKING:
     from unionfs.handles import FileHandle
 
 ROOT_INO = 1
-Key = tuple[int, int, int]
+# A real object: its source (layer and device, as a small ordinal) in the bits above 64,
+# the real st_ino below.  The layer is part of the identity: layers made with `cp -al`
+# share real inodes, yet each name must be copied up from its own layer.
+Key = int
+INO_BITS = 48  # real inode numbers above this, or a device past the first: see number()
+# Numbers for the exceptions count down from the top, above every natural number (the
+# device ordinal 2**15-1 is never used for those).
+TOP_INO = (1 << 63) - 1
+_NO_DIRS: list[Layer] = []  # shared by every non-directory; never changed in place
+_NONE: frozenset[Any] = frozenset()  # aliases/handles until there is one
 
 
 class Inode:
     __slots__ = ("ino", "parent", "name", "aliases", "mode", "layer", "dirs", "key",
-                 "lookups", "handles", "_lock", "kids", "gone", "gone_st", "__weakref__")
+                 "lookups", "handles", "_lock", "kids", "gone", "gone_st")
 
     def __init__(self, ino: int, parent: Inode | None, name: str, res: Resolution,
                  key: Key) -> None:
         self.ino = ino
         self.parent = parent
         self.name = name
-        self.aliases: set[tuple[Inode, str]] = set()  # other names of an upper hard link
+        # Other names of an upper hard link; a shared empty set until there is one
+        # (most inodes never have one: 216 bytes each saved).
+        self.aliases: set[tuple[Inode, str]] = _NONE  # type: ignore[assignment]
         self.mode = res.st.st_mode
         self.layer: Layer = res.layer
-        self.dirs: list[Layer] = res.dirs
+        self.dirs: list[Layer] = res.dirs or _NO_DIRS
         self.key = key
         self.lookups = 0
-        self.handles: set[FileHandle] = set()
+        self.handles: set[FileHandle] = _NONE  # type: ignore[assignment]
         self._lock: trio.Lock | None = None
         self.kids = 0  # live children that name us as parent: keeps our path valid
         self.gone = False  # every name removed; reachable only through open handles
@@ -55,6 +70,20 @@ class Inode:
         if self._lock is None:
             self._lock = trio.Lock()
         return self._lock
+
+    def add_alias(self, parent: Inode, name: str) -> None:
+        if not self.aliases:
+            self.aliases = set()
+        self.aliases.add((parent, name))
+
+    def drop_alias(self, parent: Inode, name: str) -> None:
+        if self.aliases:
+            self.aliases.discard((parent, name))
+
+    def add_handle(self, fh: FileHandle) -> None:
+        if not self.handles:
+            self.handles = set()
+        self.handles.add(fh)
 
     @property
     def is_dir(self) -> bool:
@@ -94,21 +123,62 @@ class Inode:
         return f"<Inode {self.ino} /{self.path} {self.layer}>"
 
 
-def object_key(res: Resolution) -> Key:
-    # The layer is part of the identity: layers made with `cp -al` share real inodes, yet each
-    # name must be copied up from its own layer.
-    return (res.layer.index, res.st.st_dev, res.st.st_ino)
-
-
 class InodeTable:
     def __init__(self, root: Resolution) -> None:
         self.inodes: dict[int, Inode] = {}
+        # Numbers that are not the natural one (see number()): copied-up objects, clashes.
         self.ino_of: dict[Key, int] = {}
-        self._next = ROOT_INO + 1
-        self.root = Inode(ROOT_INO, None, "", root, object_key(root))
+        self._sources: dict[tuple[int, int], int] = {}  # (layer index, st_dev) -> ordinal
+        self._devices: dict[int, int] = {}  # st_dev -> ordinal, 0 for the first one seen
+        self._next = TOP_INO  # numbers handed out for the exceptions, downwards
+        self.root = Inode(ROOT_INO, None, "", root, self.key_of(root))
+        self._natural(self.root.key, root.st.st_dev)  # the root's device is the first
         self.root.lookups = 1  # the kernel never forgets the root
         self.inodes[ROOT_INO] = self.root
         self.ino_of[self.root.key] = ROOT_INO
+
+    def key_of(self, res: Resolution) -> Key:
+        st = res.st
+        src = (res.layer.index, st.st_dev)
+        sid = self._sources.get(src)
+        if sid is None:
+            sid = self._sources[src] = len(self._sources) + 1
+        return sid << 64 | st.st_ino
+
+    def _natural(self, key: Key, dev: int) -> int:
+        """The number an object gets unless it is an exception: its real st_ino on the
+        first device, the device's ordinal above bit 48 on others; 0 if none fits."""
+        ino = key & ((1 << 64) - 1)
+        dno = self._devices.get(dev)
+        if dno is None:
+            dno = self._devices[dev] = len(self._devices)
+        if ino >= 1 << INO_BITS or dno >= (1 << (63 - INO_BITS)) - 1 or ino <= ROOT_INO:
+            return 0
+        return dno << INO_BITS | ino
+
+    def number(self, res: Resolution) -> tuple[Key, int, Inode | None]:
+        """(key, number, live inode or None) for a resolved object."""
+        key = self.key_of(res)
+        ino = self.ino_of.get(key)
+        if ino is None:
+            ino = self._natural(key, res.st.st_dev)
+        node = self.inodes.get(ino) if ino else None
+        if node is not None and node.key != key:
+            # Taken: by the same real inode in another layer, or by a removed object
+            # still open whose real inode was reused.  A number of its own, kept.
+            node, ino = None, 0
+        if not ino:
+            ino = self._next
+            self._next -= 1
+            self.ino_of[key] = ino
+        return key, ino, node
+
+    def live(self, res: Resolution) -> Inode | None:
+        """The inode the kernel holds for this resolved object, if any."""
+        key = self.key_of(res)
+        ino = self.ino_of.get(key) or self._natural(key, res.st.st_dev)
+        node = self.inodes.get(ino) if ino else None
+        return node if node is not None and node.key == key else None
 
     def __getitem__(self, ino: int) -> Inode:
         return self.inodes[ino]
@@ -118,30 +188,24 @@ class InodeTable:
 
     def bind(self, parent: Inode, name: str, res: Resolution) -> Inode:
         """The inode for ``name`` in ``parent`` as just resolved (no lookup counted)."""
-        key = object_key(res)
-        ino = self.ino_of.get(key)
-        if ino is None:
-            ino = self._next
-            self._next += 1
-            self.ino_of[key] = ino
-        node = self.inodes.get(ino)
+        key, ino, node = self.number(res)
         if node is None:
             node = Inode(ino, parent, name, res, key)
             parent.kids += 1
             self.inodes[ino] = node
             return node
         # Refresh what may have changed since (copy-up, a new layer below a dir).
-        node.layer, node.dirs, node.mode = res.layer, res.dirs, res.st.st_mode
+        node.layer, node.dirs, node.mode = res.layer, res.dirs or _NO_DIRS, res.st.st_mode
         if node.gone:
             self._move(node, parent, name)  # its old name went away; this one is live
             if (parent, name) in node.aliases:
-                node.aliases.discard((parent, name))
+                node.drop_alias(parent, name)
                 parent.kids -= 1
         elif node.parent is not parent or node.name != name:
             if node.is_dir:
                 self._move(node, parent, name)  # a directory has exactly one name
             elif (parent, name) not in node.aliases:
-                node.aliases.add((parent, name))  # another name of the same file
+                node.add_alias(parent, name)  # another name of the same file
                 parent.kids += 1
         node.gone = False
         return node
@@ -155,21 +219,23 @@ class InodeTable:
     def rekey(self, node: Inode, res: Resolution) -> None:
         """The object now lives elsewhere (copy-up): same number, new real object."""
         old = node.key
-        node.key = object_key(res)
+        node.key = self.key_of(res)
         node.layer, node.mode = res.layer, res.st.st_mode
         if res.dirs:
             node.dirs = res.dirs
-        self.ino_of[node.key] = node.ino
-        if old != node.key and self.ino_of.get(old) == node.ino:
-            del self.ino_of[old]
+        if old != node.key:
+            if self.ino_of.get(old) == node.ino:
+                del self.ino_of[old]
+            if self._natural(node.key, res.st.st_dev) != node.ino:
+                self.ino_of[node.key] = node.ino
 
     def renamed(self, node: Inode, old_parent: Inode, old_name: str, new_parent: Inode,
                 new_name: str) -> None:
         if node.parent is old_parent and node.name == old_name:
             self._move(node, new_parent, new_name)
         elif (old_parent, old_name) in node.aliases:
-            node.aliases.discard((old_parent, old_name))
-            node.aliases.add((new_parent, new_name))
+            node.drop_alias(old_parent, old_name)
+            node.add_alias(new_parent, new_name)
             old_parent.kids -= 1
             new_parent.kids += 1
 
@@ -178,7 +244,7 @@ class InodeTable:
         """``name`` no longer leads to ``node``; when the real object is gone too, its
         number must not be handed to a new object that reuses the real inode."""
         if (parent, name) in node.aliases:
-            node.aliases.discard((parent, name))
+            node.drop_alias(parent, name)
             parent.kids -= 1
         elif node.aliases:
             # Promote another name so that path-based calls keep working.
@@ -188,8 +254,12 @@ class InodeTable:
         else:
             node.gone = True
             node.gone_st = st
-        if last_link and self.ino_of.get(node.key) == node.ino:
-            del self.ino_of[node.key]
+        if last_link:
+            if self.ino_of.get(node.key) == node.ino:
+                del self.ino_of[node.key]
+            if node.gone:
+                # The real inode may be reused by a new object: that one is not this.
+                node.key = -node.ino
 
     def forget(self, ino: int, n: int) -> None:
         node = self.inodes.get(ino)
@@ -215,5 +285,6 @@ class InodeTable:
         self._maybe_drop(node)
 
     def release_handle(self, node: Inode, fh: FileHandle) -> None:
-        node.handles.discard(fh)
+        if node.handles:
+            node.handles.discard(fh)
         self._maybe_drop(node)

@@ -66,6 +66,14 @@ def _link_shared_whiteout(workfd: int, dirfd: int, name: str) -> None:
     sysio.mknod(dirfd, name, stat.S_IFCHR, 0)
 
 
+def drop_shared_whiteout(workfd: int) -> None:
+    if workfd >= 0:
+        try:
+            sysio.unlink(workfd, SHARED_WHITEOUT)
+        except OSError:
+            pass  # never made, or WORK already gone: the next mount wipes it anyway
+
+
 @dataclass(frozen=True)
 class Dialect:
     prefix: str = TRUSTED
