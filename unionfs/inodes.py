@@ -131,6 +131,7 @@ class InodeTable:
         self._sources: dict[tuple[int, int], int] = {}  # (layer index, st_dev) -> ordinal
         self._devices: dict[int, int] = {}  # st_dev -> ordinal, 0 for the first one seen
         self._next = TOP_INO  # numbers handed out for the exceptions, downwards
+        self._peak = 0  # most inodes held since the last compact()
         self.root = Inode(ROOT_INO, None, "", root, self.key_of(root))
         self._natural(self.root.key, root.st.st_dev)  # the root's device is the first
         self.root.lookups = 1  # the kernel never forgets the root
@@ -267,6 +268,17 @@ class InodeTable:
             return
         node.lookups -= n
         self._maybe_drop(node)
+
+    def compact(self) -> bool:
+        """After the kernel forgot most of what it held (memory pressure, drop_caches):
+        a dict never shrinks by itself, so copy it.  True if it did."""
+        size = len(self.inodes)
+        if self._peak < 4096 or size > self._peak // 4:
+            self._peak = max(self._peak, size)
+            return False
+        self.inodes = dict(self.inodes)
+        self._peak = size
+        return True
 
     def _maybe_drop(self, node: Inode) -> None:
         while node.lookups <= 0 and node.kids <= 0 and not node.handles \

@@ -202,8 +202,11 @@ class Operations(pyfuse3.Operations):
     # None, so the counts drop at once instead of in a task scheduled for later.
     def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:  # type: ignore[override]
         try:
+            inodes = self.fs.inodes
             for ino, n in inode_list:
-                self.fs.inodes.forget(ino, n)
+                inodes.forget(ino, n)
+            if inodes.compact():
+                sysio.release_free_memory()
         except Exception:  # forget must never raise
             log.exception("forget")
 

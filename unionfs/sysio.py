@@ -321,3 +321,10 @@ def _copy_range(src_fd: int, dst_fd: int, pos: int, count: int) -> int:
     if buf:
         os.pwrite(dst_fd, buf, pos)
     return len(buf)
+
+
+def release_free_memory() -> None:
+    """Hand memory that Python freed back to the system (glibc keeps it otherwise)."""
+    trim = getattr(_libc, "malloc_trim", None)  # glibc only
+    if trim is not None:
+        trim(0)
