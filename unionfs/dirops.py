@@ -19,15 +19,34 @@ from unionfs.errors import oserror
 from unionfs.inodes import Inode
 from unionfs.lookup import Resolution
 from unionfs.probe import remove_tree_at
-from unionfs.readdir import list_merged
+from unionfs.readdir import LowerIndex, list_merged, resolve_indexed
 from unionfs.state import State
 from unionfs.whiteout import CHARDEV, NAME_MAX, OCI, WH_PREFIX
 
 SETID = stat.S_ISUID | stat.S_ISGID
 
 
+# A directory over this many lower layers gets a LowerIndex once it has been searched
+# this often: a listing of every lower costs about as much as that many lookups of an
+# absent name through all of them.
+INDEX_MIN_LOWERS = 8
+INDEX_AFTER_LOOKUPS = 64
+
+
 def resolve_in(fs: State, parent: Inode, name: str) -> Resolution | None:
-    return lookup.resolve(fs.stack, parent.path, parent.dirs, name)
+    index = parent.index
+    if index is None:
+        lowers = parent.lowers
+        if len(lowers) < INDEX_MIN_LOWERS or fs.timeout <= 0:
+            return lookup.resolve(fs.stack, parent.path, parent.dirs, name)
+        parent.probes += 1
+        if parent.probes < INDEX_AFTER_LOOKUPS:
+            return lookup.resolve(fs.stack, parent.path, parent.dirs, name)
+        index = parent.index = LowerIndex(fs.stack, parent.path, lowers)
+    elif index.lowers != parent.lowers:  # the directory now merges other layers
+        parent.index = None
+        return lookup.resolve(fs.stack, parent.path, parent.dirs, name)
+    return resolve_indexed(fs.stack, parent.path, parent.dirs, index, name)
 
 
 def lower_has(fs: State, parent: Inode, name: str) -> bool:

@@ -28,6 +28,7 @@ from unionfs.lookup import Resolution, join
 
 if TYPE_CHECKING:
     from unionfs.handles import FileHandle
+    from unionfs.readdir import LowerIndex
 
 ROOT_INO = 1
 # A real object: its source (layer and device, as a small ordinal) in the bits above 64,
@@ -44,7 +45,8 @@ _NONE: frozenset[Any] = frozenset()  # aliases/handles until there is one
 
 class Inode:
     __slots__ = ("ino", "parent", "name", "aliases", "mode", "layer", "dirs", "key",
-                 "lookups", "handles", "_lock", "kids", "gone", "gone_st")
+                 "lookups", "handles", "_lock", "kids", "gone", "gone_st", "index",
+                 "probes")
 
     def __init__(self, ino: int, parent: Inode | None, name: str, res: Resolution,
                  key: Key) -> None:
@@ -64,6 +66,8 @@ class Inode:
         self.kids = 0  # live children that name us as parent: keeps our path valid
         self.gone = False  # every name removed; reachable only through open handles
         self.gone_st: os.stat_result | None = None  # its attributes when the last name went
+        self.index: LowerIndex | None = None  # a many-layer directory's names (dirops)
+        self.probes = 0  # lookups in this directory without an index
 
     @property
     def lock(self) -> trio.Lock:

@@ -15,7 +15,7 @@ from typing import Literal
 
 from unionfs import sysio
 from unionfs.layers import Layer, LayerStack
-from unionfs.lookup import Resolution
+from unionfs.lookup import Resolution, resolve
 from unionfs.whiteout import WH_PREFIX, is_whiteout_stat
 
 
@@ -138,3 +138,51 @@ def resolve_entry(stack: LayerStack, path: str, e: Entry) -> Resolution | None |
                 return False
             ldfd = got
     return res
+
+
+class LowerIndex:
+    """Which lower layer holds each name of one merged directory, from one listing of
+    them.  Lowers never change under the mount, so it holds for the directory's life;
+    a lookup then costs an lstat in upper and one in the right lower, not one per layer."""
+
+    __slots__ = ("lowers", "entries")
+
+    def __init__(self, stack: LayerStack, path: str, lowers: list[Layer]) -> None:
+        self.lowers = lowers
+        self.entries = {e.name: e for e in list_merged(stack, path, lowers)}
+
+
+def resolve_indexed(stack: LayerStack, path: str, dirs: list[Layer], index: LowerIndex,
+                    name: str) -> Resolution | None:
+    """lookup.resolve(), with the lower layers answered by ``index``."""
+    dialect = stack.dialect
+    if dialect.hides_name(name):
+        return None
+    found: Resolution | None = None
+    top = dirs[0]
+    if top.upper:
+        dfd = stack.dirfd_or_none(top, path)
+        if dfd is not None:
+            st = sysio.lstat_or_none(dfd, name)
+            if st is None:
+                if dialect.whited_out_by_file(dfd, name):
+                    return None
+            else:
+                if dialect.is_whiteout(dfd, name, st):
+                    return None
+                if not stat.S_ISDIR(st.st_mode):
+                    return Resolution(top, st)
+                found = Resolution(top, st, [top])
+                if dialect.is_opaque(dfd, name) or dialect.whited_out_by_file(dfd, name):
+                    return found
+    e = index.entries.get(name)
+    if e is None or e.hidden:
+        return found
+    low = resolve_entry(stack, path, e)
+    if low is False:
+        return resolve(stack, path, dirs, name)  # the index can't tell: the long way
+    if low is None or found is None:
+        return low if found is None else found
+    if low.is_dir:
+        found.dirs.extend(low.dirs)  # only directories in consecutive layers merge
+    return found
