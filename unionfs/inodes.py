@@ -178,6 +178,16 @@ class InodeTable:
             self.ino_of[key] = ino
         return key, ino, node
 
+    def holds(self, layer: Layer, st: os.stat_result) -> bool:
+        """Is this real object one of our live inodes (so it is known not to be a whiteout)?"""
+        sid = self._sources.get((layer.index, st.st_dev))
+        if sid is None:
+            return False
+        key = sid << 64 | st.st_ino
+        ino = self.ino_of.get(key) or self._natural(key, st.st_dev)
+        node = self.inodes.get(ino) if ino else None
+        return node is not None and node.key == key
+
     def live(self, res: Resolution) -> Inode | None:
         """The inode the kernel holds for this resolved object, if any."""
         key = self.key_of(res)

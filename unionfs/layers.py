@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import resource
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -11,8 +12,23 @@ from unionfs import sysio
 from unionfs.whiteout import KERNEL, Dialect
 
 # Directory fds kept open for fast *at() calls; bounded so that a huge tree can't
-# exhaust file descriptors (fuse-overlayfs #210).
-DIRFD_CACHE_SIZE = 1024
+# exhaust file descriptors (fuse-overlayfs #210): a quarter of what we may open.  Too few
+# and a walk of a big tree reopens every directory of every layer at each visit.
+DIRFD_CACHE_MIN, DIRFD_CACHE_MAX = 256, 65536
+
+
+def dirfd_cache_size() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > 1 << 20:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    limit = hard if soft == resource.RLIM_INFINITY else soft
+    return max(DIRFD_CACHE_MIN, min(DIRFD_CACHE_MAX, limit // 4))
 
 
 @dataclass(eq=False)
@@ -43,6 +59,7 @@ class LayerStack:
         # How markers are read and written; probe.prepare_workdir picks it for the upper.
         self.dialect: Dialect = KERNEL
         self._dirfds: OrderedDict[tuple[int, str], int] = OrderedDict()
+        self._dirfd_max = dirfd_cache_size()
 
     def dirfd(self, layer: Layer, relpath: str) -> int:
         """O_PATH fd of directory ``relpath`` in ``layer``; owned by the cache, don't close.
@@ -57,7 +74,7 @@ class LayerStack:
             return fd
         fd = sysio.open_dir_beneath(layer.fd, relpath)
         self._dirfds[key] = fd
-        if len(self._dirfds) > DIRFD_CACHE_SIZE:
+        if len(self._dirfds) > self._dirfd_max:
             _, old = self._dirfds.popitem(last=False)
             os.close(old)
         return fd

@@ -258,7 +258,7 @@ class Operations(pyfuse3.Operations):
             pos += 1
             if e.hidden:
                 continue
-            res = resolve_entry(stack, path, e) if fresh else False
+            res = resolve_entry(stack, path, e, self.fs.inodes.holds) if fresh else False
             if res is False:
                 res = lookup.resolve(stack, path, node.dirs, e.name)
             if res is None:

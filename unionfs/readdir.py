@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -104,10 +105,13 @@ def list_merged(stack: LayerStack, path: str, dirs: list[Layer]) -> list[Entry]:
     return out
 
 
-def resolve_entry(stack: LayerStack, path: str, e: Entry) -> Resolution | None | Literal[False]:
+def resolve_entry(stack: LayerStack, path: str, e: Entry,
+                  known: Callable[[Layer, os.stat_result], bool] | None = None
+                  ) -> Resolution | None | Literal[False]:
     """What a lookup of a listed name would give, from what the listing learned:
     a Resolution, None when the name turns out absent, or False when the listing
-    can't tell (the caller looks the name up)."""
+    can't tell (the caller looks the name up).  ``known(layer, st)``: is it an object
+    already looked up (then it is no whiteout: no need to read its xattrs again)."""
     if e.uncertain:
         return False
     dialect = stack.dialect
@@ -121,7 +125,8 @@ def resolve_entry(stack: LayerStack, path: str, e: Entry) -> Resolution | None |
         return False  # changed since it was listed
     if e.kind != stat.S_IFDIR:
         if not e.checked and (e.kind == stat.S_IFREG and st.st_size == 0
-                              or e.kind == stat.S_IFCHR):
+                              or e.kind == stat.S_IFCHR) \
+                and (known is None or not known(e.layer, st)):
             if dialect.is_whiteout(dfd, e.name, st):
                 return None  # an xattr whiteout the listing was told to show: lookup hides it
         return Resolution(e.layer, st)
