@@ -338,6 +338,10 @@ class Operations(pyfuse3.Operations):
             fd = sysio.open_at(dfd, node.name, oflags)
         else:
             fd = sysio.open_noatime(dfd, node.name, oflags)  # a lower file stays untouched
+            if not writing:
+                # The kernel's readahead asks us 128 KiB at a time: let the lower file's
+                # own readahead run further ahead of those reads.
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         h = self.fs.handles.add_file(node, fd, oflags & ~os.O_TRUNC, node.layer)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True)
 
