@@ -25,7 +25,7 @@ SAME_LEVEL_OK = {("probe", "layers"), ("probe", "whiteout"), ("inodes", "lookup"
                  ("inodes", "handles"), ("daemon", "log"), ("cli", "daemon"),
                  ("dirops", "probe"), ("config", "errors"),
                  ("xattrs", "attrs"), ("layers", "whiteout"), ("config", "idmap"),
-                 ("idmap", "errors")}
+                 ("idmap", "errors"), ("inodes", "readdir")}
 PYFUSE3_OK = {"ops", "daemon"}
 
 
