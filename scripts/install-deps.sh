@@ -86,8 +86,8 @@ install_python_packages() {
     fi
     venv_ok && return 0
     echo "install-deps: pip install -e '.[test]' into ${VENV#"$here"/}"
-    # compat mode: a plain path entry, not an import hook that loads importlib.metadata
-    # at every start (15 ms of a mount's start-up).
+    # compat mode: a plain path entry in a .pth, not an import hook run at every start
+    # (part of a mount's start-up).
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check \
         --config-settings editable_mode=compat -e '.[test]' >"$log" 2>&1 ||
         show_log_and_die "pip install -e '.[test]' failed (log above)"
