@@ -12,6 +12,7 @@ import errno
 import os
 import stat
 from collections.abc import Callable
+from typing import Literal
 
 from unionfs import lookup, sysio
 from unionfs.copyup import copy_up, temp_name
@@ -221,13 +222,13 @@ async def link(fs: State, node: Inode, new_parent: Inode, new_name: str) -> Reso
 
 
 async def settle(fs: State, parent: Inode, name: str,
-                 res: Resolution | None | bool = False) -> bool:
+                 res: Resolution | None | Literal[False] = False) -> bool:
     """Wait for a copy-up of ``name`` in flight: removing or replacing the name under it
     would make its final rename fail (the kernel holds the name locked meanwhile).
     ``res``: the name's resolution when the caller has it.  True if it waited."""
     if res is False:
         res = resolve_in(fs, parent, name)
-    node = live_inode(fs, parent, name, res) if isinstance(res, Resolution) else None
+    node = live_inode(fs, parent, name, res) if res is not None else None
     if node is not None and node.lock.locked():
         async with node.lock:
             pass
