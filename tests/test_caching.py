@@ -206,3 +206,22 @@ def test_missing_name_errno(make_stack):
         assert e.value.errno == errno.ENOTDIR
     finally:
         m.stop()
+
+
+def test_file_inode_numbers_match_the_kernels(make_pair):
+    """With every layer on one filesystem the kernel shows a file's real inode number, and
+    keeps the lower one across copy-up: so do we (each side against its own layers)."""
+    pair = make_pair(lowers=[{"low": File("l"), "d/deep": File("d")}], upper={"up": File("u")})
+
+    def numbers(m: Path) -> list[bool]:
+        lower, upper = m.parent / "lower0", m.parent / "upper"
+        before = os.lstat(m / "low").st_ino
+        with open(m / "low", "a") as f:
+            f.write("+")  # copy-up
+        return [before == os.lstat(lower / "low").st_ino,
+                os.lstat(m / "low").st_ino == before,
+                os.lstat(m / "d/deep").st_ino == os.lstat(lower / "d/deep").st_ino,
+                os.lstat(m / "up").st_ino == os.lstat(upper / "up").st_ino]
+
+    assert pair.same(numbers) == [True, True, True, True]
+    pair.check_all()
