@@ -73,7 +73,8 @@ USER_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 USERNS_SUITE = ["tests/test_lookup.py", "tests/test_dirops.py", "tests/test_rename.py",
                 "tests/test_copyup.py", "tests/test_readdir.py", "tests/test_xattr.py",
                 "tests/test_interop.py", "tests/test_whiteout_formats.py",
-                "tests/test_rootless_userns.py", "tests/test_caching.py"]
+                "tests/test_rootless_userns.py", "tests/test_caching.py",
+                "tests/test_setid.py"]
 USERNS_SUITE_TIMEOUT = 600.0
 
 

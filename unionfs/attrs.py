@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import stat
 from dataclasses import dataclass
 
-from unionfs import sysio
+from unionfs import probe, sysio
 from unionfs.copyup import copy_up
 from unionfs.errors import oserror
 from unionfs.inodes import Inode
@@ -119,6 +120,86 @@ class AttrChange:
     def any_change(self) -> bool:
         return any(v is not None for v in (self.size, self.mode, self.uid, self.gid,
                                            self.atime_ns, self.mtime_ns))
+
+
+# -- set-id bits after a change of data (kernel fs/attr.c, setattr_should_drop_suidgid) --------
+
+CAP_FSETID = 4
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who asks, as the mount sees them (before any uidmapping=): what the set-id rules
+    need of a request's context."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+@functools.cache
+def _initial_userns() -> bool:
+    return probe.in_initial_userns()
+
+
+def _proc_status(pid: int, field: str) -> str | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return line[len(field):].strip()
+    except OSError:
+        pass
+    return None
+
+
+def keeps_setid(caller: Caller) -> bool:
+    """CAP_FSETID in the initial user namespace, which the kernel asks with capable(): so
+    root of a user namespace (a rootless container's root) has it nowhere."""
+    if caller.uid != 0 or not _initial_userns():
+        return False
+    caps = _proc_status(caller.pid, "CapEff:")
+    # Gone already (or no procfs): it was uid 0, so most likely a full-powered root.
+    return caps is None or bool(int(caps, 16) >> CAP_FSETID & 1)
+
+
+def _in_group(caller: Caller, gid: int) -> bool:
+    if caller.gid == gid:
+        return True
+    groups = _proc_status(caller.pid, "Groups:")
+    return groups is not None and str(gid) in groups.split()
+
+
+def setid_kept(mode: int, gid: int, caller: Caller) -> int:
+    """The mode of a regular file of ``mode`` and group ``gid`` once ``caller`` changed its
+    data: set-uid goes, and set-gid where it means "run as the group" (g+x) or where the
+    caller isn't in the group, unless the caller has CAP_FSETID."""
+    if not stat.S_ISREG(mode) or not mode & (stat.S_ISUID | stat.S_ISGID):
+        return mode
+    drop = mode & stat.S_ISUID
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not _in_group(caller, gid)):
+        drop |= stat.S_ISGID
+    if drop and not keeps_setid(caller):
+        return mode & ~drop
+    return mode
+
+
+def sgid_needs_us(mode: int, gid: int, caller: Caller) -> bool:
+    """A set-gid bit that a write by ``caller`` must drop and FUSE won't: the kernel asks
+    us to drop set-uid, and set-gid with g+x, but not set-gid for a caller outside the
+    group (fs/fuse/dir.c, fuse_setattr)."""
+    return stat.S_ISREG(mode) and mode & (stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID \
+        and setid_kept(mode, gid, caller) != mode
+
+
+async def drop_setid(fs: State, node: Inode, caller: Caller, fd: int | None = None) -> None:
+    """Apply setid_kept() to ``node`` after ``caller`` changed its data: a truncating open,
+    which FUSE leaves wholly to us (atomic O_TRUNC), or a write FUSE only half covers."""
+    mode, _, gid = shown_owner(fs, node, real_stat(fs, node))
+    kept = setid_kept(mode, gid, caller)
+    if kept != mode:
+        await setattr(fs, node, AttrChange(mode=kept, fd=fd))
+        fs.attrs_changed(node.ino)
 
 
 def open_fd(node: Inode, writable: bool = False) -> int:

@@ -6,13 +6,14 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from unionfs.attrs import Caller
     from unionfs.inodes import Inode
     from unionfs.layers import Layer
     from unionfs.readdir import Entry
 
 
 class FileHandle:
-    __slots__ = ("fh", "inode", "fd", "flags", "layer")
+    __slots__ = ("fh", "inode", "fd", "flags", "layer", "setid_caller")
 
     def __init__(self, fh: int, inode: Inode, fd: int, flags: int, layer: Layer) -> None:
         self.fh = fh
@@ -20,6 +21,9 @@ class FileHandle:
         self.fd = fd
         self.flags = flags
         self.layer = layer
+        # Who opened it, while the first write must still drop a set-gid bit that FUSE
+        # leaves alone (attrs.sgid_needs_us); None otherwise, so writes check one slot.
+        self.setid_caller: Caller | None = None
 
     def switch(self, fd: int, layer: Layer) -> None:
         """Point this handle at the upper copy: a reader that opened the lower file

@@ -10,6 +10,7 @@ import errno
 import functools
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -189,6 +190,15 @@ class Operations(pyfuse3.Operations):
         h = self.fs.handles.files.get(fh) if fh is not None else None
         if h is not None and h.flags & os.O_ACCMODE != os.O_RDONLY:
             ch.fd = h.fd
+        if ch.size is not None and not node.is_dir:
+            # FUSE adds the mode change for set-uid and a g+x set-gid, not for a caller
+            # outside the group: the whole rule, on what it sent or what the file has.
+            mode, _, gid = attrs.shown_owner(self.fs, node, attrs.real_stat(self.fs, node))
+            if ch.mode is not None:
+                mode = ch.mode
+            kept = attrs.setid_kept(mode, gid, attrs.Caller(ctx.pid, ctx.uid, ctx.gid))
+            if kept != mode:
+                ch.mode = kept
         await attrs.setattr(self.fs, node, ch)
         return self._attrs(node, attrs.real_stat(self.fs, node))
 
@@ -334,8 +344,11 @@ class Operations(pyfuse3.Operations):
             await copy_up(self.fs, node, data=not flags & os.O_TRUNC)
         oflags = flags & OPEN_FLAGS
         dfd = self.fs.stack.dirfd(node.layer, node.parent_path)
+        setid_caller = None
         if node.in_upper:
             fd = sysio.open_at(dfd, node.name, oflags)
+            if writing and os.fstat(fd).st_mode & (stat.S_ISUID | stat.S_ISGID):
+                setid_caller = await self._setid_after_open(node, fd, oflags, ctx)
         else:
             fd = sysio.open_noatime(dfd, node.name, oflags)  # a lower file stays untouched
             if not writing:
@@ -343,7 +356,19 @@ class Operations(pyfuse3.Operations):
                 # own readahead run further ahead of those reads.
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         h = self.fs.handles.add_file(node, fd, oflags & ~os.O_TRUNC, node.layer)
+        h.setid_caller = setid_caller
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True)
+
+    async def _setid_after_open(self, node: Inode, fd: int, oflags: int,
+                                ctx: pyfuse3.RequestContext) -> attrs.Caller | None:
+        """A truncating open drops set-id bits here (we truncated, as root); otherwise
+        the caller that a first write must check for a set-gid bit FUSE won't drop."""
+        caller = attrs.Caller(ctx.pid, ctx.uid, ctx.gid)
+        if oflags & os.O_TRUNC:
+            await attrs.drop_setid(self.fs, node, caller, fd)
+            return None
+        mode, _, gid = attrs.shown_owner(self.fs, node, os.fstat(fd))
+        return caller if attrs.sgid_needs_us(mode, gid, caller) else None
 
     @_guard
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -362,7 +387,11 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        fd = self.fs.handles.files[fh].fd
+        h = self.fs.handles.files[fh]
+        if h.setid_caller is not None:
+            caller, h.setid_caller = h.setid_caller, None
+            await attrs.drop_setid(self.fs, h.inode, caller, h.fd)
+        fd = h.fd
         view = memoryview(buf)
         done = 0
         while done < len(buf):
@@ -409,3 +438,21 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await xattrs.removexattr(self.fs, self._node(inode), _name(name))
+
+    # -- fallocate -----------------------------------------------------------------------
+    # Called only by a pyfuse3 with a fallocate handler (scripts/pyfuse3-fallocate.patch,
+    # built by scripts/install-deps.sh); with a stock pyfuse3 the kernel answers EOPNOTSUPP.
+    @_guard
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        h = self.fs.handles.files[fh]
+        if not h.layer.upper:
+            # Opened read-only on a lower (an open for writing copies up first): the kernel
+            # already gives EBADF for a file not open for writing; never touch a lower.
+            raise pyfuse3.FUSEError(errno.EBADF)
+        # In a thread (preallocating gigabytes on tmpfs takes a while), on a dup: a copy-up
+        # may switch (and close) the handle's fd meanwhile.
+        fd = os.dup(h.fd)
+        try:
+            await trio.to_thread.run_sync(sysio.fallocate, fd, mode, offset, length)
+        finally:
+            os.close(fd)
