@@ -6,6 +6,11 @@
 #   scripts/install-deps.sh            # system packages + .venv with pip install -e '.[test]'
 #   PYUNIONFS_NO_APT=1 scripts/...     # skip the system package step (e.g. not Debian)
 #   VENV=/path/to/venv scripts/...     # another venv location (default: .venv in the repo)
+#   PYUNIONFS_STOCK_PYFUSE3=1 scripts/...  # keep PyPI's pyfuse3: no fallocate (EOPNOTSUPP)
+#
+# pyfuse3 is built from its PyPI sdist with scripts/pyfuse3-fallocate.patch applied (a
+# fallocate handler, which pyfuse3 3.5.0 lacks), as version 3.5.0+unionfs.1; skipped when the
+# installed pyfuse3 already has the handler.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -14,7 +19,8 @@ VENV=${VENV:-$here/.venv}
 PYTHON=${PYTHON:-python3}
 stamp="$VENV/.pyunionfs-deps-stamp"
 log=$(mktemp "${TMPDIR:-/tmp}/pyunionfs-deps.XXXXXX")
-trap 'rm -f "$log"' EXIT
+build_tmp= # pyfuse3's build directory, while there is one
+trap 'rm -f "$log"; [[ -z $build_tmp ]] || rm -rf "$build_tmp"' EXIT
 
 die() {
     echo "install-deps: error: $*" >&2
@@ -33,6 +39,7 @@ show_log_and_die() {
 apt_packages() {
     local pkgs=(fuse3 libfuse3-dev pkg-config fuse-overlayfs attr make)
     command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || pkgs+=(gcc libc6-dev)
+    command -v git >/dev/null 2>&1 || pkgs+=(patch) # applies scripts/pyfuse3-fallocate.patch
     command -v "$PYTHON" >/dev/null 2>&1 || pkgs+=(python3 python3-venv python3-dev)
     if command -v "$PYTHON" >/dev/null 2>&1; then
         # Debian's own python3 needs python3-venv for ensurepip and python3-dev for Python.h;
@@ -79,11 +86,61 @@ venv_ok() {
     [[ -x $VENV/bin/ruff && -x $VENV/bin/mypy ]]
 }
 
+# --- pyfuse3 with a fallocate handler --------------------------------------------------------
+PYFUSE3_VERSION=3.5.0
+PYFUSE3_SDIST_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
+PYFUSE3_LOCAL=unionfs.1
+PYFUSE3_PATCH=scripts/pyfuse3-fallocate.patch
+
+pyfuse3_has_fallocate() {
+    # the Python method and the compiled handler that calls it
+    "$VENV/bin/python" -c 'import sys, pyfuse3
+sys.exit(not (hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3, "fuse_fallocate_async")))' \
+        >/dev/null 2>&1
+}
+
+install_patched_pyfuse3() {
+    [[ ${PYUNIONFS_STOCK_PYFUSE3:-0} == 1 ]] && return 0
+    pyfuse3_has_fallocate && return 0
+    local version=$PYFUSE3_VERSION+$PYFUSE3_LOCAL
+    local build_hint="it needs a C compiler, the Python headers, libfuse3-dev and pkg-config; or set PYUNIONFS_STOCK_PYFUSE3=1 to use PyPI's pyfuse3, without fallocate"
+    echo "install-deps: building pyfuse3 $version (with $PYFUSE3_PATCH)"
+    local tmp src pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
+    build_tmp=$(mktemp -d "${TMPDIR:-/tmp}/pyunionfs-pyfuse3.XXXXXX")
+    tmp=$build_tmp
+    echo "pyfuse3==$PYFUSE3_VERSION --hash=sha256:$PYFUSE3_SDIST_SHA256" >"$tmp/req.txt"
+    "${pip[@]}" download -q --no-deps --no-binary :all: --require-hashes -r "$tmp/req.txt" \
+        -d "$tmp" >"$log" 2>&1 || show_log_and_die "downloading the pyfuse3 $PYFUSE3_VERSION sdist failed"
+    mkdir "$tmp/src"
+    tar --no-same-owner -xzf "$tmp/pyfuse3-$PYFUSE3_VERSION.tar.gz" -C "$tmp/src" >"$log" 2>&1 ||
+        show_log_and_die "unpacking the pyfuse3 sdist failed"
+    src=$tmp/src/pyfuse3-$PYFUSE3_VERSION
+    if command -v git >/dev/null 2>&1; then
+        # in a repository of its own, so that no enclosing one (a TMPDIR inside a checkout) is
+        # patched; removed again, or setuptools_scm would take its version and files from it
+        (cd "$src" && git init -q . && git apply "$here/$PYFUSE3_PATCH" && rm -rf .git) >"$log" 2>&1
+    else
+        (cd "$src" && patch -p1 --forward --batch <"$here/$PYFUSE3_PATCH") >"$log" 2>&1
+    fi || show_log_and_die "$PYFUSE3_PATCH does not apply to pyfuse3 $PYFUSE3_VERSION (git or patch needed)"
+    rm -f "$src/src/pyfuse3/__init__.c" # pre-generated without the handler: make Cython run
+    SETUPTOOLS_SCM_PRETEND_VERSION_FOR_PYFUSE3=$version \
+        "${pip[@]}" wheel -q --no-deps -w "$tmp/wheel" "$src" >"$log" 2>&1 ||
+        show_log_and_die "building pyfuse3 $version failed: $build_hint"
+    "${pip[@]}" install -q --no-deps --force-reinstall "$tmp/wheel"/pyfuse3-*.whl >"$log" 2>&1 ||
+        show_log_and_die "installing the pyfuse3 $version wheel failed"
+    rm -rf "$tmp"
+    build_tmp=
+    pyfuse3_has_fallocate ||
+        die "pyfuse3 $version is installed but has no fallocate handler (see $PYFUSE3_PATCH)"
+}
+
 install_python_packages() {
     if [[ ! -x $VENV/bin/python ]]; then
         command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found"
         "$PYTHON" -m venv "$VENV" >"$log" 2>&1 || show_log_and_die "python3 -m venv $VENV failed"
     fi
+    # before pip install -e, which then finds pyfuse3>=3.5,<4 satisfied and keeps it
+    install_patched_pyfuse3
     venv_ok && return 0
     echo "install-deps: pip install -e '.[test]' into ${VENV#"$here"/}"
     # compat mode: a plain path entry in a .pth, not an import hook run at every start

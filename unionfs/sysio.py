@@ -328,3 +328,14 @@ def release_free_memory() -> None:
     trim = getattr(_libc, "malloc_trim", None)  # glibc only
     if trim is not None:
         trim(0)
+
+
+_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with its modes (os.posix_fallocate has none, and glibc's emulation of
+    it writes zeros where the filesystem has no fallocate: the caller's glibc does that
+    itself on an EOPNOTSUPP, as on the kernel's overlay)."""
+    res = _fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length))
+    _check(res, "fallocate")
