@@ -99,17 +99,22 @@ sys.exit(not (hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3, "fus
         >/dev/null 2>&1
 }
 
-install_patched_pyfuse3() {
-    [[ ${PYUNIONFS_STOCK_PYFUSE3:-0} == 1 ]] && return 0
-    pyfuse3_has_fallocate && return 0
-    local version=$PYFUSE3_VERSION+$PYFUSE3_LOCAL
-    local build_hint="it needs a C compiler, the Python headers, libfuse3-dev and pkg-config; or set PYUNIONFS_STOCK_PYFUSE3=1 to use PyPI's pyfuse3, without fallocate"
-    echo "install-deps: building pyfuse3 $version (with $PYFUSE3_PATCH)"
-    local tmp src pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
-    build_tmp=$(mktemp -d "${TMPDIR:-/tmp}/pyunionfs-pyfuse3.XXXXXX")
-    tmp=$build_tmp
+# The built wheel is kept in $PYFUSE3_CACHE under a key of the patch, the Python ABI and the
+# libfuse version, so that a fresh clone (CI) installs it in seconds instead of building again.
+PYFUSE3_CACHE=${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/pyunionfs/pyfuse3
+
+install_pyfuse3_wheel() {
+    # replacing any pyfuse3 there, then what it needs (trio, in a new venv)
+    local pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
+    { "${pip[@]}" install -q --no-deps --force-reinstall "$1" &&
+        "${pip[@]}" install -q "$1"; } >"$log" 2>&1
+}
+
+build_pyfuse3_wheel() { # -> the wheel in $build_tmp/wheel
+    local version=$1 src pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
+    local tmp=$build_tmp
     echo "pyfuse3==$PYFUSE3_VERSION --hash=sha256:$PYFUSE3_SDIST_SHA256" >"$tmp/req.txt"
-    "${pip[@]}" download -q --no-deps --no-binary :all: --require-hashes -r "$tmp/req.txt" \
+    "${pip[@]}" download -q --no-deps --no-binary pyfuse3 --require-hashes -r "$tmp/req.txt" \
         -d "$tmp" >"$log" 2>&1 || show_log_and_die "downloading the pyfuse3 $PYFUSE3_VERSION sdist failed"
     mkdir "$tmp/src"
     tar --no-same-owner -xzf "$tmp/pyfuse3-$PYFUSE3_VERSION.tar.gz" -C "$tmp/src" >"$log" 2>&1 ||
@@ -120,18 +125,40 @@ install_patched_pyfuse3() {
         # patched; removed again, or setuptools_scm would take its version and files from it
         (cd "$src" && git init -q . && git apply "$here/$PYFUSE3_PATCH" && rm -rf .git) >"$log" 2>&1
     else
+        command -v patch >/dev/null 2>&1 || die "git or patch is needed to apply $PYFUSE3_PATCH"
         (cd "$src" && patch -p1 --forward --batch <"$here/$PYFUSE3_PATCH") >"$log" 2>&1
-    fi || show_log_and_die "$PYFUSE3_PATCH does not apply to pyfuse3 $PYFUSE3_VERSION (git or patch needed)"
+    fi || show_log_and_die "$PYFUSE3_PATCH does not apply to pyfuse3 $PYFUSE3_VERSION"
     rm -f "$src/src/pyfuse3/__init__.c" # pre-generated without the handler: make Cython run
     SETUPTOOLS_SCM_PRETEND_VERSION_FOR_PYFUSE3=$version \
         "${pip[@]}" wheel -q --no-deps -w "$tmp/wheel" "$src" >"$log" 2>&1 ||
-        show_log_and_die "building pyfuse3 $version failed: $build_hint"
-    "${pip[@]}" install -q --no-deps --force-reinstall "$tmp/wheel"/pyfuse3-*.whl >"$log" 2>&1 ||
-        show_log_and_die "installing the pyfuse3 $version wheel failed"
-    rm -rf "$tmp"
-    build_tmp=
+        show_log_and_die "building pyfuse3 $version failed: it needs a C compiler, the Python headers, libfuse3-dev and pkg-config; or set PYUNIONFS_STOCK_PYFUSE3=1 to use PyPI's pyfuse3, without fallocate"
+}
+
+install_patched_pyfuse3() {
+    [[ ${PYUNIONFS_STOCK_PYFUSE3:-0} == 1 ]] && return 0
+    pyfuse3_has_fallocate && return 0
+    local version=$PYFUSE3_VERSION+$PYFUSE3_LOCAL key cached whl
+    key=$({ echo "$version $PYFUSE3_SDIST_SHA256"
+        sha256sum "$PYFUSE3_PATCH" | cut -c1-16
+        "$VENV/bin/python" -c 'import sys, sysconfig; print(sys.implementation.cache_tag, sysconfig.get_platform())'
+        pkg-config --modversion fuse3 2>/dev/null || true; } | sha256sum | cut -c1-16)
+    cached=$PYFUSE3_CACHE/$key
+    for whl in "$cached"/pyfuse3-*.whl; do
+        [[ -f $whl ]] || continue
+        echo "install-deps: pyfuse3 $version (with $PYFUSE3_PATCH) from $cached"
+        install_pyfuse3_wheel "$whl" && pyfuse3_has_fallocate && return 0
+        rm -rf "$cached" # not usable after all: build it again
+    done
+    echo "install-deps: building pyfuse3 $version (with $PYFUSE3_PATCH)"
+    build_tmp=$(mktemp -d "${TMPDIR:-/tmp}/pyunionfs-pyfuse3.XXXXXX")
+    build_pyfuse3_wheel "$version"
+    whl=$(echo "$build_tmp"/wheel/pyfuse3-*.whl)
+    install_pyfuse3_wheel "$whl" || show_log_and_die "installing the pyfuse3 $version wheel failed"
     pyfuse3_has_fallocate ||
         die "pyfuse3 $version is installed but has no fallocate handler (see $PYFUSE3_PATCH)"
+    { mkdir -p "$cached" && cp "$whl" "$cached/"; } 2>/dev/null || true # a cache, if it can be
+    rm -rf "$build_tmp"
+    build_tmp=
 }
 
 install_python_packages() {
