@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from unionfs import probe, sysio
 from unionfs.copyup import copy_up
 from unionfs.errors import oserror
+from unionfs.idmap import Caller
 from unionfs.inodes import Inode
 from unionfs.lookup import Resolution
 from unionfs.state import State
@@ -125,16 +126,6 @@ class AttrChange:
 # -- set-id bits after a change of data (kernel fs/attr.c, setattr_should_drop_suidgid) --------
 
 CAP_FSETID = 4
-
-
-@dataclass(frozen=True)
-class Caller:
-    """Who asks, as the mount sees them (before any uidmapping=): what the set-id rules
-    need of a request's context."""
-
-    pid: int
-    uid: int
-    gid: int
 
 
 @functools.cache

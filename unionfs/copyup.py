@@ -92,15 +92,21 @@ async def copy_up(fs: State, node: Inode, data: bool = True) -> None:
     fs.check_writable()
     if node.gone:
         raise oserror(errno.ENOENT)  # no name left to copy up to
-    async with node.lock:
-        if node.in_upper:
-            return
-        if node.parent is None:
+    # Parents first, top down; a loop, not a recursion: a tree may be thousands deep.
+    chain: list[Inode] = []
+    n = node
+    while not n.in_upper:
+        if n.parent is None:
             raise oserror(errno.EIO)
-        await copy_up(fs, node.parent)
-        await _copy_one(fs, node, data)
-        if node.aliases:
-            await _link_aliases(fs, node)
+        chain.append(n)
+        n = n.parent
+    for n in reversed(chain):
+        async with n.lock:
+            if n.in_upper:
+                continue
+            await _copy_one(fs, n, data or n is not node)
+            if n.aliases:
+                await _link_aliases(fs, n)
 
 
 async def _copy_one(fs: State, node: Inode, data: bool) -> None:

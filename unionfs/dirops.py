@@ -253,7 +253,7 @@ async def unlink(fs: State, parent: Inode, name: str) -> None:
 
 async def rmdir(fs: State, parent: Inode, name: str) -> None:
     await _remove(fs, parent, name, is_dir=True)
-    fs.stack.forget_upper_path(parent.child_path(name))
+    fs.stack.forget_upper_path(parent.child_path(name), subtree=False)
 
 
 async def _remove(fs: State, parent: Inode, name: str, is_dir: bool) -> None:

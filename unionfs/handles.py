@@ -6,7 +6,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from unionfs.attrs import Caller
+    from unionfs.idmap import Caller
     from unionfs.inodes import Inode
     from unionfs.layers import Layer
     from unionfs.readdir import Entry

@@ -18,6 +18,16 @@ from unionfs.errors import MountError, oserror
 OVERFLOW_ID = 65534
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who asks, with ids as the mount sees them (before any uidmapping=): what the
+    set-id rules (attrs.setid_kept) need of a request's context."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
 def parse_mapping(spec: str, what: str) -> list[tuple[int, int, int]]:
     fields = [f for f in spec.split(":") if f != ""]
     if len(fields) % 3 or not fields:

@@ -41,12 +41,14 @@ INO_BITS = 48  # real inode numbers above this, or a device past the first: see 
 TOP_INO = (1 << 63) - 1
 _NO_DIRS: list[Layer] = []  # shared by every non-directory; never changed in place
 _NONE: frozenset[Any] = frozenset()  # aliases/handles until there is one
+# Moves of directories so far: a remembered path older than this is stale (Inode.path).
+_MOVES = [0]
 
 
 class Inode:
     __slots__ = ("ino", "parent", "name", "aliases", "mode", "layer", "dirs", "key",
                  "lookups", "handles", "_lock", "kids", "gone", "gone_st", "index",
-                 "probes")
+                 "probes", "_path", "_path_gen")
 
     def __init__(self, ino: int, parent: Inode | None, name: str, res: Resolution,
                  key: Key) -> None:
@@ -68,6 +70,9 @@ class Inode:
         self.gone_st: os.stat_result | None = None  # its attributes when the last name went
         self.index: LowerIndex | None = None  # a many-layer directory's names (dirops)
         self.probes = 0  # lookups in this directory without an index
+        # A directory's path, valid while _path_gen is _MOVES[0] (see path).
+        self._path = ""
+        self._path_gen = -1
 
     @property
     def lock(self) -> trio.Lock:
@@ -99,12 +104,24 @@ class Inode:
 
     @property
     def path(self) -> str:
-        names: list[str] = []
-        node: Inode | None = self
-        while node is not None and node.parent is not None:
-            names.append(node.name)
+        """The path below the layer roots.  Directories remember theirs until any
+        directory moves: walking up from each node every time made a walk of a tree
+        N deep cost N² steps.  Iterative, for trees deeper than Python's stack."""
+        gen = _MOVES[0]
+        chain: list[Inode] = []
+        node = self
+        base = ""
+        while node.parent is not None:
+            if node._path_gen == gen:
+                base = node._path
+                break
+            chain.append(node)
             node = node.parent
-        return "/".join(reversed(names))
+        for n in reversed(chain):
+            base = f"{base}/{n.name}" if base else n.name
+            if n.is_dir:
+                n._path, n._path_gen = base, gen
+        return base
 
     @property
     def parent_path(self) -> str:
@@ -229,6 +246,8 @@ class InodeTable:
             node.parent.kids -= 1
         parent.kids += 1
         node.parent, node.name = parent, name
+        if node.is_dir:
+            _MOVES[0] += 1  # every remembered path below it is wrong now
 
     def rekey(self, node: Inode, res: Resolution) -> None:
         """The object now lives elsewhere (copy-up): same number, new real object."""

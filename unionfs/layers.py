@@ -15,6 +15,9 @@ from unionfs.whiteout import KERNEL, Dialect
 # exhaust file descriptors (fuse-overlayfs #210): a quarter of what we may open.  Too few
 # and a walk of a big tree reopens every directory of every layer at each visit.
 DIRFD_CACHE_MIN, DIRFD_CACHE_MAX = 256, 65536
+# Paths up to this many characters go to openat2 in one piece: at 4 bytes a character
+# at most they stay below PATH_MAX (4096).  Longer ones are walked (a 2000-deep tree).
+SHORT_PATH = 1000
 
 
 def dirfd_cache_size() -> int:
@@ -72,11 +75,38 @@ class LayerStack:
         if fd is not None:
             self._dirfds.move_to_end(key)
             return fd
-        fd = sysio.open_dir_beneath(layer.fd, relpath)
+        if len(relpath) <= SHORT_PATH:
+            fd = sysio.open_dir_beneath(layer.fd, relpath)
+        else:
+            fd = self._open_long(layer, relpath)
         self._dirfds[key] = fd
         if len(self._dirfds) > self._dirfd_max:
             _, old = self._dirfds.popitem(last=False)
             os.close(old)
+        return fd
+
+    def _open_long(self, layer: Layer, relpath: str) -> int:
+        """A directory deeper than PATH_MAX allows in one call: from its parent's cached
+        fd (a walk down the tree has it), else from the root one chunk at a time."""
+        parent, _, name = relpath.rpartition("/")
+        pfd = self._dirfds.get((layer.index, parent))
+        if pfd is not None:
+            return sysio.open_dir_beneath(pfd, name)
+        fd = layer.fd
+        rest = relpath
+        try:
+            while rest:
+                cut = rest.rfind("/", 0, SHORT_PATH) if len(rest) > SHORT_PATH else len(rest)
+                if cut <= 0:
+                    raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+                nfd = sysio.open_dir_beneath(fd, rest[:cut])
+                if fd != layer.fd:
+                    os.close(fd)
+                fd, rest = nfd, rest[cut + 1:]
+        except BaseException:
+            if fd != layer.fd:
+                os.close(fd)
+            raise
         return fd
 
     def dirfd_or_none(self, layer: Layer, relpath: str) -> int | None:
@@ -87,11 +117,19 @@ class LayerStack:
                 return None
             raise
 
-    def forget_upper_path(self, relpath: str) -> None:
-        """Drop cached fds at and below ``relpath`` in upper (it was renamed or removed)."""
+    def forget_upper_path(self, relpath: str, subtree: bool = True) -> None:
+        """Drop cached fds at and below ``relpath`` in upper (it was renamed or removed).
+        ``subtree=False`` for a directory removed empty: it had no cached subdirectory
+        left (each went with its own rmdir), and a scan of the whole cache per rmdir made
+        `rm -rf` of a big tree quadratic."""
         if self.upper is None:
             return
         idx = self.upper.index
+        if not subtree:
+            fd = self._dirfds.pop((idx, relpath), None)
+            if fd is not None:
+                os.close(fd)
+            return
         prefix = relpath + "/"
         for key in [k for k in self._dirfds
                     if k[0] == idx and (k[1] == relpath or k[1].startswith(prefix))]:

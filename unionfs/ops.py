@@ -19,6 +19,7 @@ import trio
 
 from unionfs import attrs, dirops, lookup, sysio, xattrs
 from unionfs.copyup import copy_up
+from unionfs.idmap import Caller
 from unionfs.inodes import Inode
 from unionfs.readdir import list_merged, resolve_entry
 from unionfs.state import State
@@ -196,7 +197,7 @@ class Operations(pyfuse3.Operations):
             mode, _, gid = attrs.shown_owner(self.fs, node, attrs.real_stat(self.fs, node))
             if ch.mode is not None:
                 mode = ch.mode
-            kept = attrs.setid_kept(mode, gid, attrs.Caller(ctx.pid, ctx.uid, ctx.gid))
+            kept = attrs.setid_kept(mode, gid, Caller(ctx.pid, ctx.uid, ctx.gid))
             if kept != mode:
                 ch.mode = kept
         await attrs.setattr(self.fs, node, ch)
@@ -360,10 +361,10 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True)
 
     async def _setid_after_open(self, node: Inode, fd: int, oflags: int,
-                                ctx: pyfuse3.RequestContext) -> attrs.Caller | None:
+                                ctx: pyfuse3.RequestContext) -> Caller | None:
         """A truncating open drops set-id bits here (we truncated, as root); otherwise
         the caller that a first write must check for a set-gid bit FUSE won't drop."""
-        caller = attrs.Caller(ctx.pid, ctx.uid, ctx.gid)
+        caller = Caller(ctx.pid, ctx.uid, ctx.gid)
         if oflags & os.O_TRUNC:
             await attrs.drop_setid(self.fs, node, caller, fd)
             return None

@@ -16,13 +16,41 @@ WORKDIR_NAME = "work"
 
 
 def remove_tree_at(dirfd: int, name: str) -> None:
-    """rm -rf of ``name`` below ``dirfd`` without following any symlink."""
+    """rm -rf of ``name`` below ``dirfd`` without following any symlink.  A loop over
+    an explicit stack of directory fds: a tree may be deeper than Python's stack."""
     st = sysio.lstat_or_none(dirfd, name)
     if st is None:
         return
     if not stat.S_ISDIR(st.st_mode):
         sysio.unlink(dirfd, name)
         return
+    # (parent fd, name, own fd, children still to remove), one per level being emptied
+    levels: list[tuple[int, str, int, list[tuple[str, int, int]]]] = []
+    try:
+        levels.append(_enter(dirfd, name))
+        while levels:
+            pfd, dname, sub, left = levels[-1]
+            if not left:
+                levels.pop()
+                os.close(sub)
+                sysio.rmdir(pfd, dname)
+                continue
+            child, kind, _ = left.pop()
+            if not kind:
+                cst = sysio.lstat_or_none(sub, child)
+                if cst is None:
+                    continue
+                kind = stat.S_IFMT(cst.st_mode)
+            if kind == stat.S_IFDIR:
+                levels.append(_enter(sub, child))
+            else:
+                sysio.unlink(sub, child)
+    finally:
+        for _, _, sub, _ in levels:
+            os.close(sub)
+
+
+def _enter(dirfd: int, name: str) -> tuple[int, str, int, list[tuple[str, int, int]]]:
     sub = sysio.open_path(dirfd, name)
     try:
         try:
@@ -32,11 +60,10 @@ def remove_tree_at(dirfd: int, name: str) -> None:
             # give ourselves access before we can empty it.
             os.chmod(sysio.proc_fd(sub), 0o700)
             children = sysio.scandir_fd(sub)
-        for child, _, _ in children:
-            remove_tree_at(sub, child)
-    finally:
+    except BaseException:
         os.close(sub)
-    sysio.rmdir(dirfd, name)
+        raise
+    return dirfd, name, sub, children
 
 
 def in_initial_userns() -> bool:
