@@ -204,6 +204,19 @@ def _resolve_dir(path: str, what: str) -> tuple[str, os.stat_result]:
     return os.path.realpath(path), st
 
 
+def _check_not_stale(path: str) -> None:
+    """A FUSE mount whose daemon died answers stat() from the kernel's attribute cache
+    for as long as the daemon asked (a day, by default): statfs is never cached, so it
+    reaches the dead connection and gets ENOTCONN every time."""
+    try:
+        os.statvfs(path)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise MountError(f"mount point '{path}' is a stale FUSE mount (its daemon is "
+                             f"gone); run 'pyunionfs umount {path}'", e.errno) from None
+        raise MountError(f"mount point '{path}': {e.strerror}", e.errno or errno.EIO) from None
+
+
 def _inside(child: str, parent: str) -> bool:
     return child != parent and os.path.commonpath([child, parent]) == parent
 
@@ -221,6 +234,7 @@ def validate(cfg: MountConfig) -> None:
     upper = _resolve_dir(cfg.upper, "upper directory") if cfg.upper is not None else None
     work = _resolve_dir(cfg.work, "work directory") if cfg.work is not None else None
     _resolve_dir(cfg.merged, "mount point")
+    _check_not_stale(cfg.merged)
 
     if upper and work:
         if upper[1].st_dev != work[1].st_dev:
@@ -235,15 +249,20 @@ def validate(cfg: MountConfig) -> None:
         if key in seen:
             raise MountError(f"lower directory '{given}' is given twice", errno.ELOOP)
         seen[key] = given
-        for other, name in ((upper, "upper"), (work, "work")):
+        for other, name, other_given in ((upper, "upper", cfg.upper), (work, "work", cfg.work)):
             if other is None:
                 continue
             if (other[1].st_dev, other[1].st_ino) == key:
                 raise MountError(f"lower directory '{given}' is also the {name} directory",
                                  errno.ELOOP)
-            if _inside(real, other[0]) or _inside(other[0], real) and name == "work":
+            if _inside(real, other[0]):
                 raise MountError(f"lower directory '{given}' overlaps the {name} directory",
                                  errno.ELOOP)
+            if _inside(other[0], real):
+                # The kernel refuses a workdir there and takes an upper, to answer ELOOP
+                # inside: either way the "read-only" lower would change under the mount.
+                raise MountError(f"{name} directory '{other_given}' is inside lower directory "
+                                 f"'{given}'", errno.ELOOP)
     # Each lower's ancestors against the set of lowers: O(layers x depth), not layers²
     # (500 lowers took 2 s of commonpath).
     by_path = {real: given for (real, _), given in zip(lowers, cfg.lowers)}

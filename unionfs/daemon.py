@@ -6,11 +6,15 @@ exits 0 only once the child's event loop is serving the mount.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import signal
+import stat
 import sys
+import tempfile
+from collections.abc import Iterator
 
 import pyfuse3
 import trio
@@ -45,8 +49,70 @@ def fuse_options(cfg: MountConfig) -> set[str]:
     return opts
 
 
+FUSE_DEV = "/dev/fuse"
+FUSE_RDEV = os.makedev(10, 229)
+
+
+def check_fuse_device() -> None:
+    """Can this process mount at all?  Asked before anything is created (WORK/work), and
+    answered with what to do.  libfuse opens the device as the caller even when
+    fusermount3 then does the mount, so the same open decides here."""
+    try:
+        st = os.stat(FUSE_DEV)
+    except FileNotFoundError:
+        raise MountError(f"no {FUSE_DEV}: load the FUSE module ('modprobe fuse'); in a "
+                         "container, pass the device in ('--device /dev/fuse')",
+                         errno.ENODEV) from None
+    except OSError as e:
+        raise MountError(f"cannot stat {FUSE_DEV}: {e.strerror}", e.errno or errno.EIO) from None
+    if not stat.S_ISCHR(st.st_mode) or st.st_rdev != FUSE_RDEV:
+        raise MountError(f"{FUSE_DEV} is not the FUSE device (a character device 10:229): "
+                         "recreate it ('mknod -m 666 /dev/fuse c 10 229') or load the module "
+                         "('modprobe fuse')", errno.ENODEV)
+    try:
+        os.close(os.open(FUSE_DEV, os.O_RDWR | os.O_CLOEXEC))
+    except PermissionError:
+        user = _user_name()
+        raise MountError(f"{user} may not open {FUSE_DEV}: give it read-write access, e.g. "
+                         f"'setfacl -m u:{user}:rw {FUSE_DEV}' or membership of the group that "
+                         "owns it", errno.EACCES) from None
+    except OSError as e:
+        if e.errno in (errno.ENODEV, errno.ENXIO):
+            raise MountError(f"{FUSE_DEV} has no driver behind it: load the FUSE module "
+                             "('modprobe fuse')", e.errno) from None
+        raise MountError(f"cannot open {FUSE_DEV}: {e.strerror}", e.errno or errno.EIO) from None
+
+
+def _user_name() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[list[str]]:
+    """libfuse and fusermount3 write their own lines to fd 2: hold them, so that a failure
+    is one line of ours (quoting theirs) and a success shows them as they came."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines.extend(tmp.read().decode(errors="replace").splitlines())
+
+
 def prepare(cfg: MountConfig) -> State:
     validate(cfg)
+    check_fuse_device()
     try:
         stack = LayerStack(cfg.lowers, cfg.upper, cfg.work)
     except OSError as e:
@@ -73,11 +139,19 @@ def mount(cfg: MountConfig) -> int:
     # The kernel has already applied the caller's umask; ours must not apply again.
     os.umask(0)
     ops = Operations(fs, debug=cfg.debug)
-    try:
-        pyfuse3.init(ops, cfg.merged, fuse_options(cfg))
-    except RuntimeError as e:
+    failed: RuntimeError | None = None
+    with _stderr_captured() as said:
+        try:
+            pyfuse3.init(ops, cfg.merged, fuse_options(cfg))
+        except RuntimeError as e:
+            failed = e
+    if failed is not None:
         cleanup_workdir(fs.stack)
-        raise MountError(f"cannot mount on '{cfg.merged}': {e} ({_mount_hint()})") from None
+        theirs = [ln.strip() for ln in said if ln.strip()]
+        why = theirs[-1] if theirs else f"{failed} ({_mount_hint()})"
+        raise MountError(f"cannot mount on '{cfg.merged}': {why}")
+    if said:
+        print("\n".join(said), file=sys.stderr)
     if cfg.foreground:
         return _served(fs, serve(None))
     read_end, write_end = os.pipe()
