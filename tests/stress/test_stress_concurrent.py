@@ -1,0 +1,436 @@
+"""Concurrent namespace stress: several processes create, rewrite, append, rename, link, chmod and
+delete in shared directories of a merged view that has lower content (merged, lower-only and
+pure-upper dirs), while others stat, list and read. Every file ever written holds self-checking
+records, so a reader can tell a torn or stale read from a race it may legitimately see.
+
+Only the errno a real filesystem gives in such races is tolerated (ENOENT, EEXIST, ENOTEMPTY,
+ENOTDIR, EISDIR, EXDEV for directories overlayfs can't rename, ...; each op has its own list);
+anything else — EIO, ENOTCONN, EINVAL, ESTALE, a bad record — is a failure. Afterwards every
+file must hold only whole valid records, and the view checks (views.py) must agree.
+
+The workers are this module run as a program (``python -m test_stress_concurrent worker JSON``).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import stat
+import subprocess
+import sys
+import time
+import zlib
+from collections import Counter
+from pathlib import Path
+
+# ---------------------------------------------------------------------------------------------
+# Records: one line each, "R <who> <seq> <crc32> <payload>"; files hold only whole records.
+# ---------------------------------------------------------------------------------------------
+
+
+def record(who: str, seq: int, payload: str) -> bytes:
+    body = f"{who} {seq} {payload}"
+    return f"R {zlib.crc32(body.encode()):08x} {body}\n".encode()
+
+
+def bad_records(data: bytes, allow_partial_tail: bool) -> str | None:
+    """None if ``data`` is whole valid records (plus, if allowed, one unfinished last line)."""
+    if not data:
+        return None
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when data ends with a newline
+    if tail and not allow_partial_tail:
+        return f"unfinished last line {tail[:60]!r}"
+    for i, ln in enumerate(lines):
+        parts = ln.split(b" ", 2)
+        if len(parts) != 3 or parts[0] != b"R":
+            return f"line {i}: not a record: {ln[:80]!r}"
+        try:
+            ok = int(parts[1], 16) == zlib.crc32(parts[2])
+        except ValueError:
+            ok = False
+        if not ok:
+            return f"line {i}: bad checksum: {ln[:80]!r}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The namespace the workers share
+# ---------------------------------------------------------------------------------------------
+
+SHARED = ["s0", "s1", "s2", "s3", "u0"]   # never renamed or removed
+SUBDIRS = ["d0", "d1", "ld0", "ld1"]      # ld* exist in lowers of some shared dirs
+FILES = [f"n{i}" for i in range(10)] + ["l0", "l1", "l2"]  # l* exist in lowers
+TARGETS = [f"t/f{i}" for i in range(4)]   # what symlinks point at: static lower files
+
+# errno names each op may meet in a race; anything else is a bug
+COMMON = {"ENOENT", "ENOTDIR"}
+TOLERATED = {
+    "create": COMMON | {"EEXIST"},
+    "replace": COMMON | {"EISDIR"},
+    "append": COMMON | {"EISDIR"},
+    "rename": COMMON | {"EISDIR", "ENOTEMPTY", "EXDEV", "EEXIST"},
+    "unlink": COMMON | {"EISDIR"},
+    "mkdir": COMMON | {"EEXIST"},
+    "rmdir": COMMON | {"ENOTEMPTY"},
+    "rename_dir": COMMON | {"EISDIR", "ENOTEMPTY", "EXDEV", "EEXIST"},
+    "link": COMMON | {"EEXIST", "EPERM"},  # EPERM: the source became a directory
+    "symlink": COMMON | {"EEXIST"},
+    "chmod": COMMON,
+    "setxattr": COMMON,
+    "truncate": COMMON | {"EISDIR"},
+    "stat": COMMON,
+    "listdir": COMMON,
+    "read": COMMON | {"EISDIR"},
+    "readlink": COMMON | {"EINVAL"},  # EINVAL only if the name is (now) not a symlink
+    "getxattr": COMMON | {"ENODATA"},
+    "walk": COMMON,
+    "drop": set(),
+}
+WRITER_OPS = {"create": 10, "replace": 8, "append": 10, "rename": 10, "unlink": 8, "mkdir": 5,
+              "rmdir": 4, "rename_dir": 4, "link": 3, "symlink": 3, "chmod": 3, "setxattr": 3,
+              "truncate": 1, "stat": 2, "read": 2}
+READER_OPS = {"stat": 10, "listdir": 8, "read": 15, "readlink": 3, "getxattr": 3, "walk": 1}
+
+
+def lower_layers() -> list[dict]:
+    """Two lowers: shared dirs merged over both, lower-only subdirs, hidden and whiteouted
+    names, the static symlink targets. Built from records, like every file the workers write."""
+    from overlay_harness import Dir, File, Whiteout
+
+    top: dict = {"t": Dir()}
+    bottom: dict = {}
+    seq = 0
+    for i, target in enumerate(TARGETS):
+        top[target] = File(record("L", i, "target " * 20))
+    for s in ("s0", "s1", "s2"):
+        for name in ("l0", "l1"):
+            seq += 1
+            top[f"{s}/{name}"] = File(record("L", seq, f"top {s}/{name} " * 8))
+        for name in ("l1", "l2"):
+            seq += 1
+            bottom[f"{s}/{name}"] = File(record("L", seq, f"bottom {s}/{name} " * 8))
+        for j in range(3):
+            seq += 1
+            bottom[f"{s}/ld0/n{j}"] = File(record("L", seq, "in a lower-only dir " * 4))
+            top[f"{s}/ld1/n{j}"] = File(record("L", seq, "merged dir, top " * 4))
+            bottom[f"{s}/ld1/n{j + 3}"] = File(record("L", seq, "merged dir, bottom " * 4))
+    top["s2/l2"] = Whiteout()            # hides bottom's s2/l2
+    top["s3"] = Dir(opaque=True)         # an opaque dir over a bottom one
+    bottom["s3/l0"] = File(record("L", 999, "hidden by opaque s3"))
+    return [top, bottom]
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker (a separate process)
+# ---------------------------------------------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, cfg: dict):
+        self.root = cfg["root"]
+        self.wid = cfg["wid"]
+        self.rng = random.Random(cfg["seed"])
+        self.deadline = time.monotonic() + cfg["seconds"]
+        self.max_ops = cfg["ops"]
+        ops = WRITER_OPS if cfg["role"] == "writer" else READER_OPS
+        self.kinds, self.weights = list(ops), list(ops.values())
+        self.counts: Counter[str] = Counter()
+        self.errnos: Counter[str] = Counter()
+        self.bad: list[str] = []
+        self.seq = 0
+        # one reader also drops the kernel's dentries and inodes now and then: FORGETs race
+        # with lookups and the inodes the workers hold
+        self.dropper = cfg.get("dropper", False) and os.geteuid() == 0
+        self.last_drop = time.monotonic()
+
+    def p(self, rel: str) -> str:
+        return os.path.join(self.root, rel)
+
+    def file_rel(self) -> str:
+        s = self.rng.choice(SHARED)
+        if self.rng.random() < 0.25:
+            s = f"{s}/{self.rng.choice(SUBDIRS)}"
+        return f"{s}/{self.rng.choice(FILES)}"
+
+    def dir_rel(self) -> str:
+        return f"{self.rng.choice(SHARED)}/{self.rng.choice(SUBDIRS)}"
+
+    def payload(self) -> bytes:
+        self.seq += 1
+        return b"".join(record(f"w{self.wid}", self.seq, f"{i} " + "x" * self.rng.randrange(80))
+                        for i in range(self.rng.randrange(1, 6)))
+
+    def check_data(self, rel: str, data: bytes, partial_ok: bool = True) -> None:
+        problem = bad_records(data, allow_partial_tail=partial_ok)
+        if problem:
+            self.fail(f"read {rel}: {problem} ({len(data)} bytes)")
+
+    def fail(self, msg: str) -> None:
+        if len(self.bad) < 50:
+            self.bad.append(f"w{self.wid}: {msg}")
+
+    # -- writer ops ----------------------------------------------------------------------------
+    def op_create(self) -> None:
+        fd = os.open(self.p(self.file_rel()), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, self.payload())
+        finally:
+            os.close(fd)
+
+    def op_replace(self) -> None:
+        rel = self.file_rel()
+        tmp = os.path.join(os.path.dirname(rel), f".tmp-w{self.wid}-{self.seq}")
+        fd = os.open(self.p(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, self.payload())
+        finally:
+            os.close(fd)
+        try:
+            os.rename(self.p(tmp), self.p(rel))
+        except OSError:
+            try:
+                os.unlink(self.p(tmp))
+            except FileNotFoundError:  # its dir went away with it
+                pass
+            raise
+
+    def op_append(self) -> None:
+        fd = os.open(self.p(self.file_rel()), os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, self.payload())
+        finally:
+            os.close(fd)
+
+    def op_rename(self) -> None:
+        src = self.file_rel()
+        dst = self.file_rel() if self.rng.random() < 0.9 else self.dir_rel()
+        os.rename(self.p(src), self.p(dst))
+
+    def op_unlink(self) -> None:
+        os.unlink(self.p(self.file_rel()))
+
+    def op_mkdir(self) -> None:
+        os.mkdir(self.p(self.dir_rel()), 0o755)
+
+    def op_rmdir(self) -> None:
+        os.rmdir(self.p(self.dir_rel()))
+
+    def op_rename_dir(self) -> None:
+        src = self.dir_rel()
+        dst = self.dir_rel() if self.rng.random() < 0.8 else \
+            f"{self.rng.choice(SHARED)}/{self.rng.choice(FILES)}"
+        os.rename(self.p(src), self.p(dst))
+
+    def op_link(self) -> None:
+        os.link(self.p(self.file_rel()), self.p(self.file_rel()), follow_symlinks=False)
+
+    def op_symlink(self) -> None:
+        rel = self.file_rel()
+        up = "../" * rel.count("/")
+        os.symlink(up + self.rng.choice(TARGETS), self.p(rel))
+
+    def op_chmod(self) -> None:
+        rel = self.rng.choice([self.file_rel(), self.dir_rel()])
+        os.chmod(self.p(rel), self.rng.choice([0o644, 0o600, 0o640, 0o755]))
+
+    def op_setxattr(self) -> None:
+        os.setxattr(self.p(self.file_rel()), "user.stress", f"w{self.wid}-{self.seq}".encode())
+
+    def op_truncate(self) -> None:
+        os.truncate(self.p(self.file_rel()), 0)
+
+    # -- reader ops ----------------------------------------------------------------------------
+    def op_stat(self) -> None:
+        rel = self.rng.choice([self.file_rel(), self.dir_rel()])
+        (os.stat if self.rng.random() < 0.5 else os.lstat)(self.p(rel))
+
+    def op_listdir(self) -> None:
+        rel = self.rng.choice(SHARED) if self.rng.random() < 0.6 else self.dir_rel()
+        for name in os.listdir(self.p(rel)):
+            try:
+                os.lstat(self.p(f"{rel}/{name}"))
+            except OSError as e:
+                self.note("stat", e)
+
+    def op_read(self) -> None:
+        rel = self.file_rel()
+        with open(self.p(rel), "rb") as f:
+            data = f.read()
+        self.check_data(rel, data)
+
+    def op_readlink(self) -> None:
+        rel = self.file_rel()
+        try:
+            target = os.readlink(self.p(rel))
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                try:
+                    if stat.S_ISLNK(os.lstat(self.p(rel)).st_mode):
+                        self.fail(f"readlink {rel}: EINVAL but it is a symlink")
+                except OSError:
+                    pass
+            raise
+        if not target.lstrip("./").startswith("t/f"):
+            self.fail(f"readlink {rel}: unexpected target {target!r}")
+
+    def op_getxattr(self) -> None:
+        v = os.getxattr(self.p(self.file_rel()), "user.stress")
+        if not v.startswith(b"w"):
+            self.fail(f"getxattr: unexpected value {v!r}")
+
+    def op_drop(self) -> None:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("2\n")
+
+    def op_walk(self) -> None:
+        errs: list[OSError] = []
+        for _dirpath, _dirs, _files in os.walk(self.root, onerror=errs.append):
+            pass
+        for e in errs:
+            self.note("walk", e)
+
+    # -- loop ----------------------------------------------------------------------------------
+    def note(self, kind: str, e: OSError) -> None:
+        name = errno.errorcode.get(e.errno or 0, str(e.errno))
+        self.errnos[name] += 1
+        if name not in TOLERATED[kind]:
+            self.fail(f"{kind}: {name} {e.filename!r} {e.filename2 or ''}".rstrip())
+
+    def run(self) -> dict:
+        n = 0
+        while n < self.max_ops and time.monotonic() < self.deadline:
+            n += 1
+            kind = self.rng.choices(self.kinds, self.weights)[0]
+            if self.dropper and time.monotonic() - self.last_drop > 0.5:
+                kind, self.last_drop = "drop", time.monotonic()
+            self.counts[kind] += 1
+            try:
+                getattr(self, "op_" + kind)()
+            except OSError as e:
+                self.note(kind, e)
+        return {"wid": self.wid, "ops": n, "counts": dict(self.counts),
+                "errnos": dict(self.errnos), "bad": self.bad}
+
+
+def worker_main(argv: list[str]) -> int:
+    cfg = json.loads(argv[0])
+    res = Worker(cfg).run()
+    sys.stdout.write(json.dumps(res) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "worker":
+        sys.exit(worker_main(sys.argv[2:]))
+    sys.exit("usage: python -m test_stress_concurrent worker JSON")
+
+
+# ---------------------------------------------------------------------------------------------
+# The test
+# ---------------------------------------------------------------------------------------------
+
+import pytest  # noqa: E402  (the workers above need neither pytest nor the harness)
+from overlay_harness import PYTHON, Dir  # noqa: E402
+from views import (  # noqa: E402
+    LONG,
+    SEED,
+    budget,
+    check_views,
+    lowers_raw,
+    report,
+    watchdog_seconds,
+)
+
+SECONDS = budget(12, 100)
+WRITERS, READERS = (4, 3) if not LONG else (6, 4)
+HERE = Path(__file__).resolve().parent
+
+
+def validate_tree(root: Path, stage: str) -> int:
+    """Every regular file in the merged tree holds whole valid records; returns the file count."""
+    files = 0
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            files += 1
+            with open(path, "rb") as f:
+                data = f.read()
+            problem = bad_records(data, allow_partial_tail=False)
+            assert problem is None, f"{stage}: {os.path.relpath(path, root)}: {problem}"
+    return files
+
+
+def start_workers(root: Path, seed: int) -> list[tuple[dict, subprocess.Popen]]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
+    procs = []
+    for wid in range(WRITERS + READERS):
+        cfg = {"root": str(root), "wid": wid, "seed": seed * 100 + wid, "seconds": SECONDS,
+               "ops": 10**9, "role": "writer" if wid < WRITERS else "reader",
+               "dropper": wid == WRITERS}
+        p = subprocess.Popen([PYTHON, "-m", "test_stress_concurrent", "worker", json.dumps(cfg)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=str(root), env=env)
+        procs.append((cfg, p))
+    return procs
+
+
+def collect(procs: list[tuple[dict, subprocess.Popen]]) -> list[dict]:
+    results, problems = [], []
+    deadline = time.monotonic() + SECONDS + 60
+    try:
+        for cfg, p in procs:
+            try:
+                out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                problems.append(f"worker {cfg['wid']} still running {SECONDS + 60:.0f}s after "
+                                "start (a request never answered?)")
+                continue
+            if p.returncode != 0:
+                problems.append(f"worker {cfg['wid']} exited {p.returncode}: {err[-2000:]}")
+                continue
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    finally:
+        for _cfg, p in procs:  # only our own workers, by their pid
+            if p.poll() is None:
+                p.kill()
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    problems.append(f"worker pid {p.pid} did not die")
+    assert not problems, "\n".join(problems)
+    return results
+
+
+@pytest.mark.watchdog(watchdog_seconds(SECONDS))
+def test_concurrent_namespace_churn(make_stack, mounter):
+    paths = make_stack(lowers=lower_layers(), upper={"u0": Dir()})
+    before = lowers_raw(paths)
+    m = mounter(paths)
+    t0 = time.monotonic()
+    results = collect(start_workers(m.root, seed=SEED + 1))
+    elapsed = time.monotonic() - t0
+    bad = [b for r in results for b in r["bad"]]
+    total = sum(r["ops"] for r in results)
+    counts: Counter[str] = Counter()
+    errnos: Counter[str] = Counter()
+    for r in results:
+        counts.update(r["counts"])
+        errnos.update(r["errnos"])
+    report(f"stress concurrent: seed {SEED + 1}, {WRITERS + READERS} processes ({WRITERS} "
+           f"writers, {READERS} readers), {total} ops in {elapsed:.1f}s ({counts['drop']} "
+           f"drop_caches), tolerated errnos "
+           f"{dict(errnos.most_common())}, {len(bad)} failures")
+    assert not bad, "unexpected errno or bad data:\n" + "\n".join(bad[:40])
+    assert all(counts[k] > 0 for k in WRITER_OPS), counts  # every kind of op ran
+    assert total > 50 * (WRITERS + READERS), f"only {total} ops ran"
+    files = validate_tree(m.root, "right after")
+    assert files > 10, f"only {files} files left"
+    check_views(paths, m, "concurrent", before, mounter,
+                extra=lambda root, stage: None if stage == "live" else validate_tree(root, stage))
