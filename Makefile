@@ -9,6 +9,7 @@
 #   make bench   pyunionfs vs kernel overlayfs vs fuse-overlayfs (BENCH_ARGS=--quick for a smoke run)
 #   make test-containers  podman/buildah with pyunionfs as mount_program, root + rootless
 #   make bench-podman  `podman run --rm IMG true`: kernel overlay vs fuse-overlayfs vs pyunionfs
+#   make stress  the stress suite's long profile (STRESS_MINUTES=10): kills, fsx, concurrency, fio
 #   make clean   caches and build output; never unmounts anything
 
 SHELL := /bin/bash
@@ -73,6 +74,21 @@ bench-podman: deps
 
 demo: deps
 	@if [ -t 0 ]; then bash scripts/demo.sh; else timeout -k 30 600 bash scripts/demo.sh; fi
+
+# The stress suite (tests/stress/) runs bounded inside `make test`; here with its long profile,
+# each test scaled to STRESS_MINUTES in all, its one-line summaries collected in STRESS_REPORT.
+STRESS_MINUTES ?= 10
+STRESS_REPORT  ?= bench-out/stress-report.txt
+.PHONY: stress
+stress: deps
+	@mkdir -p $(dir $(STRESS_REPORT)) && : > $(STRESS_REPORT)
+	@rc=0; if [ -t 0 ]; then cap=; else cap="timeout -k 60 $$(( $(STRESS_MINUTES) * 3 + 15 ))m"; fi; \
+	PYUNIONFS_STRESS=long PYUNIONFS_STRESS_MINUTES=$(STRESS_MINUTES) \
+	PYUNIONFS_STRESS_REPORT=$(abspath $(STRESS_REPORT)) $$cap $(PY) -m pytest tests/stress -q \
+		-p no:cacheprovider -rfEs $(PYTEST_ARGS) || rc=$$?; \
+	echo "--- stress summary ($(STRESS_REPORT)) ---"; cat $(STRESS_REPORT); \
+	if [ $$rc -eq 124 ]; then echo "make stress: error: exceeded its time limit" >&2; fi; \
+	exit $$rc
 
 # Long conformance profile (tests/conformance.py): prints "N examples, M operations, K divergences".
 EXAMPLES ?= 20000

@@ -35,9 +35,11 @@ show_log_and_die() {
 # --- system packages ---------------------------------------------------------------------
 # fuse3: fusermount3 and /etc/fuse.conf; libfuse3-dev + pkg-config + a C compiler + Python
 # headers: building pyfuse3 (PyPI ships only an sdist); fuse-overlayfs: benchmark peer;
-# attr: getfattr/setfattr for the demo and tests; make: the Makefile itself.
+# attr: getfattr/setfattr for the demo and tests; make: the Makefile itself; strace: tests
+# that check which calls a copy-up makes (fsync before rename); fio: the stress suite's
+# verified I/O.
 apt_packages() {
-    local pkgs=(fuse3 libfuse3-dev pkg-config fuse-overlayfs attr make)
+    local pkgs=(fuse3 libfuse3-dev pkg-config fuse-overlayfs attr make strace fio)
     command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || pkgs+=(gcc libc6-dev)
     command -v git >/dev/null 2>&1 || pkgs+=(patch) # applies scripts/pyfuse3-fallocate.patch
     command -v "$PYTHON" >/dev/null 2>&1 || pkgs+=(python3 python3-venv python3-dev)

@@ -135,6 +135,10 @@ async def _copy_one(fs: State, node: Inode, data: bool) -> None:
                             sysio.copy_file_data(src, dst, st.st_size)
                     finally:
                         os.close(src)
+                    if not fs.volatile:
+                        # As the kernel (ovl_copy_up_file): the data is on disk before the
+                        # name is, or a power cut could leave the name with missing data.
+                        await trio.to_thread.run_sync(os.fsync, dst)
             finally:
                 os.close(dst)
         elif kind == stat.S_IFLNK:

@@ -20,7 +20,7 @@ class State:
     inodes: InodeTable
     handles: HandleTable = field(default_factory=lambda: HandleTable())
     owners: Owners = field(default_factory=Owners)  # id translation at the edge
-    volatile: bool = False  # fsync does nothing
+    volatile: bool = False  # fsync does nothing, copy-ups are not synced either
     override_xattr: str | None = None  # owner/mode kept in this xattr (xattr_permissions)
     epoch: int = 0  # moved on by every request that may change the layers (ops._guard)
     # Seconds the kernel may trust names and attributes (-o timeout=).  What changes
