@@ -263,12 +263,15 @@ class Fsx:
     def op_read_other(self, n: int) -> None:
         self.op_read(n, other=True)
 
-    def _aligned(self, off: int, length: int) -> tuple[int, int]:
+    def _aligned(self, off: int, length: int, limit: int | None = None) -> tuple[int, int]:
         """O_DIRECT wants block-aligned offsets, lengths and buffers on most filesystems (not
-        on FUSE, but fsx must also run on a plain filesystem and on the kernel's overlay)."""
+        on FUSE, but fsx must also run on a plain filesystem and on the kernel's overlay).
+        ``limit``: the end may not pass it (writes: --maxlen); the length may come out 0."""
         off -= off % 4096
         length = max(4096, length - length % 4096)
-        return off, min(length, self.a.maxlen - off)
+        if limit is not None:
+            length = min(length, (limit - off) // 4096 * 4096)
+        return off, length
 
     def op_dread(self, n: int) -> None:
         off, length = self._aligned(*self._read_range())
@@ -302,7 +305,10 @@ class Fsx:
         self._set(off, data, n)
 
     def op_dwrite(self, n: int) -> None:
-        off, length = self._aligned(*self._range())
+        off, length = self._aligned(*self._range(), limit=self.a.maxlen)
+        if length == 0:
+            self._log("dwrite-skipped", off)
+            return
         self._writable(n)
         self._log("dwrite", off, length)
         data = self.data_for(n, length)
@@ -506,6 +512,9 @@ class Fsx:
         except Failure as f:
             self.report_failure(n, str(f))
             return 1
+        except Exception as e:  # noqa: BLE001 - a bug of the tester itself: still show the ops
+            self.report_failure(n, f"fsx internal error: {e!r}")
+            raise
         finally:
             self.close()
         self.done = n

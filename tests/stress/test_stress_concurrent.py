@@ -315,9 +315,89 @@ class Worker:
                 "errnos": dict(self.errnos), "bad": self.bad}
 
 
+# ---------------------------------------------------------------------------------------------
+# Racing copy-ups: every writer copies up the same lower file at the same moment
+# ---------------------------------------------------------------------------------------------
+
+BIG = 4 << 20        # each raced lower file
+BLOCK = 4000         # what each writer writes, at an unaligned offset of its own
+TRIGGERS = ["open", "truncate", "chmod", "setxattr", "utime"]  # how a writer's copy-up starts
+
+
+def big_content(seed: int, r: int) -> bytes:
+    return random.Random(f"big-{seed}-{r}").randbytes(BIG)
+
+
+def block_of(seed: int, r: int, w: int) -> tuple[int, bytes]:
+    return w * 65536 + 1234, random.Random(f"blk-{seed}-{r}-{w}").randbytes(BLOCK)
+
+
+def check_big(data: bytes, seed: int, r: int, writers: int, final: bool) -> str | None:
+    """Outside the writers' blocks the lower content; in each block the lower or the new bytes
+    (once all are done: the new ones, no write lost to a racing copy-up)."""
+    lower = big_content(seed, r)
+    if len(data) != BIG:
+        return f"size {len(data)}, expected {BIG}"
+    expect = bytearray(lower)
+    for w in range(writers):
+        off, blk = block_of(seed, r, w)
+        got = data[off:off + BLOCK]
+        if got == blk or (not final and got == lower[off:off + BLOCK]):
+            expect[off:off + BLOCK] = got
+        else:
+            state = "old" if got == lower[off:off + BLOCK] else "garbage"
+            return f"writer {w}'s block at {off:#x}: {state}{' (a lost write)' if final else ''}"
+    if data != expect:
+        bad = next(i for i in range(BIG) if data[i] != expect[i])
+        return f"byte {bad:#x} outside the writers' blocks changed"
+    return None
+
+
+def copyup_main(cfg: dict) -> dict:
+    """Round r: at start + r * gap every writer copies up big/f{r} its own way, then writes its
+    block through an fd opened for writing; readers read the whole file meanwhile."""
+    root, wid, seed = cfg["root"], cfg["wid"], cfg["seed"]
+    bad, reads = [], 0
+    for r in range(cfg["rounds"]):
+        path = os.path.join(root, "big", f"f{r}")
+        at = cfg["start"] + r * cfg["gap"]
+        time.sleep(max(0.0, at - time.time()))
+        try:
+            if cfg["role"] == "copyup-writer":
+                trigger = TRIGGERS[(wid + r) % len(TRIGGERS)]
+                if trigger == "truncate":
+                    os.truncate(path, BIG)
+                elif trigger == "chmod":
+                    os.chmod(path, 0o640)
+                elif trigger == "setxattr":
+                    os.setxattr(path, f"user.w{wid}", b"1")
+                elif trigger == "utime":
+                    os.utime(path, ns=(10**18, 10**18))
+                off, blk = block_of(seed, r, wid)
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    if os.pwrite(fd, blk, off) != BLOCK:
+                        bad.append(f"round {r}: short write")
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            else:
+                while time.time() < at + cfg["gap"] * 0.8:
+                    with open(path, "rb") as f:
+                        data = f.read()
+                    reads += 1
+                    problem = check_big(data, seed, r, cfg["writers"], final=False)
+                    if problem:
+                        bad.append(f"round {r}: reader saw {problem}")
+                        break
+        except OSError as e:
+            bad.append(f"round {r}: {errno.errorcode.get(e.errno or 0, e.errno)} {e}")
+    return {"wid": wid, "ops": reads or cfg["rounds"], "bad": bad, "counts": {}, "errnos": {}}
+
+
 def worker_main(argv: list[str]) -> int:
     cfg = json.loads(argv[0])
-    res = Worker(cfg).run()
+    res = copyup_main(cfg) if cfg["role"].startswith("copyup") else Worker(cfg).run()
     sys.stdout.write(json.dumps(res) + "\n")
     return 0
 
@@ -333,7 +413,7 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------------------------------------
 
 import pytest  # noqa: E402  (the workers above need neither pytest nor the harness)
-from overlay_harness import PYTHON, Dir  # noqa: E402
+from overlay_harness import PYTHON, Dir, File  # noqa: E402
 from views import (  # noqa: E402
     LONG,
     SEED,
@@ -344,7 +424,7 @@ from views import (  # noqa: E402
     watchdog_seconds,
 )
 
-SECONDS = budget(12, 100)
+SECONDS = budget(10, 100)
 WRITERS, READERS = (4, 3) if not LONG else (6, 4)
 HERE = Path(__file__).resolve().parent
 
@@ -367,29 +447,30 @@ def validate_tree(root: Path, stage: str) -> int:
 
 
 def start_workers(root: Path, seed: int) -> list[tuple[dict, subprocess.Popen]]:
+    return spawn(root, [{"root": str(root), "wid": wid, "seed": seed * 100 + wid,
+                         "seconds": SECONDS, "ops": 10**9,
+                         "role": "writer" if wid < WRITERS else "reader",
+                         "dropper": wid == WRITERS} for wid in range(WRITERS + READERS)])
+
+
+def spawn(root: Path, cfgs: list[dict]) -> list[tuple[dict, subprocess.Popen]]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent), env.get("PYTHONPATH", "")])
-    procs = []
-    for wid in range(WRITERS + READERS):
-        cfg = {"root": str(root), "wid": wid, "seed": seed * 100 + wid, "seconds": SECONDS,
-               "ops": 10**9, "role": "writer" if wid < WRITERS else "reader",
-               "dropper": wid == WRITERS}
-        p = subprocess.Popen([PYTHON, "-m", "test_stress_concurrent", "worker", json.dumps(cfg)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             cwd=str(root), env=env)
-        procs.append((cfg, p))
-    return procs
+    return [(cfg, subprocess.Popen([PYTHON, "-m", "test_stress_concurrent", "worker",
+                                    json.dumps(cfg)], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, cwd=str(root), env=env))
+            for cfg in cfgs]
 
 
-def collect(procs: list[tuple[dict, subprocess.Popen]]) -> list[dict]:
+def collect(procs: list[tuple[dict, subprocess.Popen]], seconds: float = SECONDS) -> list[dict]:
     results, problems = [], []
-    deadline = time.monotonic() + SECONDS + 60
+    deadline = time.monotonic() + seconds + 60
     try:
         for cfg, p in procs:
             try:
                 out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                problems.append(f"worker {cfg['wid']} still running {SECONDS + 60:.0f}s after "
+                problems.append(f"worker {cfg['wid']} still running {seconds + 60:.0f}s after "
                                 "start (a request never answered?)")
                 continue
             if p.returncode != 0:
@@ -434,3 +515,46 @@ def test_concurrent_namespace_churn(make_stack, mounter):
     assert files > 10, f"only {files} files left"
     check_views(paths, m, "concurrent", before, mounter,
                 extra=lambda root, stage: None if stage == "live" else validate_tree(root, stage))
+
+
+ROUNDS = int(budget(5, 60))
+CU_WRITERS, CU_READERS = 6, 2
+
+
+@pytest.mark.watchdog(watchdog_seconds(ROUNDS * 1.5))
+def test_concurrent_copy_ups_of_one_file(make_stack, mounter):
+    """Six processes copy up the same 4 MiB lower file at the same moment, each its own way
+    (open for writing, truncate to its size, chmod, setxattr, utimes), then each writes its own
+    block; readers read it whole meanwhile. A copy-up that is not serialised loses writes (made
+    to a copy another copy-up then replaces) or shows a reader a half-copied file."""
+    seed = SEED + 7
+    paths = make_stack(lowers=[{f"big/f{r}": File(big_content(seed, r)) for r in range(ROUNDS)}])
+    before = lowers_raw(paths)
+    m = mounter(paths)
+    gap = 1.2
+    start = time.time() + 2.0  # time for the workers to start
+    cfgs = [{"root": str(m.root), "wid": w, "seed": seed, "rounds": ROUNDS, "gap": gap,
+             "start": start, "writers": CU_WRITERS,
+             "role": "copyup-writer" if w < CU_WRITERS else "copyup-reader"}
+            for w in range(CU_WRITERS + CU_READERS)]
+    results = collect(spawn(m.root, cfgs), seconds=2.0 + ROUNDS * gap)
+    bad = [b for r in results for b in r["bad"]]
+    reads = sum(r["ops"] for r in results if r["wid"] >= CU_WRITERS)
+    lost = []
+
+    def final(root: Path, stage: str) -> None:
+        for r in range(ROUNDS):
+            with open(root / "big" / f"f{r}", "rb") as f:
+                problem = check_big(f.read(), seed, r, CU_WRITERS, final=True)
+            if problem:
+                lost.append(f"{stage}: big/f{r}: {problem}")
+
+    final(m.root, "right after")
+    report(f"stress concurrent copy-ups: seed {seed}, {ROUNDS} lower files of {BIG >> 20} MiB, "
+           f"each copied up by {CU_WRITERS} processes at once ({', '.join(TRIGGERS)}), "
+           f"{reads} whole-file reads meanwhile, {len(bad) + len(lost)} failures")
+    assert not bad, "\n".join(bad[:20])
+    assert not lost, "\n".join(lost[:20])
+    check_views(paths, m, "concurrent copy-ups", before, mounter,
+                extra=lambda root, stage: None if stage == "live" else final(root, stage))
+    assert not lost, "\n".join(lost[:20])

@@ -62,14 +62,23 @@ SECRET = b"SECRET outside the layers"
 # ---------------------------------------------------------------------------------------------
 
 
-def etc_listing() -> str:
-    """The names and types in /etc (not their content: the system may rewrite a file)."""
-    items = []
+def _system_churn(name: str) -> bool:
+    """Names the system itself makes and drops in /etc (useradd's backups and locks, dpkg's
+    temporaries), which another process may create while a test runs."""
+    return name.endswith(("-", "~", "+", ".lock", ".tmp")) or ".dpkg-" in name or \
+        name.startswith(".#")
+
+
+def etc_listing() -> tuple[str, frozenset[tuple[str, str]]]:
+    """A checksum of the names and types in /etc (not their content: the system may rewrite a
+    file), without _system_churn names, and the list itself for a diagnosis."""
+    items = set()
     with os.scandir("/etc") as it:
         for e in it:
-            items.append((e.name, "d" if e.is_dir(follow_symlinks=False)
-                          else "l" if e.is_symlink() else "f"))
-    return hashlib.sha256(repr(sorted(items)).encode()).hexdigest()
+            if not _system_churn(e.name):
+                items.add((e.name, "d" if e.is_dir(follow_symlinks=False)
+                           else "l" if e.is_symlink() else "f"))
+    return hashlib.sha256(repr(sorted(items)).encode()).hexdigest(), frozenset(items)
 
 
 class Canary:
@@ -90,7 +99,10 @@ class Canary:
             pairs = [(self.before.get(k), now.get(k)) for k in changed[:3]]
             raise AssertionError(f"after {what}: the canary tree outside the layers changed at "
                                  f"{changed}: {pairs}")
-        assert etc_listing() == self.etc, f"after {what}: /etc's names changed"
+        etc = etc_listing()
+        assert etc[0] == self.etc[0], (f"after {what}: /etc's names changed: added "
+                                       f"{sorted(etc[1] - self.etc[1])}, removed "
+                                       f"{sorted(self.etc[1] - etc[1])}")
         self.checks += 1
 
 
