@@ -914,3 +914,60 @@ def test_devices_fifos_setuid(make_pair, outside):
     assert got["the capability"] == CAP_NET_RAW
     report(f"stress hostile special files: {t.n} operations on device nodes, fifos, setuid/setgid "
            f"files and a capability equal to the kernel, canary unchanged")
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. a stale WORK with symlinks out of it (the mount wipes WORK/work: never through a symlink)
+# ---------------------------------------------------------------------------------------------
+
+
+def _plant_work(work: Path, o: Path, variant: str) -> None:
+    w = work / "work"
+    if variant == "work-is-a-symlink":
+        os.symlink(o / "dir", w)
+        return
+    (w / "sub").mkdir(parents=True)
+    os.symlink(o / "dir", w / "evil_dir")
+    os.symlink(o / "secret", w / "evil_file")
+    os.symlink(o / "dir", w / "#1")
+    os.symlink(o / "dir", w / "sub" / "deeper")
+    (w / "sub" / "plain").write_bytes(b"stale\n")
+    os.mkfifo(w / "fifo")
+    os.symlink(o / "dir", work / "index")  # the kernel's index dir (index=off: left alone)
+
+
+@pytest.mark.parametrize("variant", ["symlinks-in-work", "work-is-a-symlink"])
+def test_stale_workdir_with_symlinks_out(make_stack, mounter, outside, variant):
+    canary = Canary(outside)
+    lower = {"d/f": File("f\n"), "d/g": File("g\n"), "e/h": File("h\n")}
+    stacks = {impl: make_stack([lower]) for impl in ("kernel", IMPL)}
+    for sp in stacks.values():
+        _plant_work(sp.work, outside, variant)
+    canary.check("planting")
+    results: dict[str, Any] = {}
+    for impl, sp in stacks.items():
+        try:
+            m = mounter(sp, impl)
+        except Exception as e:  # noqa: BLE001 - refusing such a WORK is fine too; compared below
+            results[impl] = ("refused", type(e).__name__)
+            canary.check(f"{impl} refusing the mount")
+            continue
+        canary.check(f"{impl} mount")
+        out = []
+        for what, fn in [
+            ("copy-up", lambda r: (r / "d" / "f").open("ab").write(b"+")),
+            ("whiteout", lambda r: os.unlink(r / "d" / "g")),
+            ("rmdir of a merged dir", lambda r: (os.unlink(r / "e" / "h"), os.rmdir(r / "e"))),
+            ("create", lambda r: (r / "new").write_bytes(b"new\n")),
+            ("rename over", lambda r: os.rename(r / "new", r / "d" / "f")),
+        ]:
+            out.append((what, outcome(fn, m.root)))
+            canary.check(f"{impl}: {what}")
+        out.append(("tree", sorted(os.listdir(m.root / "d"))))
+        m.stop()
+        canary.check(f"{impl} unmount")
+        assert os.path.islink(sp.work / "index") == (variant == "symlinks-in-work"), impl
+        results[impl] = out
+    assert results["kernel"] == results[IMPL], results
+    report(f"stress hostile stale workdir ({variant}): mounted, 5 operations through WORK on "
+           f"both, the same results as the kernel's, canary unchanged")
