@@ -49,7 +49,9 @@ def run_fio(jobfile: Path, out: Path, *extra: str, expect_ok: bool = True
     """Run fio; return (bytes written, bytes read back and verified, stderr)."""
     cmd = [FIO, "--output-format=json", f"--output={out}", *extra, str(jobfile)]
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, check=False)
+        # fio leaves its verify state files (*-verify.state) in its working directory
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, check=False,
+                           cwd=out.parent)
     except subprocess.TimeoutExpired:
         pytest.fail(f"fio did not finish in {TIMEOUT}s: {' '.join(cmd)}")
     if not expect_ok:
