@@ -5,8 +5,15 @@ records, so a reader can tell a torn or stale read from a race it may legitimate
 
 Only the errno a real filesystem gives in such races is tolerated (ENOENT, EEXIST, ENOTEMPTY,
 ENOTDIR, EISDIR, EXDEV for directories overlayfs can't rename, ...; each op has its own list);
-anything else — EIO, ENOTCONN, EINVAL, ESTALE, a bad record — is a failure. Afterwards every
-file must hold only whole valid records, and the view checks (views.py) must agree.
+anything else — EIO, ENOTCONN, EINVAL (but from readlink of a name that is not a symlink),
+ESTALE, a bad record — is a failure. Afterwards every file must hold only whole valid records,
+and the view checks (views.py) must agree.
+
+A second test races copy-ups: six processes copy up the same lower file at once, each its own
+way, then write their own block; no write may be lost, no reader see a byte that is neither the
+lower's nor a writer's.
+
+UNIONFS_TEST_IMPL=kernel runs both against the kernel's overlay: the premises hold there.
 
 The workers are this module run as a program (``python -m test_stress_concurrent worker JSON``).
 """
@@ -80,7 +87,6 @@ TOLERATED = {
     "symlink": COMMON | {"EEXIST"},
     "chmod": COMMON,
     "setxattr": COMMON,
-    "truncate": COMMON | {"EISDIR"},
     "stat": COMMON,
     "listdir": COMMON,
     "read": COMMON | {"EISDIR"},
@@ -89,9 +95,12 @@ TOLERATED = {
     "walk": COMMON,
     "drop": set(),
 }
+# No truncation here: a read racing a truncate and the appends after it may see old and new bytes
+# mixed on any filesystem (the kernel's overlay shows it), which records can't tell from a bug.
+# fsx (test_stress_integrity.py) covers truncation.
 WRITER_OPS = {"create": 10, "replace": 8, "append": 10, "rename": 10, "unlink": 8, "mkdir": 5,
               "rmdir": 4, "rename_dir": 4, "link": 3, "symlink": 3, "chmod": 3, "setxattr": 3,
-              "truncate": 1, "stat": 2, "read": 2}
+              "stat": 2, "read": 2}
 READER_OPS = {"stat": 10, "listdir": 8, "read": 15, "readlink": 3, "getxattr": 3, "walk": 1}
 
 
@@ -166,7 +175,7 @@ class Worker:
     def check_data(self, rel: str, data: bytes, partial_ok: bool = True) -> None:
         problem = bad_records(data, allow_partial_tail=partial_ok)
         if problem:
-            self.fail(f"read {rel}: {problem} ({len(data)} bytes)")
+            self.fail(f"read {rel}: {problem} ({len(data)} bytes: {data[:400]!r})")
 
     def fail(self, msg: str) -> None:
         if len(self.bad) < 50:
@@ -174,7 +183,10 @@ class Worker:
 
     # -- writer ops ----------------------------------------------------------------------------
     def op_create(self) -> None:
-        fd = os.open(self.p(self.file_rel()), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        # O_APPEND: another worker may append to the new file before this write; a write at
+        # offset 0 would then overwrite that record (on any filesystem)
+        fd = os.open(self.p(self.file_rel()), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND,
+                     0o644)
         try:
             os.write(fd, self.payload())
         finally:
@@ -238,9 +250,6 @@ class Worker:
 
     def op_setxattr(self) -> None:
         os.setxattr(self.p(self.file_rel()), "user.stress", f"w{self.wid}-{self.seq}".encode())
-
-    def op_truncate(self) -> None:
-        os.truncate(self.p(self.file_rel()), 0)
 
     # -- reader ops ----------------------------------------------------------------------------
     def op_stat(self) -> None:
