@@ -74,7 +74,7 @@ def _copy_up_calls(make_stack, tmp_path: Path, options: list[str]) -> list[str]:
 
 def _rename_into(calls: list[str], name: str) -> int:
     for i, c in enumerate(calls):
-        if re.match(r"renameat2?\(.*\"#[0-9a-f]+\", .*\"%s\"" % re.escape(name), c):
+        if re.match(rf"renameat2?\(.*\"#[0-9a-f]+\", .*\"{re.escape(name)}\"", c):
             return i
     raise AssertionError(f"no rename of a copy into {name!r} in {calls}")
 
