@@ -7,19 +7,8 @@ runs its short form, so that the suite still guards against regressions in `make
 
 from __future__ import annotations
 
-import os
-
 import pytest
-
-LONG = os.environ.get("PYUNIONFS_STRESS") == "long"
-# The long profile's whole wall-clock budget; each test takes its share through budget().
-MINUTES = float(os.environ.get("PYUNIONFS_STRESS_MINUTES", "10"))
-
-
-def budget(short: float, long: float) -> float:
-    """``short`` in the bounded profile, ``long`` (scaled to PYUNIONFS_STRESS_MINUTES,
-    whose default 10 it was written for) under `make stress`."""
-    return long * MINUTES / 10 if LONG else short
+from views import LONG, MINUTES
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

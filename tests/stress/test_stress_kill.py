@@ -67,14 +67,7 @@ from overlay_harness import (
     snapshot_diff,
     snapshot_merged,
 )
-
-# The stress profile (tests/stress/conftest.py); the same three lines, read here directly.
-LONG = os.environ.get("PYUNIONFS_STRESS") == "long"
-MINUTES = float(os.environ.get("PYUNIONFS_STRESS_MINUTES", "10"))
-
-
-def budget(short: float, long: float) -> float:
-    return long * MINUTES / 10 if LONG else short
+from views import LONG, MINUTES, budget, report
 
 
 def by_profile(short: int, long: int) -> int:
@@ -741,11 +734,8 @@ def _summary() -> Iterator[None]:
             f"{sum(t.left_work for t in TALLY.values())} left work in WORK/work; "
             f"dead mount refused and removed {sum(t.refused for t in TALLY.values())}/{tried}; "
             f"seed {SEED}{' (long)' if LONG else ''}")
-    print("\n" + line)
-    report = os.environ.get("PYUNIONFS_STRESS_REPORT")
-    if report:
-        with open(report, "a") as f:
-            f.write(line + "\n")
+    print()
+    report(line)
 
 
 def read_go(proc: subprocess.Popen[bytes], timeout: float) -> bytes:

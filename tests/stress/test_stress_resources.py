@@ -28,15 +28,7 @@ from typing import Any
 
 import pytest
 from overlay_harness import IMPL, File, PyUnionMount, StackPaths
-
-# The stress profile (tests/stress/conftest.py); the same three lines, read here directly.
-LONG = os.environ.get("PYUNIONFS_STRESS") == "long"
-MINUTES = float(os.environ.get("PYUNIONFS_STRESS_MINUTES", "10"))
-
-
-def budget(short: float, long: float) -> float:
-    return long * MINUTES / 10 if LONG else short
-
+from views import LONG, MINUTES, budget, report
 
 TEST_LIMIT = max(600.0, MINUTES * 60) if LONG else 180.0
 
@@ -55,11 +47,8 @@ def _summary() -> Iterator[None]:
     if not FIGURES:
         return
     line = "resources: " + "; ".join(FIGURES.values()) + (" (long)" if LONG else "")
-    print("\n" + line)
-    report = os.environ.get("PYUNIONFS_STRESS_REPORT")
-    if report:
-        with open(report, "a") as f:
-            f.write(line + "\n")
+    print()
+    report(line)
 
 
 def fd_count(pid: int) -> int:

@@ -35,7 +35,8 @@ from overlay_harness import (
     snapshot_upper,
 )
 
-# The profile (tests/stress/conftest.py sets the same; a conftest is not importable by name here).
+# The profile: `make stress` sets PYUNIONFS_STRESS=long and PYUNIONFS_STRESS_MINUTES; every
+# stress module (and conftest.py) reads it from here.
 LONG = os.environ.get("PYUNIONFS_STRESS") == "long"
 MINUTES = float(os.environ.get("PYUNIONFS_STRESS_MINUTES", "10"))
 
