@@ -21,6 +21,7 @@ from overlay_harness import (
     File,
     force_unmount,
     is_mounted,
+    unionfs_pids,
 )
 
 PYTHON = sys.executable
@@ -44,18 +45,10 @@ def _one_error_line(r: subprocess.CompletedProcess[str], *needles: str) -> str:
 
 
 def _daemon_pid(merged: Path) -> int:
-    """The pid of the daemon serving ``merged`` (started by this test, by its command line)."""
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"unionfs" in argv and os.fsencode(str(merged)) in argv:
-            return int(d)
-    raise AssertionError(f"no daemon for {merged}")
+    """The pid of the daemon serving ``merged``, which this test started."""
+    pids = unionfs_pids(merged)
+    assert len(pids) == 1, f"daemons for {merged}: {pids}"
+    return pids[0]
 
 
 TRIES = 10

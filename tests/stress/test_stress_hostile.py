@@ -363,23 +363,26 @@ def _swap_for_symlink(layer: Path, name: str, target: Path, keep: bool) -> None:
     os.symlink(target, real)
 
 
+def _read_at(d: int, name: str, size: int = 100) -> bytes:
+    fd = os.open(name, os.O_RDONLY, dir_fd=d)
+    try:
+        return os.read(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _append_at(d: int, name: str, data: bytes = b"more\n", size: int = 100) -> bytes:
+    fd = os.open(name, os.O_RDWR | os.O_APPEND, dir_fd=d)
+    try:
+        os.write(fd, data)
+        return os.pread(fd, size, 0)
+    finally:
+        os.close(fd)
+
+
 def _dir_ops(created: set[str]) -> list[tuple[str, Callable[[int], Any]]]:
     """Operations relative to a directory fd held from before the swap (so no path lookup of the
     swapped name happens in the caller's VFS: only the daemon may resolve it)."""
-    def read(d: int, name: str) -> bytes:
-        fd = os.open(name, os.O_RDONLY, dir_fd=d)
-        try:
-            return os.read(fd, 200)
-        finally:
-            os.close(fd)
-
-    def write(d: int, name: str) -> bytes:
-        fd = os.open(name, os.O_RDWR | os.O_APPEND, dir_fd=d)
-        try:
-            os.write(fd, b"written\n")
-            return os.pread(fd, 200, 0)
-        finally:
-            os.close(fd)
 
     def create(d: int) -> None:
         created.add("new")
@@ -392,14 +395,14 @@ def _dir_ops(created: set[str]) -> list[tuple[str, Callable[[int], Any]]]:
         try:
             created.add("sub/newer")
             os.close(os.open("newer", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
-            return read(fd, "g")
+            return _read_at(fd, "g", 200)
         finally:
             os.close(fd)
 
     def read_in(d: int, sub: str, name: str) -> bytes:
         fd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY, dir_fd=d)
         try:
-            return read(fd, name)
+            return _read_at(fd, name, 200)
         finally:
             os.close(fd)
 
@@ -418,9 +421,9 @@ def _dir_ops(created: set[str]) -> list[tuple[str, Callable[[int], Any]]]:
     return [
         ("listdir", lambda d: sorted(os.listdir(d))),
         ("stat f", lambda d: stat_summary(os.stat("f", dir_fd=d, follow_symlinks=False))),
-        ("read f", lambda d: read(d, "f")),
+        ("read f", lambda d: _read_at(d, "f", 200)),
         ("read sub/g", lambda d: read_in(d, "sub", "g")),
-        ("write f", lambda d: write(d, "f")),
+        ("write f", lambda d: _append_at(d, "f", b"written\n", 200)),
         ("create new", create),
         ("create in sub", deep),
         ("mkdir", mkdir),
@@ -549,23 +552,6 @@ def _at_bottom(fn: Callable[[int], Any]) -> Callable[[Path], Any]:
         finally:
             os.close(fd)
     return op
-
-
-def _read_at(d: int, name: str) -> bytes:
-    fd = os.open(name, os.O_RDONLY, dir_fd=d)
-    try:
-        return os.read(fd, 100)
-    finally:
-        os.close(fd)
-
-
-def _append_at(d: int, name: str) -> bytes:
-    fd = os.open(name, os.O_RDWR | os.O_APPEND, dir_fd=d)
-    try:
-        os.write(fd, b"more\n")
-        return os.pread(fd, 100, 0)
-    finally:
-        os.close(fd)
 
 
 def test_long_and_odd_names_and_paths_past_path_max(make_stack, mounter, outside):
