@@ -183,12 +183,22 @@ def sgid_needs_us(mode: int, gid: int, caller: Caller) -> bool:
         and setid_kept(mode, gid, caller) != mode
 
 
+def setid_change(fs: State, node: Inode, caller: Caller, mode: int | None = None
+                 ) -> int | None:
+    """The mode ``node`` must take once ``caller`` changed its data (setid_kept, on ``mode``
+    if given, else on what the file shows), or None when it keeps its own."""
+    shown, _, gid = shown_owner(fs, node, real_stat(fs, node))
+    if mode is None:
+        mode = shown
+    kept = setid_kept(mode, gid, caller)
+    return kept if kept != mode else None
+
+
 async def drop_setid(fs: State, node: Inode, caller: Caller, fd: int | None = None) -> None:
     """Apply setid_kept() to ``node`` after ``caller`` changed its data: a truncating open,
     which FUSE leaves wholly to us (atomic O_TRUNC), or a write FUSE only half covers."""
-    mode, _, gid = shown_owner(fs, node, real_stat(fs, node))
-    kept = setid_kept(mode, gid, caller)
-    if kept != mode:
+    kept = setid_change(fs, node, caller)
+    if kept is not None:
         await setattr(fs, node, AttrChange(mode=kept, fd=fd))
         fs.attrs_changed(node.ino)
 

@@ -194,11 +194,9 @@ class Operations(pyfuse3.Operations):
         if ch.size is not None and not node.is_dir:
             # FUSE adds the mode change for set-uid and a g+x set-gid, not for a caller
             # outside the group: the whole rule, on what it sent or what the file has.
-            mode, _, gid = attrs.shown_owner(self.fs, node, attrs.real_stat(self.fs, node))
-            if ch.mode is not None:
-                mode = ch.mode
-            kept = attrs.setid_kept(mode, gid, Caller(ctx.pid, ctx.uid, ctx.gid))
-            if kept != mode:
+            kept = attrs.setid_change(self.fs, node, Caller(ctx.pid, ctx.uid, ctx.gid),
+                                      ch.mode)
+            if kept is not None:
                 ch.mode = kept
         await attrs.setattr(self.fs, node, ch)
         return self._attrs(node, attrs.real_stat(self.fs, node))
