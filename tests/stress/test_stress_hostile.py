@@ -540,11 +540,13 @@ def _long_lower(root: Path) -> None:
                 os.utime(os.path.join(dirpath, n), ns=(10**18, 10**18), follow_symlinks=False)
 
 
-def _at_bottom(fn: Callable[[int], Any]) -> Callable[[Path], Any]:
+def _walk_down(names: list[str], fn: Callable[[int], Any]) -> Callable[[Path], Any]:
+    """``fn(fd)`` on the directory ``names`` below the mount, reached one fd at a time (the
+    path is too long for one call)."""
     def op(m: Path) -> Any:
         fd = os.open(m, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            for n in LONG_LEVELS:
+            for n in names:
                 nfd = os.open(n, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
                 os.close(fd)
                 fd = nfd
@@ -552,6 +554,10 @@ def _at_bottom(fn: Callable[[int], Any]) -> Callable[[Path], Any]:
         finally:
             os.close(fd)
     return op
+
+
+def _at_bottom(fn: Callable[[int], Any]) -> Callable[[Path], Any]:
+    return _walk_down(LONG_LEVELS, fn)
 
 
 def test_long_and_odd_names_and_paths_past_path_max(make_stack, mounter, outside):
@@ -626,17 +632,7 @@ def _deep_lower(root: Path) -> None:
 
 
 def _walk_chain(fn: Callable[[int], Any]) -> Callable[[Path], Any]:
-    def op(m: Path) -> Any:
-        fd = os.open(m, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            for n in CHAIN:
-                nfd = os.open(n, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-                os.close(fd)
-                fd = nfd
-            return fn(fd)
-        finally:
-            os.close(fd)
-    return op
+    return _walk_down(CHAIN, fn)
 
 
 def _find(m: Path) -> Any:
