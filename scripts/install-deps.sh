@@ -6,11 +6,11 @@
 #   scripts/install-deps.sh            # system packages + .venv with pip install -e '.[test]'
 #   PYUNIONFS_NO_APT=1 scripts/...     # skip the system package step (e.g. not Debian)
 #   VENV=/path/to/venv scripts/...     # another venv location (default: .venv in the repo)
-#   PYUNIONFS_STOCK_PYFUSE3=1 scripts/...  # keep PyPI's pyfuse3: no fallocate (EOPNOTSUPP)
+#   PYUNIONFS_STOCK_PYFUSE3=1 scripts/...  # keep PyPI's pyfuse3: no fallocate (EOPNOTSUPP), umask always applied
 #
-# pyfuse3 is built from its PyPI sdist with scripts/pyfuse3-fallocate.patch applied (a
-# fallocate handler, which pyfuse3 3.5.0 lacks), as version 3.5.0+unionfs.1; skipped when the
-# installed pyfuse3 already has the handler.
+# pyfuse3 is built from its PyPI sdist with scripts/pyfuse3-unionfs.patch applied (a
+# fallocate handler, which pyfuse3 3.5.0 lacks, and FUSE_CAP_DONT_MASK for POSIX ACLs), as
+# version 3.5.0+unionfs.2; skipped when the installed pyfuse3 already has both.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -35,13 +35,13 @@ show_log_and_die() {
 # --- system packages ---------------------------------------------------------------------
 # fuse3: fusermount3 and /etc/fuse.conf; libfuse3-dev + pkg-config + a C compiler + Python
 # headers: building pyfuse3 (PyPI ships only an sdist); fuse-overlayfs: benchmark peer;
-# attr: getfattr/setfattr for the demo and tests; make: the Makefile itself; strace: tests
+# attr: getfattr/setfattr for the demo and tests; acl: getfacl/setfacl for the ACL tests; make: the Makefile itself; strace: tests
 # that check which calls a copy-up makes (fsync before rename); fio: the stress suite's
 # verified I/O.
 apt_packages() {
-    local pkgs=(fuse3 libfuse3-dev pkg-config fuse-overlayfs attr make strace fio)
+    local pkgs=(fuse3 libfuse3-dev pkg-config fuse-overlayfs attr acl make strace fio)
     command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || pkgs+=(gcc libc6-dev)
-    command -v git >/dev/null 2>&1 || pkgs+=(patch) # applies scripts/pyfuse3-fallocate.patch
+    command -v git >/dev/null 2>&1 || pkgs+=(patch) # applies scripts/pyfuse3-unionfs.patch
     command -v "$PYTHON" >/dev/null 2>&1 || pkgs+=(python3 python3-venv python3-dev)
     if command -v "$PYTHON" >/dev/null 2>&1; then
         # Debian's own python3 needs python3-venv for ensurepip and python3-dev for Python.h;
@@ -88,16 +88,17 @@ venv_ok() {
     [[ -x $VENV/bin/ruff && -x $VENV/bin/mypy ]]
 }
 
-# --- pyfuse3 with a fallocate handler --------------------------------------------------------
+# --- pyfuse3 with a fallocate handler and DONT_MASK --------------------------------------------------------
 PYFUSE3_VERSION=3.5.0
 PYFUSE3_SDIST_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-PYFUSE3_LOCAL=unionfs.1
-PYFUSE3_PATCH=scripts/pyfuse3-fallocate.patch
+PYFUSE3_LOCAL=unionfs.2
+PYFUSE3_PATCH=scripts/pyfuse3-unionfs.patch
 
-pyfuse3_has_fallocate() {
-    # the Python method and the compiled handler that calls it
+pyfuse3_is_patched() {
+    # the Python method and the compiled handler that calls it; the DONT_MASK switch
     "$VENV/bin/python" -c 'import sys, pyfuse3
-sys.exit(not (hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3, "fuse_fallocate_async")))' \
+sys.exit(not (hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3, "fuse_fallocate_async")
+         and hasattr(pyfuse3.Operations, "enable_dont_mask")))' \
         >/dev/null 2>&1
 }
 
@@ -133,12 +134,12 @@ build_pyfuse3_wheel() { # -> the wheel in $build_tmp/wheel
     rm -f "$src/src/pyfuse3/__init__.c" # pre-generated without the handler: make Cython run
     SETUPTOOLS_SCM_PRETEND_VERSION_FOR_PYFUSE3=$version \
         "${pip[@]}" wheel -q --no-deps -w "$tmp/wheel" "$src" >"$log" 2>&1 ||
-        show_log_and_die "building pyfuse3 $version failed: it needs a C compiler, the Python headers, libfuse3-dev and pkg-config; or set PYUNIONFS_STOCK_PYFUSE3=1 to use PyPI's pyfuse3, without fallocate"
+        show_log_and_die "building pyfuse3 $version failed: it needs a C compiler, the Python headers, libfuse3-dev and pkg-config; or set PYUNIONFS_STOCK_PYFUSE3=1 to use PyPI's pyfuse3, without fallocate and default-ACL umask handling"
 }
 
 install_patched_pyfuse3() {
     [[ ${PYUNIONFS_STOCK_PYFUSE3:-0} == 1 ]] && return 0
-    pyfuse3_has_fallocate && return 0
+    pyfuse3_is_patched && return 0
     local version=$PYFUSE3_VERSION+$PYFUSE3_LOCAL key cached whl
     key=$({ echo "$version $PYFUSE3_SDIST_SHA256"
         sha256sum "$PYFUSE3_PATCH" | cut -c1-16
@@ -148,7 +149,7 @@ install_patched_pyfuse3() {
     for whl in "$cached"/pyfuse3-*.whl; do
         [[ -f $whl ]] || continue
         echo "install-deps: pyfuse3 $version (with $PYFUSE3_PATCH) from $cached"
-        install_pyfuse3_wheel "$whl" && pyfuse3_has_fallocate && return 0
+        install_pyfuse3_wheel "$whl" && pyfuse3_is_patched && return 0
         rm -rf "$cached" # not usable after all: build it again
     done
     echo "install-deps: building pyfuse3 $version (with $PYFUSE3_PATCH)"
@@ -156,8 +157,8 @@ install_patched_pyfuse3() {
     build_pyfuse3_wheel "$version"
     whl=$(echo "$build_tmp"/wheel/pyfuse3-*.whl)
     install_pyfuse3_wheel "$whl" || show_log_and_die "installing the pyfuse3 $version wheel failed"
-    pyfuse3_has_fallocate ||
-        die "pyfuse3 $version is installed but has no fallocate handler (see $PYFUSE3_PATCH)"
+    pyfuse3_is_patched ||
+        die "pyfuse3 $version is installed but lacks the handlers of $PYFUSE3_PATCH)"
     { mkdir -p "$cached" && cp "$whl" "$cached/"; } 2>/dev/null || true # a cache, if it can be
     rm -rf "$build_tmp"
     build_tmp=

@@ -4,7 +4,7 @@ by the open for writing), a file already in upper and a new file; size, content,
 st_blocks, and the errno where fallocate is refused.
 
 pyfuse3 3.5.0 has no fallocate handler: scripts/install-deps.sh builds it with
-scripts/pyfuse3-fallocate.patch. Without that handler these tests fail (``make test`` installs
+scripts/pyfuse3-unionfs.patch. Without that handler these tests fail (``make test`` installs
 it), unless PYUNIONFS_STOCK_PYFUSE3=1 says a stock pyfuse3 is meant: then the tests that need
 the handler are skipped and ``test_stock_pyfuse3_refuses_and_posix_fallocate_falls_back``
 checks the documented limit instead.
@@ -36,7 +36,7 @@ EOPNOTSUPP = errno.errorcode[errno.EOPNOTSUPP]  # the name the harness reports (
 HANDLER = hasattr(pyfuse3.Operations, "fallocate")
 STOCK = os.environ.get("PYUNIONFS_STOCK_PYFUSE3", "") == "1"
 MISSING = ("pyfuse3 has no fallocate handler: run scripts/install-deps.sh (it builds pyfuse3 "
-           "with scripts/pyfuse3-fallocate.patch), or set PYUNIONFS_STOCK_PYFUSE3=1 to accept "
+           "with scripts/pyfuse3-unionfs.patch), or set PYUNIONFS_STOCK_PYFUSE3=1 to accept "
            "EOPNOTSUPP")
 
 

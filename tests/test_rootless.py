@@ -74,7 +74,7 @@ USERNS_SUITE = ["tests/test_lookup.py", "tests/test_dirops.py", "tests/test_rena
                 "tests/test_copyup.py", "tests/test_readdir.py", "tests/test_xattr.py",
                 "tests/test_interop.py", "tests/test_whiteout_formats.py",
                 "tests/test_rootless_userns.py", "tests/test_caching.py",
-                "tests/test_setid.py", "tests/test_fallocate.py"]
+                "tests/test_setid.py", "tests/test_fallocate.py", "tests/test_acl.py"]
 USERNS_SUITE_TIMEOUT = 600.0
 
 
@@ -706,3 +706,40 @@ def test_user_read_only_directories(fuse_user, user_mounts, tmp_path: Path) -> N
     with kernel_mount(paths, paths.work) as k:
         theirs = user_snapshot(uid, gid, k.root)
     assert ours == theirs, ours.diff(theirs, ("pyunionfs", "kernel"))
+
+
+ACL_SCRIPT = ("touch acl/new && mkdir acl/newdir && mknod acl/fifo p\n"
+              "setfacl -m u::rwx,g::rwx,o::rwx acl/f\n"
+              "chmod 0640 acl/new && setfacl -m u:0:r-x acl/new\n")
+
+
+@pytest.mark.skipif(shutil.which("setfacl") is None, reason="setfacl missing: install Debian's "
+                                                            "'acl' package (make deps does)")
+def test_user_mount_acls_like_kernel(fuse_user, user_mounts, tmp_path: Path) -> None:
+    """An ordinary user's daemon inherits default ACLs (the umask yields to them) and keeps
+    mode and ACL in step, as kernel overlayfs does for the same user on a copy of the stack."""
+    from test_acl import _facl, _sh
+
+    uid, gid = fuse_user
+    names = ("acl/new", "acl/newdir", "acl/fifo", "acl/f")
+
+    def op(root: Path) -> str:
+        return _sh(root, ACL_SCRIPT + _facl(*names))
+
+    stacks = {}
+    for side in ("kernel", "ours"):
+        paths = stacks[side] = build_user_stack(tmp_path / side, uid, gid)
+        d = paths.lowers[0] / "acl"
+        d.mkdir()
+        (d / "f").write_text("x")
+        for p in (d, d / "f"):
+            os.chown(p, uid, gid)
+        subprocess.run(["setfacl", "-m", "d:u::rwx,d:g::r-x,d:o::---,d:u:0:rwx", str(d)],
+                       check=True)
+    with kernel_mount(stacks["kernel"], stacks["kernel"].work) as k:
+        theirs = run_as(uid, gid, op, k.root, umask=0o077)
+    m = user_mounts(uid, gid, stacks["ours"], False)
+    ours = run_as(uid, gid, op, m.root, umask=0o077)
+    m.stop()
+    assert theirs[0] == "ok" and "rc=" not in theirs[1], f"test premise: kernel gave {theirs}"
+    assert ours == theirs

@@ -26,7 +26,7 @@ SILENTLY_IGNORED = {"defaults", "rw", "auto", "noauto", "user", "users", "nouser
 IGNORED_PREFIXES = ("context=", "fscontext=", "defcontext=", "rootcontext=", "x-")
 # fuse-overlayfs options that change nothing here (our defaults already are what they
 # ask for, or they tune fuse-overlayfs internals).
-PEER_NOOPS = {"noacl", "static_nlink", "threaded", "fast_ino", "writeback",
+PEER_NOOPS = {"static_nlink", "threaded", "fast_ino", "writeback",
               "redirect_dir", "ino32_t", "xino", "plugins", "noxattrs", "debug"}
 WHITEOUT_MODES = ("kernel", "oci")
 
@@ -46,6 +46,7 @@ class MountConfig:
     userxattr: bool = False  # user.overlay.* even where trusted.* would work
     whiteouts: str = "kernel"  # also read OCI .wh. whiteouts ("oci")
     volatile: bool = False  # fsync is a no-op
+    acl: bool = True  # POSIX ACLs where the upper filesystem has them (off: -o noacl)
     owners: Owners = field(default_factory=Owners)
     xattr_permissions: int = 0  # 2: owner/mode kept in user.containers.override_stat
     # How long the kernel may cache names and attributes.  Long, because every change
@@ -82,7 +83,7 @@ def split_lowerdir(spec: str) -> list[str]:
 
 OUR_KEYS = ("lowerdir", "upperdir", "workdir", "whiteouts", "uidmapping", "gidmapping",
             "squash_to_uid", "squash_to_gid", "xattr_permissions", "fsync", "timeout")
-OUR_FLAGS = ("userxattr", "volatile", "squash_to_root")
+OUR_FLAGS = ("userxattr", "volatile", "squash_to_root", "noacl")
 
 
 @dataclass
@@ -134,6 +135,8 @@ def apply_options(cfg: MountConfig, ours: dict[str, str]) -> None:
             raise MountError(f"whiteouts={ours['whiteouts']}: expected one of "
                              + ", ".join(WHITEOUT_MODES))
         cfg.whiteouts = ours["whiteouts"]
+    if "noacl" in ours:
+        cfg.acl = False
     if "volatile" in ours or ours.get("fsync") == "0":
         cfg.volatile = True
     if "uidmapping" in ours:

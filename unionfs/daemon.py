@@ -27,7 +27,7 @@ from unionfs.inodes import InodeTable
 from unionfs.layers import LayerStack
 from unionfs.lookup import root_resolution
 from unionfs.ops import Operations
-from unionfs.probe import cleanup_workdir, prepare_workdir
+from unionfs.probe import cleanup_workdir, prepare_workdir, supports_acl
 from unionfs.state import State
 from unionfs.whiteout import drop_shared_whiteout
 
@@ -125,8 +125,12 @@ def prepare(cfg: MountConfig) -> State:
         raise
     log.info("on-disk dialect: %s", stack.dialect.describe())
     override = OVERRIDE_XATTRS.get(cfg.xattr_permissions)
+    acl = cfg.acl and supports_acl(stack)
+    if cfg.acl and not acl:
+        log.info("no POSIX ACLs: the upper filesystem has none")
     return State(stack, InodeTable(root_resolution(stack)), owners=cfg.owners,
-                 volatile=cfg.volatile, override_xattr=override, timeout=cfg.timeout)
+                 volatile=cfg.volatile, acl=acl, override_xattr=override,
+                 timeout=cfg.timeout)
 
 
 def mount(cfg: MountConfig) -> int:

@@ -14,7 +14,7 @@ import stat
 from collections.abc import Callable
 from typing import Literal
 
-from unionfs import lookup, sysio
+from unionfs import acl, lookup, sysio
 from unionfs.copyup import copy_up, temp_name
 from unionfs.errors import oserror
 from unionfs.inodes import Inode
@@ -91,9 +91,10 @@ def set_opaque(fs: State, dfd: int, name: str) -> None:
 
 
 async def create_object(fs: State, parent: Inode, name: str, mode: int, uid: int, gid: int,
-                        make: Callable[[int, str, int], None]) -> Resolution:
+                        make: Callable[[int, str, int], None], umask: int = 0) -> Resolution:
     """Make a new object with ``make(dirfd, name, mode)`` where ``name`` is free in
-    the merged view; returns its resolution in upper."""
+    the merged view; returns its resolution in upper.  ``umask`` is the caller's, when the
+    kernel left it to us (DONT_MASK): a default ACL of the parent takes its place."""
     fs.check_writable()
     check_new_name(fs, name)
     if resolve_in(fs, parent, name) is not None:
@@ -106,6 +107,7 @@ async def create_object(fs: State, parent: Inode, name: str, mode: int, uid: int
         gid = pst.st_gid
         if is_dir:
             mode |= stat.S_ISGID
+    mode, acls = _new_mode(fs, udfd, mode, umask)
     perm = stat.S_IMODE(mode)
     whited_out = dialect.upper_whiteout(udfd, name)
     if whited_out and sysio.lstat_or_none(udfd, name) is not None:
@@ -115,6 +117,11 @@ async def create_object(fs: State, parent: Inode, name: str, mode: int, uid: int
         late = is_dir and os.geteuid() != 0 and perm & 0o300 != 0o300
         make(wfd, tmp, perm | 0o700 if late else perm)
         try:
+            # Made in WORK, away from the parent's default ACL: given it here, as the
+            # upper filesystem does for an object made in place (and, a directory
+            # without u+w, once it has moved).
+            if not late:
+                _set_acls(wfd, tmp, acls)
             _finish(wfd, tmp, perm | 0o700 if late else perm, uid, gid, is_dir)
             if is_dir:
                 # A new directory over a whiteout must not merge with what the
@@ -129,6 +136,7 @@ async def create_object(fs: State, parent: Inode, name: str, mode: int, uid: int
             remove_tree_at(wfd, tmp)
             raise
         if late:
+            _set_acls(udfd, name, acls)
             sysio.chmod(udfd, name, perm)
     else:
         make(udfd, name, perm)
@@ -145,6 +153,31 @@ async def create_object(fs: State, parent: Inode, name: str, mode: int, uid: int
     return Resolution(fs.upper, st, [fs.upper] if is_dir else [])
 
 
+ACLs = tuple[bytes | None, bytes | None]  # access, default
+
+
+def _new_mode(fs: State, udfd: int, mode: int, umask: int) -> tuple[int, ACLs]:
+    """The mode of a new object in the upper directory ``udfd``, and the ACLs that the
+    upper filesystem gives it when it is made there (acl.inherit): the parent's default
+    ACL, if it has one, stands in for the umask."""
+    if stat.S_ISLNK(mode):
+        return mode, (None, None)
+    default = sysio.fd_getxattr_or_none(udfd, acl.DEFAULT) if fs.acl else None
+    if default is None:
+        return mode & ~(umask & 0o777), (None, None)
+    try:
+        mode, access, default = acl.inherit(default, mode)
+    except acl.BadACL:
+        raise oserror(errno.EIO) from None
+    return mode, (access, default)
+
+
+def _set_acls(dfd: int, name: str, acls: ACLs) -> None:
+    for xname, value in zip(acl.NAMES, acls):
+        if value is not None:
+            sysio.setxattr(dfd, name, xname, value)
+
+
 def _finish(dfd: int, name: str, perm: int, uid: int, gid: int, is_dir: bool) -> None:
     try:
         sysio.chown(dfd, name, uid, gid)
@@ -158,18 +191,18 @@ def _finish(dfd: int, name: str, perm: int, uid: int, gid: int, is_dir: bool) ->
 
 
 async def mknod(fs: State, parent: Inode, name: str, mode: int, rdev: int, uid: int,
-                gid: int) -> Resolution:
+                gid: int, umask: int = 0) -> Resolution:
     if stat.S_ISCHR(mode) and rdev == 0:
         raise oserror(errno.EPERM)  # that is a whiteout: not creatable through the overlay
     kind = stat.S_IFMT(mode)
     return await create_object(fs, parent, name, mode, uid, gid,
-                               lambda d, n, p: sysio.mknod(d, n, kind | p, rdev))
+                               lambda d, n, p: sysio.mknod(d, n, kind | p, rdev), umask)
 
 
 async def mkdir(fs: State, parent: Inode, name: str, mode: int, uid: int,
-                gid: int) -> Resolution:
+                gid: int, umask: int = 0) -> Resolution:
     return await create_object(fs, parent, name, stat.S_IFDIR | stat.S_IMODE(mode), uid, gid,
-                               lambda d, n, p: sysio.mkdir(d, n, p))
+                               lambda d, n, p: sysio.mkdir(d, n, p), umask)
 
 
 async def symlink(fs: State, parent: Inode, name: str, target: str, uid: int,
@@ -179,7 +212,7 @@ async def symlink(fs: State, parent: Inode, name: str, target: str, uid: int,
 
 
 async def create(fs: State, parent: Inode, name: str, mode: int, flags: int, uid: int,
-                 gid: int) -> tuple[Resolution, int]:
+                 gid: int, umask: int = 0) -> tuple[Resolution, int]:
     fds: list[int] = []
     access = flags & os.O_ACCMODE
 
@@ -188,7 +221,7 @@ async def create(fs: State, parent: Inode, name: str, mode: int, flags: int, uid
 
     try:
         res = await create_object(fs, parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid,
-                                  gid, make)
+                                  gid, make, umask)
     except BaseException:
         for fd in fds:
             os.close(fd)

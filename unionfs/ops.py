@@ -94,6 +94,9 @@ class Operations(pyfuse3.Operations):
         self.fs = fs
         self.debug = debug
         self.timeout = fs.timeout
+        # Read by pyfuse3 at init.  With ACLs on, the kernel also leaves the umask to us
+        # (DONT_MASK, scripts/pyfuse3-unionfs.patch): a default ACL replaces it.
+        self.enable_acl = self.enable_dont_mask = fs.acl
         if fs.timeout > 0:
             fs.attrs_changed = _invalidate_attrs
 
@@ -140,10 +143,11 @@ class Operations(pyfuse3.Operations):
         owners = self.fs.owners
         return owners.uid.disk(ctx.uid, strict=False), owners.gid.disk(ctx.gid, strict=False)
 
-    def _created(self, parent: Inode, name: str, res: lookup.Resolution, mode: int,
+    def _created(self, parent: Inode, name: str, res: lookup.Resolution,
                  ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if self.fs.override_xattr is not None:
-            attrs.record_owner(self.fs, parent, name, res, *self._caller(ctx), mode)
+            attrs.record_owner(self.fs, parent, name, res, *self._caller(ctx),
+                               res.st.st_mode)
         return self._entry(parent, name, res)
 
     def _entry(self, parent: Inode, name: str, res: lookup.Resolution) -> pyfuse3.EntryAttributes:
@@ -291,15 +295,16 @@ class Operations(pyfuse3.Operations):
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent, sname = self._node(parent_inode), _name(name)
-        res = await dirops.mkdir(self.fs, parent, sname, mode, *self._caller(ctx))
-        return self._created(parent, sname, res, mode, ctx)
+        res = await dirops.mkdir(self.fs, parent, sname, mode, *self._caller(ctx), ctx.umask)
+        return self._created(parent, sname, res, ctx)
 
     @_guard
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent, sname = self._node(parent_inode), _name(name)
-        res = await dirops.mknod(self.fs, parent, sname, mode, rdev, *self._caller(ctx))
-        return self._created(parent, sname, res, mode, ctx)
+        res = await dirops.mknod(self.fs, parent, sname, mode, rdev, *self._caller(ctx),
+                                 ctx.umask)
+        return self._created(parent, sname, res, ctx)
 
     @_guard
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
@@ -307,7 +312,7 @@ class Operations(pyfuse3.Operations):
         parent, sname = self._node(parent_inode), _name(name)
         res = await dirops.symlink(self.fs, parent, sname, os.fsdecode(target),
                                    *self._caller(ctx))
-        return self._created(parent, sname, res, 0o777, ctx)
+        return self._created(parent, sname, res, ctx)
 
     @_guard
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
@@ -374,8 +379,9 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent, sname = self._node(parent_inode), _name(name)
-        res, fd = await dirops.create(self.fs, parent, sname, mode, flags, *self._caller(ctx))
-        entry = self._created(parent, sname, res, mode, ctx)
+        res, fd = await dirops.create(self.fs, parent, sname, mode, flags, *self._caller(ctx),
+                                      ctx.umask)
+        entry = self._created(parent, sname, res, ctx)
         node = self.fs.inodes[entry.st_ino]
         h = self.fs.handles.add_file(node, fd, flags & os.O_ACCMODE, node.layer)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True), entry
@@ -432,14 +438,15 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def setxattr(self, inode: int, name: bytes, value: bytes,
                        ctx: pyfuse3.RequestContext) -> None:
-        await xattrs.setxattr(self.fs, self._node(inode), _name(name), value)
+        await xattrs.setxattr(self.fs, self._node(inode), _name(name), value,
+                              caller=Caller(ctx.pid, ctx.uid, ctx.gid))
 
     @_guard
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         await xattrs.removexattr(self.fs, self._node(inode), _name(name))
 
     # -- fallocate -----------------------------------------------------------------------
-    # Called only by a pyfuse3 with a fallocate handler (scripts/pyfuse3-fallocate.patch,
+    # Called only by a pyfuse3 with a fallocate handler (scripts/pyfuse3-unionfs.patch,
     # built by scripts/install-deps.sh); with a stock pyfuse3 the kernel answers EOPNOTSUPP.
     @_guard
     async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:

@@ -7,7 +7,7 @@ import errno
 import os
 import stat
 
-from unionfs import sysio
+from unionfs import acl, sysio
 from unionfs.errors import MountError
 from unionfs.layers import LayerStack
 from unionfs.whiteout import CHARDEV, OCI, TRUSTED, USER, XATTR, Dialect
@@ -72,6 +72,17 @@ def in_initial_userns() -> bool:
             return f.read().split() == ["0", "0", "4294967295"]
     except OSError:
         return True
+
+
+def supports_acl(stack: LayerStack) -> bool:
+    """POSIX ACLs where new files go (upper, else the top lower): asking for a missing
+    ACL answers ENODATA there, EOPNOTSUPP where the filesystem has none."""
+    fd = stack.dirfd(stack.layers[0], "")
+    try:
+        os.getxattr(sysio.proc_fd(fd), acl.ACCESS)
+    except OSError as e:
+        return e.errno == errno.ENODATA
+    return True
 
 
 def prepare_workdir(stack: LayerStack, userxattr: bool = False,

@@ -21,6 +21,9 @@ class State:
     handles: HandleTable = field(default_factory=lambda: HandleTable())
     owners: Owners = field(default_factory=Owners)  # id translation at the edge
     volatile: bool = False  # fsync does nothing, copy-ups are not synced either
+    # POSIX ACLs are the kernel's to enforce (FUSE_POSIX_ACL) and ours to inherit: on where
+    # the upper filesystem (or the top lower, read-only) has them, unless -o noacl.
+    acl: bool = False
     override_xattr: str | None = None  # owner/mode kept in this xattr (xattr_permissions)
     epoch: int = 0  # moved on by every request that may change the layers (ops._guard)
     # Seconds the kernel may trust names and attributes (-o timeout=).  What changes

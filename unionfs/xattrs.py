@@ -8,10 +8,21 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
-from unionfs.attrs import protected_xattr, real_path
+from unionfs import acl
+from unionfs.attrs import (
+    AttrChange,
+    acl_drops_sgid,
+    protected_xattr,
+    real_path,
+    real_stat,
+    setattr,
+    shown_owner,
+)
 from unionfs.copyup import copy_up
 from unionfs.errors import oserror
+from unionfs.idmap import Caller
 from unionfs.inodes import Inode
 from unionfs.state import State
 
@@ -60,13 +71,19 @@ def listxattr(fs: State, node: Inode, privileged: bool = True) -> list[str]:
     return out
 
 
-async def setxattr(fs: State, node: Inode, name: str, value: bytes, flags: int = 0) -> None:
+async def setxattr(fs: State, node: Inode, name: str, value: bytes, flags: int = 0,
+                   caller: Caller | None = None) -> None:
     fs.check_writable()
     real = _real_name(fs, name)
     if not node.gone:
         await copy_up(fs, node)
     target = real_path(fs, node)
+    # An access ACL also sets the mode: the upper filesystem does that part itself.
     os.setxattr(target, real, value, flags, follow_symlinks=not _nofollow(target))
+    if name == acl.ACCESS and caller is not None:
+        mode, _, gid = shown_owner(fs, node, real_stat(fs, node))
+        if acl_drops_sgid(mode, gid, caller):
+            await setattr(fs, node, AttrChange(mode=mode & ~stat.S_ISGID))
 
 
 async def removexattr(fs: State, node: Inode, name: str) -> None:
