@@ -935,19 +935,6 @@ def renameat2(old: Path | str, new: Path | str, flags: int = 0) -> None:
         raise OSError(e, os.strerror(e), str(old), None, str(new))
 
 
-AT_EMPTY_PATH = 0x1000
-
-
-def link_fd(fd: int, new: Path | str) -> None:
-    """linkat(fd, "", AT_FDCWD, new, AT_EMPTY_PATH): give an O_TMPFILE file a name. (Linking
-    /proc/self/fd/N with AT_SYMLINK_FOLLOW gives EXDEV on overlayfs, so use the direct form.)"""
-    f = _libc.linkat
-    f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-    if f(fd, b"", AT_FDCWD, os.fsencode(str(new)), AT_EMPTY_PATH) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e), str(new))
-
-
 class _Dirent(ctypes.Structure):  # glibc x86_64 struct dirent (== dirent64)
     _fields_ = [
         ("d_ino", ctypes.c_uint64),

@@ -8,8 +8,7 @@ import socket
 import stat
 from pathlib import Path
 
-import pytest
-from overlay_harness import Dir, Fifo, File, Symlink, Whiteout, link_fd, stat_summary, tree_of
+from overlay_harness import Dir, Fifo, File, Symlink, Whiteout, stat_summary, tree_of
 
 UID, GID = 1000, 1000
 
@@ -292,25 +291,6 @@ def test_long_names_up_to_255(make_pair):
     pair = make_pair(lowers=[{"d": Dir()}])
     pair.same(lambda m: (m / "d" / name).write_text("long"), expect="ok")
     pair.same(lambda m: os.rename(m / "d" / name, m / "d" / ("y" * 255)), expect="ok")
-    pair.check_all()
-
-
-@pytest.mark.xfail(strict=True, reason="pyfuse3 has no tmpfile handler: O_TMPFILE gives "
-                   "EOPNOTSUPP (docs/differences.md)")
-def test_o_tmpfile_then_linkat(make_pair):
-    # O_TMPFILE works on overlayfs (6.6+) and linkat materialises the file
-    pair = make_pair(lowers=[{"d": Dir(mode=0o777)}])
-
-    def op(m: Path) -> bytes:
-        fd = os.open(m / "d", os.O_TMPFILE | os.O_RDWR, 0o600)
-        try:
-            os.write(fd, b"anonymous")
-            link_fd(fd, m / "d/named")
-        finally:
-            os.close(fd)
-        return (m / "d/named").read_bytes()
-
-    assert pair.same(op) == b"anonymous"
     pair.check_all()
 
 

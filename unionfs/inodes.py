@@ -43,6 +43,9 @@ _NO_DIRS: list[Layer] = []  # shared by every non-directory; never changed in pl
 _NONE: frozenset[Any] = frozenset()  # aliases/handles until there is one
 # Moves of directories so far: a remembered path older than this is stale (Inode.path).
 _MOVES = [0]
+# Paths of this many forgotten inodes are kept, so that a file handle (open_by_handle_at)
+# can still be opened after the kernel forgot its inode (see InodeTable.recall).
+RECALL = 16384
 
 
 class Inode:
@@ -155,6 +158,7 @@ class InodeTable:
         self._devices: dict[int, int] = {}  # st_dev -> ordinal, 0 for the first one seen
         self._next = TOP_INO  # numbers handed out for the exceptions, downwards
         self._peak = 0  # most inodes held since the last compact()
+        self._recall: dict[int, str] = {}  # forgotten number -> its path then, oldest first
         self.root = Inode(ROOT_INO, None, "", root, self.key_of(root))
         self._natural(self.root.key, root.st.st_dev)  # the root's device is the first
         self.root.lookups = 1  # the kernel never forgets the root
@@ -224,6 +228,8 @@ class InodeTable:
             node = Inode(ino, parent, name, res, key)
             parent.kids += 1
             self.inodes[ino] = node
+            if self._recall:
+                self._recall.pop(ino, None)
             return node
         # Refresh what may have changed since (copy-up, a new layer below a dir).
         node.layer, node.dirs, node.mode = res.layer, res.dirs or _NO_DIRS, res.st.st_mode
@@ -312,11 +318,25 @@ class InodeTable:
         self._peak = size
         return True
 
+    def recall(self, ino: int) -> str | None:
+        """Where a forgotten inode was when the kernel let it go: the kernel asks for "."
+        in it to open a file handle.  Only a hint (it may have moved since): the caller
+        checks that the path still leads to the same number."""
+        return self._recall.get(ino)
+
+    def _remember(self, node: Inode) -> None:
+        recall = self._recall
+        if len(recall) >= RECALL:
+            del recall[next(iter(recall))]
+        recall[node.ino] = node.path
+
     def _maybe_drop(self, node: Inode) -> None:
         while node.lookups <= 0 and node.kids <= 0 and not node.handles \
                 and node.ino != ROOT_INO:
             del self.inodes[node.ino]
             parent = node.parent
+            if not node.gone and parent is not None:
+                self._remember(node)
             for p, _ in node.aliases:
                 p.kids -= 1
                 self._maybe_drop(p)

@@ -88,6 +88,11 @@ def _name(raw: bytes) -> str:
 
 class Operations(pyfuse3.Operations):
     enable_writeback_cache = False
+    # FUSE_EXPORT_SUPPORT: a file handle whose inode the kernel has forgotten is opened by
+    # a lookup of "." in its node id (_reconnect).  libfuse 3.14 can't declare handles
+    # unsupported (FUSE_NO_EXPORT_SUPPORT), as kernel overlayfs does without nfs_export=on,
+    # and without this lookup they would give ESTALE for files that exist.
+    supports_dot_lookup = True
 
     def __init__(self, fs: State, debug: bool = False) -> None:
         super().__init__()
@@ -159,8 +164,12 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
                      ) -> pyfuse3.EntryAttributes:
-        parent = self._node(parent_inode)
         sname = _name(name)
+        parent = self.fs.inodes.get(parent_inode)
+        if parent is None:
+            if sname != ".":
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            parent = self._reconnect(parent_inode)
         if sname in (".", ".."):
             node = parent if sname == "." or parent.parent is None else parent.parent
             node.lookups += 1
@@ -171,6 +180,24 @@ class Operations(pyfuse3.Operations):
                 return self._absent()
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._entry(parent, sname, res)
+
+    def _reconnect(self, ino: int) -> Inode:
+        """The inode of a file handle the kernel opens after forgetting it: found again
+        by the path it had then, if that still leads to the same number."""
+        path = self.fs.inodes.recall(ino)
+        if not path:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        node = self.fs.inodes.root
+        for part in path.split("/"):
+            res = dirops.resolve_in(self.fs, node, part)
+            if res is None:
+                self.fs.inodes.drop_if_unused(node)
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            node = self.fs.inodes.bind(node, part, res)
+        if node.ino != ino:
+            self.fs.inodes.drop_if_unused(node)
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        return node
 
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext

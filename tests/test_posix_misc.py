@@ -1,0 +1,264 @@
+"""What generic filesystem suites check beyond the overlay rules (issue 9): file handles,
+O_DIRECT beside buffered I/O, atime mount options, O_TMPFILE; each compared with kernel
+overlayfs over identical layers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from overlay_harness import USERNS, File
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+AT_FDCWD = -100
+AT_HANDLE_FID = 0x200  # a handle to compare, never to open (fanotify)
+MAX_HANDLE_SZ = 128
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ)]
+
+
+def name_to_handle(path: Path, flags: int = 0) -> _FileHandle:
+    fh = _FileHandle(handle_bytes=MAX_HANDLE_SZ)
+    mount_id = ctypes.c_int()
+    if _libc.name_to_handle_at(AT_FDCWD, os.fsencode(str(path)), ctypes.byref(fh),
+                               ctypes.byref(mount_id), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), str(path))
+    return fh
+
+
+def open_by_handle(mount: Path, fh: _FileHandle) -> int:
+    mfd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = _libc.open_by_handle_at(mfd, ctypes.byref(fh), os.O_RDONLY)
+        if fd < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        return fd
+    finally:
+        os.close(mfd)
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("2")
+
+
+# -- file handles ------------------------------------------------------------------------------
+
+
+def test_file_handles_kernel_refuses_ours_reopen(make_pair) -> None:
+    """Kernel overlayfs encodes no openable handle without nfs_export=on: EOPNOTSUPP.  A FUSE
+    mount can't say that through libfuse 3.14, so our handles work instead, also after the
+    kernel forgot the inode (the reconnecting lookup of "."), and a removed file's handle
+    is ESTALE.  ESTALE for files that exist, what suites found, is what must not happen."""
+    tree = {"f": File("lower"), "d/g": File("deep"), "gone": File("x")}
+    pair = make_pair(lowers=[tree], upper={"u": File("up")})
+    for name in ("f", "u", "d", "d/g", "."):
+        k, o = pair.both(lambda r, n=name: name_to_handle(r / n) and None)
+        assert k == ("err", "ENOTSUP"), f"test premise: the kernel gave {k}"  # EOPNOTSUPP
+        assert o == ("ok", None), name
+    root = pair.o.root
+    handles = {n: name_to_handle(root / n) for n in ("f", "u", "d", "d/g", "gone")}
+    inos = {n: os.stat(root / n).st_ino for n in handles}
+    if USERNS:
+        # open_by_handle_at wants CAP_DAC_READ_SEARCH in the initial user namespace
+        with pytest.raises(PermissionError):
+            os.close(open_by_handle(root, handles["f"]))
+        return
+    pair.same(lambda r: os.unlink(r / "gone"), expect="ok")
+    for rnd in range(2):
+        drop_caches()  # the kernel forgets the inodes: only the handles are left
+        for n in ("f", "u", "d", "d/g"):
+            fd = open_by_handle(root, handles[n])
+            try:
+                assert os.fstat(fd).st_ino == inos[n], n
+                if n != "d":
+                    assert os.pread(fd, 100, 0) == {"f": b"lower", "u": b"up",
+                                                    "d/g": b"deep"}[n], n
+            finally:
+                os.close(fd)
+        with pytest.raises(OSError) as e:
+            os.close(open_by_handle(root, handles["gone"]))
+        assert e.value.errno == errno.ESTALE, rnd
+    pair.check_all()
+
+
+def test_fid_handles_identify_objects(make_pair) -> None:
+    """AT_HANDLE_FID (fanotify) handles: given by both, equal for one object, and stable."""
+    pair = make_pair(lowers=[{"f": File("lower"), "g": File("x")}], upper={"u": File("up")})
+
+    def fids(root: Path) -> tuple[bool, bool, bool]:
+        a1 = bytes(name_to_handle(root / "f", AT_HANDLE_FID).f_handle)
+        drop_caches()
+        a2 = bytes(name_to_handle(root / "f", AT_HANDLE_FID).f_handle)
+        b = bytes(name_to_handle(root / "g", AT_HANDLE_FID).f_handle)
+        u = bytes(name_to_handle(root / "u", AT_HANDLE_FID).f_handle)
+        return a1 == a2, a1 != b, u != b
+
+    assert pair.same(fids, expect="ok") == (True, True, True)
+
+
+# -- O_DIRECT and the page cache --------------------------------------------------------------
+
+BLOCK = 4096
+SIZE = 16 * BLOCK
+
+
+def _aligned(data: bytes) -> mmap.mmap:
+    buf = mmap.mmap(-1, len(data))  # page-aligned, as O_DIRECT wants
+    buf.write(data)
+    return buf
+
+
+def _direct_then_buffered(root: Path) -> list[str]:
+    """Buffered reads cache the pages; O_DIRECT writes at several offsets (inside, at the end,
+    past it); each buffered read after must see them."""
+    p = root / "f"
+    seen = []
+    with open(p, "rb") as f:
+        f.read()  # the whole file in the page cache
+    rfd = os.open(p, os.O_RDONLY)
+    dfd = os.open(p, os.O_WRONLY | os.O_DIRECT)
+    try:
+        for i, off in enumerate((0, 5 * BLOCK, SIZE - BLOCK, SIZE, SIZE + 3 * BLOCK)):
+            os.pread(rfd, SIZE, 0)  # cached again
+            buf = _aligned(bytes([0x41 + i]) * BLOCK)
+            os.pwritev(dfd, [buf], off)
+            back = os.pread(rfd, BLOCK, off)
+            seen.append(f"{off}: {back[:1]!r}x{len(back)} size={os.fstat(rfd).st_size}")
+    finally:
+        os.close(dfd)
+        os.close(rfd)
+    return seen
+
+
+def _buffered_then_direct(root: Path) -> list[str]:
+    p = root / "f"
+    seen = []
+    wfd = os.open(p, os.O_WRONLY)
+    dfd = os.open(p, os.O_RDONLY | os.O_DIRECT)
+    buf = _aligned(b"\0" * BLOCK)
+    try:
+        for i, off in enumerate((0, 7 * BLOCK, SIZE)):
+            os.pwrite(wfd, bytes([0x61 + i]) * BLOCK, off)
+            n = os.preadv(dfd, [buf], off)
+            seen.append(f"{off}: {buf[:1]!r}x{n}")
+    finally:
+        os.close(dfd)
+        os.close(wfd)
+    return seen
+
+
+def _mmap_then_direct(root: Path) -> list[str]:
+    """A shared mapping sees an O_DIRECT write made through another descriptor."""
+    p = root / "f"
+    fd = os.open(p, os.O_RDWR)
+    dfd = os.open(p, os.O_WRONLY | os.O_DIRECT)
+    try:
+        m = mmap.mmap(fd, SIZE)
+        first = m[2 * BLOCK:2 * BLOCK + 1]
+        os.pwritev(dfd, [_aligned(b"Z" * BLOCK)], 2 * BLOCK)
+        after = m[2 * BLOCK:2 * BLOCK + 1]
+        m.close()
+    finally:
+        os.close(dfd)
+        os.close(fd)
+    return [repr(first), repr(after)]
+
+
+def _mmap_write_then_direct(root: Path) -> list[bytes]:
+    """Dirty pages of a shared mapping reach an O_DIRECT read, and an O_DIRECT write the
+    mapping."""
+    p = root / "f"
+    fd = os.open(p, os.O_RDWR)
+    dfd = os.open(p, os.O_RDWR | os.O_DIRECT)
+    out = []
+    try:
+        m = mmap.mmap(fd, SIZE)
+        for off in (0, 3 * BLOCK, SIZE - BLOCK):
+            m[off:off + BLOCK] = b"M" * BLOCK
+            buf = _aligned(b"\0" * BLOCK)
+            os.preadv(dfd, [buf], off)
+            out.append(bytes(buf[:4]))
+            os.pwritev(dfd, [_aligned(b"D" * BLOCK)], off)
+            out.append(m[off:off + 4])
+        m.close()
+    finally:
+        os.close(dfd)
+        os.close(fd)
+    return out
+
+
+def _aio_direct_then_buffered(root: Path) -> list[str]:
+    """Asynchronous O_DIRECT writes (libaio, through fio), which FUSE completes out of line,
+    then buffered reads of pages that were cached before."""
+    p = root / "f"
+    out = []
+    for i, off in enumerate((0, 2 * BLOCK, SIZE - BLOCK, SIZE)):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.pread(fd, 2 * SIZE, 0)
+            pattern = "0x" + f"{0x41 + i:02x}" * 4
+            r = subprocess.run(["fio", "--name=w", f"--filename={p}", "--rw=write", "--bs=4k",
+                                "--size=4k", f"--offset={off}", "--ioengine=libaio",
+                                "--direct=1", f"--buffer_pattern={pattern}", "--iodepth=1",
+                                "--output=/dev/null"], capture_output=True, text=True,
+                               timeout=60)
+            assert r.returncode == 0, r.stderr
+            out.append(f"{off}: {os.pread(fd, 4, off)!r} size={os.fstat(fd).st_size}")
+        finally:
+            os.close(fd)
+    return out
+
+
+CASES = [_direct_then_buffered, _buffered_then_direct, _mmap_then_direct, _mmap_write_then_direct]
+if shutil.which("fio"):
+    CASES.append(_aio_direct_then_buffered)
+
+
+@pytest.mark.parametrize("where", ["lower", "upper"])
+@pytest.mark.parametrize("case", CASES, ids=lambda f: f.__name__.strip("_"))
+def test_direct_io_coherent_with_page_cache(make_pair, where: str, case) -> None:
+    """Kernel overlayfs is coherent here; so is FUSE as we use it (no FOPEN_DIRECT_IO, so
+    O_DIRECT takes the kernel's generic path, which invalidates the cached range)."""
+    data = File(b"0123456789abcdef" * (SIZE // 16))
+    lowers, upper = ([{"f": data}], {}) if where == "lower" else ([{"x": File("x")}], {"f": data})
+    pair = make_pair(lowers=lowers, upper=upper)
+    pair.same(case, expect="ok")
+    pair.same(lambda r: os.stat(r / "f").st_size, expect="ok")
+    pair.check_all()
+
+
+# -- O_TMPFILE --------------------------------------------------------------------------------
+
+
+def test_o_tmpfile_refused_cleanly(make_pair) -> None:
+    """The kernel's overlay makes O_TMPFILE files (6.6+).  FUSE passes the request on only
+    to a daemon that registers a tmpfile handler, which libfuse 3.14 and pyfuse3 can't: the
+    open fails with EOPNOTSUPP, which programs (glibc's tmpfile(), systemd) take as their cue
+    to fall back to a named file, and nothing is left in upper or work."""
+    pair = make_pair(lowers=[{"d/x": File("x")}], upper={})
+
+    def tmpfile(root: Path) -> str:
+        fd = os.open(root / "d", os.O_TMPFILE | os.O_RDWR, 0o600)
+        os.close(fd)
+        return "made"
+
+    k, o = pair.both(tmpfile)
+    assert k == ("ok", "made"), f"test premise: the kernel makes O_TMPFILE files, gave {k}"
+    assert o == ("err", "ENOTSUP")  # errno.errorcode names EOPNOTSUPP (== ENOTSUP) so
+    assert sorted(os.listdir(pair.o.upper)) == []
+    assert os.listdir(pair.o.paths.work / "work") == []
