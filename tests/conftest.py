@@ -192,14 +192,15 @@ def _registry(_environment: None, request: pytest.FixtureRequest,
 
 @pytest.fixture
 def make_pair(_registry: _Registry) -> Callable[..., Pair]:
-    """``make_pair(lowers=[top, ..., bottom], upper=None, readonly=False) -> Pair``.
+    """``make_pair(lowers=[top, ..., bottom], upper=None, readonly=False, options="") -> Pair``.
 
     Builds the stack twice and mounts it with the kernel and with pyunionfs (or the kernel twice
-    under UNIONFS_TEST_IMPL=kernel)."""
+    under UNIONFS_TEST_IMPL=kernel), both with the mount ``options`` given."""
 
     def factory(lowers: list[LayerSpec], upper: LayerSpec | None = None,
-                readonly: bool = False) -> Pair:
-        pair = Pair(StackSpec(lowers=lowers, upper=upper, readonly=readonly), _registry.base("pair"))
+                readonly: bool = False, options: str = "") -> Pair:
+        pair = Pair(StackSpec(lowers=lowers, upper=upper, readonly=readonly), _registry.base("pair"),
+                    options=options)
         _registry.items.append(pair)
         return pair
 

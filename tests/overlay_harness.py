@@ -414,14 +414,18 @@ def _lowerdir_arg(lowers: Iterable[Path]) -> str:
 class KernelMount(Mount):
     impl = "kernel"
 
-    def __init__(self, paths: StackPaths, work: Path | None = None, userxattr: bool | None = None):
-        """``userxattr`` (default: in userns mode) mounts with the kernel's user.overlay. dialect."""
+    def __init__(self, paths: StackPaths, work: Path | None = None, userxattr: bool | None = None,
+                 options: str = ""):
+        """``userxattr`` (default: in userns mode) mounts with the kernel's user.overlay. dialect;
+        ``options`` are more mount options (``noatime,...``)."""
         self.paths = paths
         opts = f"lowerdir={_lowerdir_arg(paths.lowers)}"
         if paths.upper is not None:
             opts += f",upperdir={paths.upper},workdir={work or paths.work}"
         if USERNS if userxattr is None else userxattr:
             opts += ",userxattr"
+        if options:
+            opts += f",{options}"
         r = run_cmd(["mount", "-t", "overlay", "overlay", "-o", opts, str(paths.merged)],
                     timeout=MOUNT_TIMEOUT)
         if r.returncode != 0:
@@ -522,11 +526,12 @@ class PyUnionMount(Mount):
 
 
 def mount_stack(paths: StackPaths, impl: str, work: Path | None = None,
-                userxattr: bool | None = None) -> Mount:
-    """``userxattr`` applies to the kernel only: pyunionfs picks its dialect itself at mount."""
+                userxattr: bool | None = None, options: str = "") -> Mount:
+    """``userxattr`` applies to the kernel only: pyunionfs picks its dialect itself at mount.
+    ``options`` (``-o`` words) go to both."""
     if impl == "kernel":
-        return KernelMount(paths, work, userxattr)
-    return PyUnionMount(paths, work)
+        return KernelMount(paths, work, userxattr, options)
+    return PyUnionMount(paths, work, ["-o", options] if options else ())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -797,11 +802,11 @@ def run_as(uid: int, gid: int, fn: Op, root: Path, umask: int = 0o022,
 class Side:
     """One half of a pair: a stack, its mount, and the lowers' raw state taken before mounting."""
 
-    def __init__(self, spec: StackSpec, base: Path, impl: str):
+    def __init__(self, spec: StackSpec, base: Path, impl: str, options: str = ""):
         self.impl = impl
         self.paths = build_stack(spec, base)
         self.lowers_before = [snapshot_raw(p) for p in self.paths.lowers]
-        self.mount: Mount | None = mount_stack(self.paths, impl)
+        self.mount: Mount | None = mount_stack(self.paths, impl, options=options)
 
     @property
     def root(self) -> Path:
@@ -833,11 +838,11 @@ def stop_all(items: Iterable[Any]) -> None:
 class Pair:
     """Kernel overlayfs and pyunionfs over byte-identical copies of one stack."""
 
-    def __init__(self, spec: StackSpec, base: Path, ours: str = IMPL):
+    def __init__(self, spec: StackSpec, base: Path, ours: str = IMPL, options: str = ""):
         self.spec = spec
-        self.k = Side(spec, base / "kernel", "kernel")
+        self.k = Side(spec, base / "kernel", "kernel", options)
         try:
-            self.o = Side(spec, base / "ours", ours)
+            self.o = Side(spec, base / "ours", ours, options)
         except BaseException:
             self.k.stop()
             raise

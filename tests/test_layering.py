@@ -16,7 +16,7 @@ LEVELS = {
     "lookup": 3, "inodes": 3, "handles": 3, "readdir": 3, "state": 3,
     "copyup": 4, "dirops": 4, "attrs": 4, "xattrs": 4,
     "ops": 5,
-    "daemon": 6, "log": 6, "cli": 6, "__main__": 7, "__init__": 0,
+    "daemon": 6, "log": 6, "cli": 6, "remount": 6, "__main__": 7, "__init__": 0,
 }
 SAME_LEVEL_OK = {("probe", "layers"), ("probe", "whiteout"), ("inodes", "lookup"),
                  ("state", "handles"), ("state", "inodes"), ("readdir", "lookup"),
@@ -25,7 +25,8 @@ SAME_LEVEL_OK = {("probe", "layers"), ("probe", "whiteout"), ("inodes", "lookup"
                  ("inodes", "handles"), ("daemon", "log"), ("cli", "daemon"),
                  ("dirops", "probe"), ("config", "errors"),
                  ("xattrs", "attrs"), ("layers", "whiteout"), ("config", "idmap"),
-                 ("idmap", "errors"), ("inodes", "readdir")}
+                 ("idmap", "errors"), ("inodes", "readdir"),
+                 ("daemon", "remount"), ("cli", "remount")}
 PYFUSE3_OK = {"ops", "daemon"}
 
 

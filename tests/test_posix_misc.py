@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from overlay_harness import USERNS, File
+from overlay_harness import USERNS, Dir, File
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 AT_FDCWD = -100
@@ -262,3 +262,59 @@ def test_o_tmpfile_refused_cleanly(make_pair) -> None:
     assert o == ("err", "ENOTSUP")  # errno.errorcode names EOPNOTSUPP (== ENOTSUP) so
     assert sorted(os.listdir(pair.o.upper)) == []
     assert os.listdir(pair.o.paths.work / "work") == []
+
+
+# -- atime mount options ----------------------------------------------------------------------
+
+OLD = 1_500_000_000  # atime before mtime: relatime updates it on the first access
+ATIME_OPTIONS = ["", "relatime", "norelatime", "strictatime", "nostrictatime", "noatime", "atime",
+                 "nodiratime", "diratime", "lazytime", "nolazytime", "relatime,nodiratime",
+                 "noatime,lazytime"]
+
+
+def _atime_layers() -> tuple[list, dict]:
+    prog = Path("/bin/true").read_bytes()
+    lower = {"l": File("lower", atime=OLD), "ld/x": File("x"), "md/a": File("a"),
+             "lx": Dir(atime=OLD), "lx/z": File("z"),
+             "lprog": File(prog, mode=0o755, atime=OLD)}
+    upper = {"u": File("upper", atime=OLD), "ud/y": File("y"), "md/b": File("b"),
+             "uprog": File(prog, mode=0o755, atime=OLD)}
+    return [lower], upper
+
+
+def _touch_atimes(root: Path) -> dict[str, bool]:
+    """Read, exec and list things; which atimes moved (seen through the mount)."""
+    for d in ("ld", "ud", "md", "."):
+        os.utime(root / d, (OLD, os.stat(root / d).st_mtime))  # copies ld and md up
+    names = ("l", "u", "lprog", "uprog", "ld", "ud", "md", ".")
+    before = {n: os.stat(root / n).st_atime_ns for n in names}
+    for n in ("l", "u"):
+        (root / n).read_bytes()
+    for n in ("lprog", "uprog"):
+        subprocess.run([str(root / n)], check=True, timeout=30)
+    for d in ("ld", "ud", "md", ".", "lx"):
+        os.listdir(root / d)
+    drop_caches()
+    return {n: os.stat(root / n).st_atime_ns != before[n] for n in names}
+
+
+@pytest.mark.parametrize("options", ATIME_OPTIONS, ids=lambda o: o or "default")
+def test_atime_options_like_kernel(make_pair, options: str) -> None:
+    """Every atime word mount(8) may pass is accepted, and does what it does on the kernel's
+    overlay: noatime and nodiratime keep atimes still, the others let them move as the
+    upper filesystem's own policy says (relatime here)."""
+    lowers, upper = _atime_layers()
+    pair = make_pair(lowers=lowers, upper=upper, options=options)
+    moved = pair.same(_touch_atimes, expect="ok")
+    if "noatime" in options:
+        assert not any(moved.values()), moved
+    elif "nodiratime" in options:
+        assert moved["u"] and not moved["ud"], moved
+    else:
+        assert moved["u"] and moved["ud"], moved
+    assert not moved["l"], "reading a lower file never touches its atime"
+    pair.assert_lowers_untouched()
+    # a lower directory's own atime, listed through the mount
+    k, o = (os.stat(side.paths.lowers[0] / "lx").st_atime_ns != OLD * 10**9
+            for side in pair.sides)
+    assert k == o, f"listing a lower dir: its atime moved on kernel: {k}, ours: {o}"

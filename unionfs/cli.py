@@ -10,7 +10,7 @@ import sys
 from typing import NoReturn
 
 from unionfs import __version__
-from unionfs.config import MountConfig, apply_options, parse_options, split_lowerdir
+from unionfs.config import MountConfig, apply_options, parse_options, split_lowerdir, split_options
 from unionfs.errors import MountError
 
 PROG = "pyunionfs"
@@ -147,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
             args = _helper_parser().parse_args(argv)
             if len(args.paths) > 2:
                 raise MountError("expected [SOURCE] MOUNTPOINT with -o lowerdir=...")
+            words = [w for group in args.options for w in split_options(group)]
+            if "remount" in words:
+                from unionfs.remount import remount
+
+                remount(args.paths[-1], words)
+                return 0
             source = args.paths[0] if len(args.paths) == 2 else None
             cfg = config_from_args(args.paths[-1:], args.options, args, fsname=source,
                                    strict=False)

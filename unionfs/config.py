@@ -14,9 +14,19 @@ from unionfs.idmap import IdMap, Owners, parse_mapping
 # list ("defaults", "rw", "auto", ...) are dropped silently, as mount helpers must.
 FUSE_PASSTHROUGH = {
     "allow_root", "allow_other", "auto_unmount", "ro", "suid", "nosuid", "dev", "nodev",
-    "exec", "noexec", "async", "sync", "dirsync", "atime", "noatime", "diratime",
-    "nodiratime", "relatime", "norelatime", "strictatime", "nostrictatime", "lazytime",
-    "nolazytime",
+    "exec", "noexec", "async", "sync", "dirsync",
+}
+# mount(8)'s atime words, in the order given, as the kernel's do_mount reads them: the
+# flag each sets or clears.  libfuse refuses all but atime/noatime, and FUSE inodes never
+# update their own atime (S_NOATIME): the real file's does, on our reads, unless we open it
+# O_NOATIME.  So noatime and nodiratime are ours to do; relatime and strictatime leave it to
+# the upper filesystem's own policy, as kernel overlayfs does (its touch_atime of the upper
+# file goes through the upper mount's flags); lazytime only defers writing them back.
+ATIME_WORDS: dict[str, tuple[str, bool] | None] = {
+    "noatime": ("noatime", True), "atime": ("noatime", False),
+    "nodiratime": ("nodiratime", True), "diratime": ("nodiratime", False),
+    "strictatime": ("strictatime", True), "nostrictatime": ("strictatime", False),
+    "relatime": None, "norelatime": None, "lazytime": None, "nolazytime": None,
 }
 FUSE_PASSTHROUGH_PREFIXES = ("fsname=",)
 SILENTLY_IGNORED = {"defaults", "rw", "auto", "noauto", "user", "users", "nouser", "nofail",
@@ -46,6 +56,8 @@ class MountConfig:
     userxattr: bool = False  # user.overlay.* even where trusted.* would work
     whiteouts: str = "kernel"  # also read OCI .wh. whiteouts ("oci")
     volatile: bool = False  # fsync is a no-op
+    noatime: bool = False  # reads leave atimes alone (-o noatime, unless strictatime after)
+    nodiratime: bool = False  # listings leave directory atimes alone
     acl: bool = True  # POSIX ACLs where the upper filesystem has them (off: -o noacl)
     owners: Owners = field(default_factory=Owners)
     xattr_permissions: int = 0  # 2: owner/mode kept in user.containers.override_stat
@@ -101,7 +113,7 @@ def parse_options(opts: list[str], strict: bool = True) -> Options:
     it is listed in ``unknown`` for a warning."""
     out = Options()
     for group in opts:
-        for word in _split_commas(group):
+        for word in split_options(group):
             if not word:
                 continue  # containers-storage may send ",,"
             key, eq, value = word.partition("=")
@@ -113,6 +125,12 @@ def parse_options(opts: list[str], strict: bool = True) -> Options:
                     out.ours.pop(key, None)
             elif eq and key in OUR_KEYS:
                 out.ours[key] = value
+            elif word in ATIME_WORDS:
+                flag = ATIME_WORDS[word]
+                if flag is not None and flag[1]:
+                    out.ours[flag[0]] = ""
+                elif flag is not None:
+                    out.ours.pop(flag[0], None)
             elif word in FUSE_PASSTHROUGH or word.startswith(FUSE_PASSTHROUGH_PREFIXES):
                 out.fuse.append(word)
             elif word in SILENTLY_IGNORED or word.startswith(IGNORED_PREFIXES):
@@ -135,6 +153,9 @@ def apply_options(cfg: MountConfig, ours: dict[str, str]) -> None:
             raise MountError(f"whiteouts={ours['whiteouts']}: expected one of "
                              + ", ".join(WHITEOUT_MODES))
         cfg.whiteouts = ours["whiteouts"]
+    # strictatime clears noatime whatever the order (do_mount)
+    cfg.noatime = "noatime" in ours and "strictatime" not in ours
+    cfg.nodiratime = cfg.noatime or "nodiratime" in ours
     if "noacl" in ours:
         cfg.acl = False
     if "volatile" in ours or ours.get("fsync") == "0":
@@ -167,7 +188,7 @@ def apply_options(cfg: MountConfig, ours: dict[str, str]) -> None:
         cfg.xattr_permissions = int(value)
 
 
-def _split_commas(s: str) -> list[str]:
+def split_options(s: str) -> list[str]:
     # A lowerdir value may itself hold an escaped comma ("\,"), and a quoted value
     # (containers-storage's context="a,b") commas of its own.
     out, cur, i, quoted = [], [], 0, False

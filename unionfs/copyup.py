@@ -200,8 +200,9 @@ def _switch_handles(node: Inode, udfd: int) -> None:
         if h.layer is node.layer:
             continue
         flags = h.flags & (os.O_ACCMODE | os.O_NONBLOCK)
+        opener = sysio.open_noatime if h.flags & os.O_NOATIME else sysio.open_at
         try:
-            fd = sysio.open_at(udfd, node.name, flags)
+            fd = opener(udfd, node.name, flags)
         except OSError:
             continue  # keeps reading the lower copy: better than failing the reader
         h.switch(fd, node.layer)

@@ -20,6 +20,7 @@ import pyfuse3
 import trio
 
 from unionfs import log as logsetup
+from unionfs import remount
 from unionfs.attrs import OVERRIDE_XATTRS
 from unionfs.config import MountConfig, validate
 from unionfs.errors import MountError
@@ -43,6 +44,8 @@ def fuse_options(cfg: MountConfig) -> set[str]:
         opts |= {"allow_other", "suid", "dev"}
     if cfg.readonly:
         opts.add("ro")
+    if cfg.noatime:
+        opts.add("noatime")  # not for the kernel (FUSE inodes keep no atime): for /proc/mounts
     if cfg.debug_fuse:
         opts.add("debug")
     opts.update(o for o in cfg.fuse_options if not o.startswith("fsname="))
@@ -125,11 +128,12 @@ def prepare(cfg: MountConfig) -> State:
         raise
     log.info("on-disk dialect: %s", stack.dialect.describe())
     override = OVERRIDE_XATTRS.get(cfg.xattr_permissions)
+    stack.list_noatime = cfg.nodiratime
     acl = cfg.acl and supports_acl(stack)
     if cfg.acl and not acl:
         log.info("no POSIX ACLs: the upper filesystem has none")
     return State(stack, InodeTable(root_resolution(stack)), owners=cfg.owners,
-                 volatile=cfg.volatile, acl=acl, override_xattr=override,
+                 volatile=cfg.volatile, acl=acl, noatime=cfg.noatime, override_xattr=override,
                  timeout=cfg.timeout)
 
 
@@ -143,6 +147,7 @@ def mount(cfg: MountConfig) -> int:
     # The kernel has already applied the caller's umask; ours must not apply again.
     os.umask(0)
     ops = Operations(fs, debug=cfg.debug)
+    merged = os.path.realpath(cfg.merged)  # before the mount: afterwards it would ask us
     failed: RuntimeError | None = None
     with _stderr_captured() as said:
         try:
@@ -157,7 +162,7 @@ def mount(cfg: MountConfig) -> int:
     if said:
         print("\n".join(said), file=sys.stderr)
     if cfg.foreground:
-        return _served(fs, serve(None))
+        return _served(fs, serve(None, fs, merged))
     read_end, write_end = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -171,7 +176,7 @@ def mount(cfg: MountConfig) -> int:
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
-    os._exit(_served(fs, serve(write_end)))
+    os._exit(_served(fs, serve(write_end, fs, merged)))
 
 
 def _served(fs: State, rc: int) -> int:
@@ -201,11 +206,11 @@ def _wait_ready(read_end: int, merged: str) -> int:
     return 1
 
 
-def serve(ready_fd: int | None) -> int:
+def serve(ready_fd: int | None, fs: State, merged: str) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     rc = 0
     try:
-        trio.run(_main, ready_fd)
+        trio.run(_main, ready_fd, fs, merged)
     except BaseException:
         log.exception("the filesystem loop failed")
         rc = 1
@@ -219,15 +224,39 @@ def serve(ready_fd: int | None) -> int:
     return rc
 
 
-async def _main(ready_fd: int | None) -> None:
+async def _main(ready_fd: int | None, fs: State, merged: str) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals)
+        nursery.start_soon(_follow_mount_flags, fs, merged)
         if ready_fd is not None:
             os.write(ready_fd, b"1")
             os.close(ready_fd)
         log.info("serving")
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _follow_mount_flags(fs: State, merged: str) -> None:
+    """A remount may turn noatime or nodiratime on or off: follow our mount's flags.
+    ``merged`` is already resolved: a stat of our own mount from here would wait for us."""
+    done = False
+
+    def changed(opts: set[str]) -> None:
+        trio.from_thread.run_sync(_apply_mount_flags, fs, opts)
+
+    try:
+        await trio.to_thread.run_sync(remount.follow, merged,
+                                      fs.stack.list_noatime and not fs.noatime,
+                                      fs.stack.upper is None, changed,
+                                      lambda: done, abandon_on_cancel=True)
+    finally:
+        done = True
+
+
+def _apply_mount_flags(fs: State, opts: set[str]) -> None:
+    fs.noatime = "noatime" in opts
+    fs.stack.list_noatime = fs.noatime or "nodiratime" in opts
+    log.info("remounted: %s", ",".join(sorted(opts)))
 
 
 async def _on_signals() -> None:

@@ -216,8 +216,10 @@ async def create(fs: State, parent: Inode, name: str, mode: int, flags: int, uid
     fds: list[int] = []
     access = flags & os.O_ACCMODE
 
+    opener = sysio.open_noatime if fs.noatime else sysio.open_at
+
     def make(d: int, n: str, p: int) -> None:
-        fds.append(sysio.open_at(d, n, os.O_CREAT | os.O_EXCL | access, p))
+        fds.append(opener(d, n, os.O_CREAT | os.O_EXCL | access, p))
 
     try:
         res = await create_object(fs, parent, name, stat.S_IFREG | stat.S_IMODE(mode), uid,

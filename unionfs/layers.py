@@ -61,6 +61,7 @@ class LayerStack:
         self.work_fd = -1  # WORK/work, set up by probe.prepare_workdir
         # How markers are read and written; probe.prepare_workdir picks it for the upper.
         self.dialect: Dialect = KERNEL
+        self.list_noatime = False  # -o nodiratime/noatime: listings leave dir atimes alone
         self._dirfds: OrderedDict[tuple[int, str], int] = OrderedDict()
         self._dirfd_max = dirfd_cache_size()
 

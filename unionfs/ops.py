@@ -377,7 +377,10 @@ class Operations(pyfuse3.Operations):
         dfd = self.fs.stack.dirfd(node.layer, node.parent_path)
         setid_caller = None
         if node.in_upper:
-            fd = sysio.open_at(dfd, node.name, oflags)
+            fd = (sysio.open_noatime if self.fs.noatime else sysio.open_at)(dfd, node.name,
+                                                                            oflags)
+            if self.fs.noatime:
+                oflags |= os.O_NOATIME  # so that a switched or copied handle keeps it
             if writing and os.fstat(fd).st_mode & (stat.S_ISUID | stat.S_ISGID):
                 setid_caller = await self._setid_after_open(node, fd, oflags, ctx)
         else:
@@ -410,7 +413,8 @@ class Operations(pyfuse3.Operations):
                                       ctx.umask)
         entry = self._created(parent, sname, res, ctx)
         node = self.fs.inodes[entry.st_ino]
-        h = self.fs.handles.add_file(node, fd, flags & os.O_ACCMODE, node.layer)
+        h = self.fs.handles.add_file(node, fd, flags & os.O_ACCMODE
+                                     | (os.O_NOATIME if self.fs.noatime else 0), node.layer)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True), entry
 
     @_guard

@@ -51,7 +51,7 @@ def list_merged(stack: LayerStack, path: str, dirs: list[Layer]) -> list[Entry]:
         # (kernel rule); a reader of OCI forms hides them everywhere, as lookup does.
         xwhiteouts = dialect.oci or dialect.lists_xattr_whiteouts(dfd)
         new: list[Entry] = []
-        listing = sysio.scandir_fd(dfd)
+        listing = sysio.scandir_fd(dfd, noatime=stack.list_noatime)
         stoppers: set[str] = set()  # names whose merge ends in this layer (OCI .wh.NAME)
         if dialect.oci:
             # ".wh.NAME" hides NAME below this layer, as a whiteout would; the marker

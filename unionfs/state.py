@@ -24,6 +24,7 @@ class State:
     # POSIX ACLs are the kernel's to enforce (FUSE_POSIX_ACL) and ours to inherit: on where
     # the upper filesystem (or the top lower, read-only) has them, unless -o noacl.
     acl: bool = False
+    noatime: bool = False  # -o noatime: upper files are opened O_NOATIME too (lowers always)
     override_xattr: str | None = None  # owner/mode kept in this xattr (xattr_permissions)
     epoch: int = 0  # moved on by every request that may change the layers (ops._guard)
     # Seconds the kernel may trust names and attributes (-o timeout=).  What changes

@@ -93,15 +93,15 @@ def open_at(dirfd: int, name: str, flags: int, mode: int = 0o600) -> int:
     return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
 
 
-def open_noatime(dirfd: int, name: str, flags: int) -> int:
+def open_noatime(dirfd: int, name: str, flags: int, mode: int = 0o600) -> int:
     """Open without touching the atime where we may: O_NOATIME needs ownership of
     the file or CAP_FOWNER, which a rootless mount often lacks for lower files."""
     try:
-        return open_at(dirfd, name, flags | os.O_NOATIME)
+        return open_at(dirfd, name, flags | os.O_NOATIME, mode)
     except PermissionError as e:
         if e.errno != errno.EPERM:
             raise
-        return open_at(dirfd, name, flags)
+        return open_at(dirfd, name, flags, mode)
 
 
 def open_path(dirfd: int, name: str) -> int:
@@ -109,9 +109,11 @@ def open_path(dirfd: int, name: str) -> int:
     return os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
 
 
-def open_dir_for_listing(dirfd: int, name: str = ".") -> int:
-    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
-                   dir_fd=dirfd)
+def open_dir_for_listing(dirfd: int, name: str = ".", noatime: bool = False) -> int:
+    flags = os.O_RDONLY | os.O_DIRECTORY
+    if noatime:
+        return open_noatime(dirfd, name, flags)
+    return open_at(dirfd, name, flags)
 
 
 def proc_fd(fd: int) -> str:
@@ -255,10 +257,11 @@ def rmdir(dirfd: int, name: str) -> None:
     os.rmdir(name, dir_fd=dirfd)
 
 
-def scandir_fd(dirfd: int, name: str = ".") -> list[tuple[str, int, int]]:
+def scandir_fd(dirfd: int, name: str = ".", noatime: bool = False
+               ) -> list[tuple[str, int, int]]:
     """(name, d_type-ish S_IFMT or 0 when unknown, d_ino) for each entry, in the
     directory's own order.  '.' and '..' are not included."""
-    fd = open_dir_for_listing(dirfd, name)
+    fd = open_dir_for_listing(dirfd, name, noatime)
     try:
         out = []
         with os.scandir(fd) as it:
