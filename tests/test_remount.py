@@ -201,8 +201,10 @@ def test_remount_errors_are_one_line(helper: Path, tmp_path: Path) -> None:
 def _remount_by_helper(root: Path, opts: str) -> str:
     """What mount.fuse3 runs for ``mount -o remount,OPTS``, run directly (a user namespace's
     root can't put a helper on the default PATH)."""
-    r = subprocess.run([PYTHON, "-m", "unionfs", "stack", str(root), "-o", f"ro,remount,{opts}"
-                        if opts == "ro" else f"remount,{opts}"], capture_output=True, text=True,
+    # "ro" as ``pyunionfs mount -o remount,ro MERGED``, the rest in the helper's form
+    args = ["mount", "-o", f"remount,{opts}", str(root)] if opts == "ro" else \
+        ["stack", str(root), "-o", f"remount,{opts}"]
+    r = subprocess.run([PYTHON, "-m", "unionfs", *args], capture_output=True, text=True,
                        timeout=CMD_TIMEOUT, cwd=str(REPO), env=dict(os.environ, PYTHONPATH=str(REPO)))
     return "refused" if r.returncode else "done"
 

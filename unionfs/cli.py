@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Mount LOWERS (colon-separated, leftmost on top; '\\:' "
                        "is a literal colon) with UPPER and WORK at MERGED.  With only LOWERS "
                        "and MERGED the mount is read-only.",
-                       usage="%(prog)s [options] LOWER1[:LOWER2...] [UPPER WORK] MERGED")
+                       usage="%(prog)s [options] LOWER1[:LOWER2...] [UPPER WORK] MERGED, or "
+                       "%(prog)s -o remount,ro|rw|noatime|... MERGED")
     _add_mount_options(m)
     m.add_argument("paths", nargs="+", metavar="PATH", help=argparse.SUPPRESS)
     u = sub.add_parser("umount", help="unmount an overlay",
@@ -138,6 +139,17 @@ def _umount(merged: str, lazy: bool) -> int:
     return 0
 
 
+def _remounting(options: list[str], merged: str) -> bool:
+    """``-o remount,...``: change the flags of the mount at ``merged`` (True), or nothing."""
+    words = [w for group in options for w in split_options(group)]
+    if "remount" not in words:
+        return False
+    from unionfs.remount import remount
+
+    remount(merged, words)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -147,11 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             args = _helper_parser().parse_args(argv)
             if len(args.paths) > 2:
                 raise MountError("expected [SOURCE] MOUNTPOINT with -o lowerdir=...")
-            words = [w for group in args.options for w in split_options(group)]
-            if "remount" in words:
-                from unionfs.remount import remount
-
-                remount(args.paths[-1], words)
+            if _remounting(args.options, args.paths[-1]):
                 return 0
             source = args.paths[0] if len(args.paths) == 2 else None
             cfg = config_from_args(args.paths[-1:], args.options, args, fsname=source,
@@ -160,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.cmd == "umount":
             return _umount(args.merged, args.lazy)
+        if len(args.paths) == 1 and _remounting(args.options, args.paths[0]):
+            return 0
         return _mount(config_from_args(args.paths, args.options, args))
     except MountError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
