@@ -53,11 +53,9 @@ USERNS_SKIPS = {
 }
 
 # UNIONFS_TEST_USERNS=1, pyunionfs side only: differences that come from FUSE itself there.
-USERNS_XFAILS = {
-    "tests/test_xattr.py::test_posix_acl_query_without_acl_is_enodata":
-        "a FUSE mount made in a user namespace by a daemon without FUSE_POSIX_ACL gets no ACL "
-        "requests: the kernel answers EOPNOTSUPP itself (fs/fuse/acl.c, fuse_no_acl)",
-}
+# (None since the mount declares FUSE_POSIX_ACL: without it the kernel answered ACL queries in
+# a user namespace with EOPNOTSUPP itself, fs/fuse/acl.c fuse_no_acl.)
+USERNS_XFAILS: dict[str, str] = {}
 
 
 def pytest_configure(config: pytest.Config) -> None:

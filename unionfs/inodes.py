@@ -45,7 +45,7 @@ _NONE: frozenset[Any] = frozenset()  # aliases/handles until there is one
 _MOVES = [0]
 # Paths of this many forgotten inodes are kept, so that a file handle (open_by_handle_at)
 # can still be opened after the kernel forgot its inode (see InodeTable.recall).
-RECALL = 16384
+RECALL = 4096
 
 
 class Inode:
