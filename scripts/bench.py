@@ -20,6 +20,9 @@ per workload (round r: kernel, fuse-overlayfs, pyunionfs for workload w, then w+
   write         write a new 1 GiB file (1 MiB writes) + fsync
   copyup_big    open the 1 GiB lower file O_APPEND, write 1 byte (a full copy-up)
   append_small  20 000 O_APPEND writes of 100 bytes through one fd
+  append_8      200 000 O_APPEND writes of 8 bytes to a new file through one fd (issue 9). Each
+                is two FUSE requests for pyunionfs, getxattr(security.capability) and write;
+                one for fuse-overlayfs, which runs with the writeback cache (the getxattr)
   untar         tar xf of ~7 000 small files into MERGED/new
   rm_rf         rm -rf of the stdlib copy (~8 000 entries)
   chmod_R       chmod -R g+w of a lower tree of a few thousand entries (copy-up of each)
@@ -30,8 +33,9 @@ the FUSE daemons' VmRSS after mount, after lstat of every entry of /usr, and aft
 drop_caches (the kernel forgets the inodes).
 
 Tables: medians of N rounds, ratios py/fuse-overlayfs and py/kernel, a target per row (pass or
-FAIL; a miss is not an error). A filesystem that is unavailable shows n/a; a failure or timeout
-shows ERR/timeout and the script exits 1 (also if pyunionfs was asked for but is unavailable).
+FAIL; a miss is not an error), and the append workloads' operations per second. A filesystem
+that is unavailable shows n/a; a failure or timeout shows ERR/timeout and the script exits 1
+(also if pyunionfs was asked for but is unavailable).
 
   scripts/bench.py [--quick] [-n N] [--json FILE] [--fs kernel,fuse-overlayfs,pyunionfs]
                    [--workloads KEY,...|layers|rss]
@@ -95,6 +99,7 @@ class Profile:
     untar_files: int  # files in the tar that untar extracts
     untar_dirs: int  # ... in this many directories
     appends: int  # append_small: writes of 100 bytes
+    appends_8: int  # append_8: writes of 8 bytes
     chmod_entries: int  # chmod_R: about this many entries (the closest /usr/include subtree)
     layer_counts: list[int]  # "layers": numbers of lowers
     rss_usr: bool  # "rss": /usr as the lower (else the main layers)
@@ -110,6 +115,7 @@ FULL = Profile(
     untar_files=7000,
     untar_dirs=50,
     appends=20000,
+    appends_8=200000,
     chmod_entries=3000,
     layer_counts=[1, 16, 128, 500],
     rss_usr=True,
@@ -121,6 +127,7 @@ QUICK = Profile(
     untar_files=1000,
     untar_dirs=10,
     appends=5000,
+    appends_8=20000,
     chmod_entries=300,
     layer_counts=[1, 16],
     rss_usr=False,
@@ -1179,6 +1186,25 @@ def check_append_small(c: Ctx) -> None:
         raise BenchError(f"size {size}, expected {100 * c.p.appends}")
 
 
+APPEND_8 = b"1234567\n"
+
+
+def w_append_8(c: Ctx) -> None:
+    write, rec = os.write, APPEND_8
+    fd = os.open(c.m / "appended8.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+    try:
+        for _ in range(c.p.appends_8):
+            write(fd, rec)
+    finally:
+        os.close(fd)
+
+
+def check_append_8(c: Ctx) -> None:
+    size = os.stat(c.m / "appended8.log").st_size
+    if size != len(APPEND_8) * c.p.appends_8:
+        raise BenchError(f"size {size}, expected {len(APPEND_8) * c.p.appends_8}")
+
+
 def prep_untar(c: Ctx) -> None:
     os.mkdir(c.m / "new")
 
@@ -1241,6 +1267,11 @@ def _ratio_t(v: float) -> Target:
     return Target("ratio", v)
 
 
+def _per_s(count: Callable[[Profile], int]) -> Callable[[float, Profile], dict[str, float]]:
+    """extra: operations per second of the run."""
+    return lambda t, p: {"ops_per_s": round(count(p) / t)} if t > 0 else {}
+
+
 WORKLOADS = [
     Workload(
         "mount_ready",
@@ -1272,7 +1303,10 @@ WORKLOADS = [
              check=check_copyup_big),
     Workload("append_small", lambda L, p: f"{p.appends} O_APPEND writes of 100 bytes, one fd",
              w_append_small, _ratio_t(1.0), check=check_append_small,
-             extra=lambda t, p: {"ops_per_s": round(p.appends / t)} if t > 0 else {}),
+             extra=_per_s(lambda p: p.appends)),
+    Workload("append_8", lambda L, p: f"{p.appends_8} O_APPEND writes of 8 bytes to a new file, "
+             "one fd", w_append_8, _ratio_t(1.0), check=check_append_8,
+             extra=_per_s(lambda p: p.appends_8)),
     Workload("untar", lambda L, p: f"tar xf of {p.untar_files} small files "
              f"({p.untar_dirs} dirs) into MERGED/new", w_untar, _ratio_t(1.0), prepare=prep_untar,
              check=check_untar),
@@ -1695,6 +1729,26 @@ def main_rows(
     return rows, summary
 
 
+def rate_rows(
+    workloads: list[Workload],
+    results: dict[str, dict[str, Result]],
+    unavailable: dict[str, str],
+    p: Profile,
+) -> list[list[str]]:
+    """Operations per second (of the median run) for the workloads that count them."""
+    rows = []
+    for w in workloads:
+        if w.extra is None:
+            continue
+        row = [w.key]
+        for fs in FS_NAMES:
+            r = results[w.key].get(fs)
+            rate = w.extra(r.median, p).get("ops_per_s") if r and r.median else None
+            row.append(cell(r, unavailable.get(fs)) if rate is None else f"{rate:,.0f}/s")
+        rows.append(row)
+    return rows
+
+
 def layer_rows(
     res: dict[str, dict[str, dict[int, Result]]], counts: list[int], unavailable: dict[str, str]
 ) -> tuple[list[list[str]], dict[str, Any]]:
@@ -1808,11 +1862,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bigdir", type=int, help="entries of big/")
     ap.add_argument("--untar-files", type=int, help="files in the untar tarball")
     ap.add_argument("--appends", type=int, help="append_small: number of writes")
+    ap.add_argument("--appends-8", type=int, help="append_8: number of writes")
     ap.add_argument("--layer-counts", help="comma-separated numbers of lowers (max 500)")
     args = ap.parse_args(argv)
 
     p = Profile(**(QUICK if args.quick else FULL).__dict__)
-    for name in ("mib", "bigdir", "untar_files", "appends"):
+    for name in ("mib", "bigdir", "untar_files", "appends", "appends_8"):
         if getattr(args, name):
             setattr(p, name, getattr(args, name))
     if args.layer_counts:
@@ -1913,6 +1968,9 @@ def main(argv: list[str] | None = None) -> int:
         print()
         rows, main_summary = main_rows(workloads, results, unavailable)
         print_rows(["workload", *FS_NAMES, "py/fo", "py/kernel", "target", "ok"], rows)
+        if rates := rate_rows(workloads, results, unavailable, p):
+            print()
+            print_rows(["ops per second", *FS_NAMES], rates)
         print()
         for w in workloads:
             print(f"  {w.key:<13} {w.desc(layers, p)}")

@@ -55,7 +55,9 @@ def test_bench_quick_runs_and_cleans_up(tmp_path: Path) -> None:
     assert data["errors"] == []
     missing = [key for key, r in data["results"].items() if r["pyunionfs"]["median_s"] is None]
     assert not missing, f"no pyunionfs median for {missing}"
-    assert {"mount_ready", "find_cold", "imports", "untar", "rm_rf"} <= set(data["results"])
+    wanted = {"mount_ready", "find_cold", "imports", "untar", "rm_rf", "append_8"}
+    assert wanted <= set(data["results"])
+    assert data["results"]["append_8"]["pyunionfs"]["ops_per_s"] > 0
     for measure, by_fs in data["layer_scaling"].items():
         for n, r in by_fs["pyunionfs"].items():
             assert r["median_s"] is not None, f"layers {measure} N={n}: {r}"
