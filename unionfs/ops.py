@@ -428,10 +428,11 @@ class Operations(pyfuse3.Operations):
             caller, h.setid_caller = h.setid_caller, None
             await attrs.drop_setid(self.fs, h.inode, caller, h.fd)
         fd = h.fd
-        view = memoryview(buf)
-        done = 0
-        while done < len(buf):
-            done += os.pwrite(fd, view[done:], off + done)
+        done = os.pwrite(fd, buf, off)  # one call, no memoryview: most writes are small
+        if done < len(buf):
+            view = memoryview(buf)
+            while done < len(buf):
+                done += os.pwrite(fd, view[done:], off + done)
         return done
 
     @_guard

@@ -38,13 +38,25 @@ def _real_name(fs: State, name: str) -> str:
     return fs.dialect.to_real_xattr(name)
 
 
+def _read_target(fs: State, node: Inode) -> str | int:
+    """real_path, or the fd of a handle open on the very object it names: the kernel asks
+    getxattr(security.capability) before every write(2), and the fd spares a procfs lookup
+    each time.  Not for a file whose names are gone (real_path takes only upper fds then),
+    nor through a reader left on the lower copy by a copy-up (copyup._switch_handles)."""
+    if not node.gone:
+        for h in node.handles:
+            if h.layer is node.layer:
+                return h.fd
+    return real_path(fs, node)
+
+
 def getxattr(fs: State, node: Inode, name: str) -> bytes:
     try:
         real = _real_name(fs, name)
     except PermissionError:
         raise oserror(errno.ENODATA) from None  # a marker: hidden
     try:
-        target = real_path(fs, node)
+        target = _read_target(fs, node)
         return os.getxattr(target, real, follow_symlinks=not _nofollow(target))
     except OSError as e:
         # The kernel asks for ACLs on every open: "not supported" would fail the open.
