@@ -300,15 +300,15 @@ class UserMount:
     the last resort) and waits for the daemon to exit."""
 
     def __init__(self, uid: int, gid: int, paths: StackPaths, foreground: bool,
-                 work: Path | None = None):
+                 work: Path | None = None, options: str = ""):
         self.uid, self.gid, self.paths, self.foreground = uid, gid, paths, foreground
         self.root = paths.merged
         self.log = paths.base / "pyunionfs-user.log"
         self.stderr = ""
         self.proc: subprocess.Popen[bytes] | None = None
         lowers = ":".join(str(p) for p in paths.lowers)
-        args = [PYTHON, "-m", "unionfs", "mount", lowers, str(paths.upper),
-                str(work or paths.work), str(paths.merged)]
+        args = [PYTHON, "-m", "unionfs", "mount", *(["-o", options] if options else []), lowers,
+                str(paths.upper), str(work or paths.work), str(paths.merged)]
         if foreground:
             self._err = open(paths.base / "pyunionfs-user.stderr", "w+b")
             self.proc = subprocess.Popen(as_user(uid, gid, [*args[:4], "-f", *args[4:]]),
@@ -388,12 +388,13 @@ class UserMount:
 
 @pytest.fixture
 def user_mounts() -> Iterator[Callable[..., UserMount]]:
-    """``user_mounts(uid, gid, paths, foreground, work=None)``; all stopped at teardown."""
+    """``user_mounts(uid, gid, paths, foreground, work=None, options="")``; all stopped at
+    teardown."""
     made: list[UserMount] = []
 
     def factory(uid: int, gid: int, paths: StackPaths, foreground: bool,
-                work: Path | None = None) -> UserMount:
-        m = UserMount(uid, gid, paths, foreground, work)
+                work: Path | None = None, options: str = "") -> UserMount:
+        m = UserMount(uid, gid, paths, foreground, work, options)
         made.append(m)
         return m
 
@@ -744,3 +745,33 @@ def test_user_mount_acls_like_kernel(fuse_user, user_mounts, tmp_path: Path) -> 
     m.stop()
     assert theirs[0] == "ok" and "rc=" not in theirs[1], f"test premise: kernel gave {theirs}"
     assert ours == theirs
+
+
+def test_user_mount_atime_handles_remount(fuse_user, user_mounts, tmp_path: Path) -> None:
+    """An ordinary user's daemon: ``noatime`` holds for its own upper files, file handles are
+    given, and a remount is refused in one line (fusermount3 can't remount; the kernel would
+    need CAP_SYS_ADMIN)."""
+    from test_posix_misc import OLD, name_to_handle
+
+    uid, gid = fuse_user
+    paths = build_user_stack(tmp_path / "stack", uid, gid)
+    assert paths.upper is not None
+    up = paths.upper / "mine"
+    up.write_text("data")
+    os.chown(up, uid, gid)
+    os.utime(up, (OLD, OLD + 10))
+    m = user_mounts(uid, gid, paths, FORMS["background"], options="noatime")
+
+    def reads(root: Path) -> tuple[bool, bool, str]:
+        before = os.stat(root / "mine").st_atime_ns
+        (root / "mine").read_bytes()
+        name_to_handle(root / "mine")  # raises if refused
+        r = subprocess.run([PYTHON, "-m", "unionfs", "mount", "-o", "remount,ro", str(root)],
+                           capture_output=True, text=True, timeout=CMD_TIMEOUT, cwd=str(REPO))
+        return os.stat(root / "mine").st_atime_ns == before, r.returncode == 1, r.stderr
+
+    same_atime, refused, err = user_op(uid, gid, reads, m.root)
+    m.stop()
+    assert same_atime, "noatime: a read by the user's own mount moved the atime"
+    assert refused and err.count("\n") == 1 and "only root" in err, err
+    assert os.stat(up).st_atime == OLD

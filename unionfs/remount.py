@@ -125,23 +125,35 @@ def _writable(fields: list[str]) -> bool:
     return "rw" in fields[5].split(",") or "rw" in fields[-1].split(",")
 
 
+def _remount_own(merged: str, dev: str, flags: int) -> None:
+    """mount(2) on our own mount, reached by an fd checked to be on our device: whatever
+    sits at the path now (a symlink put there since) is not what gets remounted."""
+    fd = os.open(merged, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        major, minor = (int(x) for x in dev.split(":"))
+        if os.fstat(fd).st_dev != os.makedev(major, minor):
+            raise OSError(errno.ESTALE, "the mount point is no longer our mount", merged)
+        _mount_flags(f"/proc/self/fd/{fd}", flags)
+    finally:
+        os.close(fd)
+
+
 def follow(merged: str, nodiratime: bool, readonly: bool, changed: Callable[[set[str]], None],
            stop: Callable[[], bool]) -> None:
     """Call ``changed(options)`` whenever our mount's per-mount options change (a remount),
     until ``stop()``; blocks, so it runs in a thread.  The mount table is pollable: it says
     POLLPRI when any mount in the namespace changes.  A ``readonly`` mount (no upper layer)
     that somebody remounted rw is made read-only again, as the kernel refuses it (the helper
-    then says so).  A ``nodiratime`` that libfuse
-    wouldn't pass is set on the mount first, where we may, so that the mount table shows it
-    and mount(8) keeps it over a remount."""
+    then says so).  A ``nodiratime`` that libfuse wouldn't pass is set on the mount first,
+    where we may, so that the mount table shows it and mount(8) keeps it over a remount."""
     first = _mount_line(merged)
     if first is None or _fstype(first) != FSTYPE:
         return
     dev, seen = first[2], first[5]
     if nodiratime and "nodiratime" not in seen.split(","):
         try:
-            _mount_flags(merged, MS_REMOUNT | MS_BIND | flags_of(seen.split(",") +
-                                                                 ["nodiratime"]))
+            _remount_own(merged, dev, MS_REMOUNT | MS_BIND | flags_of(seen.split(",") +
+                                                                      ["nodiratime"]))
         except OSError as e:
             log.debug("nodiratime not shown in the mount table: %s", e.strerror)
         else:
@@ -160,7 +172,7 @@ def follow(merged: str, nodiratime: bool, readonly: bool, changed: Callable[[set
                 words = now[5].split(",") + ["ro"]
                 for flags in (MS_REMOUNT | flags_of(words), MS_REMOUNT | MS_BIND | flags_of(words)):
                     try:
-                        _mount_flags(merged, flags)
+                        _remount_own(merged, dev, flags)
                     except OSError as e:
                         log.warning("remounted rw without an upper layer, and cannot make it "
                                     "read-only again: %s", e.strerror)
