@@ -144,7 +144,8 @@ def mount(cfg: MountConfig) -> int:
         raise MountError(f"cannot open log file '{cfg.log}': {e.strerror}",
                          e.errno or errno.EIO) from None
     fs = prepare(cfg)
-    # The kernel has already applied the caller's umask; ours must not apply again.
+    # Ours must not touch what we create: the caller's umask is applied already, by the
+    # kernel, or by dirops where the kernel left it to us (DONT_MASK, for default ACLs).
     os.umask(0)
     ops = Operations(fs, debug=cfg.debug)
     merged = os.path.realpath(cfg.merged)  # before the mount: afterwards it would ask us
