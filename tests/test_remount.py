@@ -31,6 +31,7 @@ from overlay_harness import (
     unionfs_pids,
     wait_until,
 )
+from test_posix_misc import drop_caches
 
 HELPER = Path("/usr/local/bin/pyunionfs")
 OLD = 1_500_000_000
@@ -117,8 +118,7 @@ def _atime_moved(root: Path) -> bool:
     os.utime(p, (OLD, os.stat(p).st_mtime))
     before = os.stat(p).st_atime_ns
     p.read_bytes()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("2")
+    drop_caches()
     return os.stat(p).st_atime_ns != before
 
 

@@ -24,7 +24,6 @@ import re
 import shutil
 import signal
 import stat
-import struct
 import subprocess
 import sys
 import time
@@ -61,6 +60,8 @@ from overlay_harness import (
     unionfs_pids,
     wait_until,
 )
+
+from unionfs import acl
 
 TEST_USER = "pyunionfs-test"
 FUSE_DEV = "/dev/fuse"
@@ -144,20 +145,13 @@ def test_user() -> tuple[int, int]:
     return pw.pw_uid, pw.pw_gid
 
 
-# POSIX ACL xattr (system.posix_acl_access): version 2, then (tag u16, perm u16, id u32) entries.
-ACL_XATTR = "system.posix_acl_access"
-ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 1, 2, 4, 8, 0x10, 0x20
+# The access ACL xattr, in the format unionfs.acl reads and writes.
+ACL_XATTR = acl.ACCESS
 ACL_UNDEFINED_ID = 0xFFFFFFFF
 
 
-def _acl_parse(raw: bytes) -> list[tuple[int, int, int]]:
-    (version,) = struct.unpack_from("<I", raw)
-    assert version == 2, f"unknown ACL xattr version {version}"
-    return [struct.unpack_from("<HHI", raw, off) for off in range(4, len(raw), 8)]
-
-
-def _acl_pack(entries: list[tuple[int, int, int]]) -> bytes:
-    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in sorted(entries))
+def _acl_pack(entries: list[list[int]]) -> bytes:
+    return acl.pack(sorted(entries))  # the kernel wants the entries in tag order
 
 
 def _acl_get(path: str) -> bytes | None:
@@ -173,23 +167,23 @@ def _acl_with_user(raw: bytes | None, mode: int, uid: int, perm: int) -> bytes:
     """``raw`` (or the ACL equivalent to ``mode``) plus ``user:uid:perm``, mask widened to cover
     it: what ``setfacl -m u:USER:perm`` makes."""
     if raw is None:
-        entries = [(ACL_USER_OBJ, (mode >> 6) & 7, ACL_UNDEFINED_ID),
-                   (ACL_GROUP_OBJ, (mode >> 3) & 7, ACL_UNDEFINED_ID),
-                   (ACL_OTHER, mode & 7, ACL_UNDEFINED_ID)]
+        entries = [[acl.USER_OBJ, (mode >> 6) & 7, ACL_UNDEFINED_ID],
+                   [acl.GROUP_OBJ, (mode >> 3) & 7, ACL_UNDEFINED_ID],
+                   [acl.OTHER, mode & 7, ACL_UNDEFINED_ID]]
     else:
-        entries = _acl_parse(raw)
-    entries = [e for e in entries if not (e[0] == ACL_USER and e[2] == uid) and e[0] != ACL_MASK]
-    entries.append((ACL_USER, perm, uid))
+        entries = acl.parse(raw)
+    entries = [e for e in entries if not (e[0] == acl.USER and e[2] == uid) and e[0] != acl.MASK]
+    entries.append([acl.USER, perm, uid])
     mask = 0
     for tag, p, _ in entries:
-        if tag in (ACL_USER, ACL_GROUP_OBJ, ACL_GROUP):
+        if tag in (acl.USER, acl.GROUP_OBJ, acl.GROUP):
             mask |= p
-    entries.append((ACL_MASK, mask, ACL_UNDEFINED_ID))
+    entries.append([acl.MASK, mask, ACL_UNDEFINED_ID])
     return _acl_pack(entries)
 
 
 def _acl_without_user(raw: bytes, uid: int) -> bytes:
-    return _acl_pack([e for e in _acl_parse(raw) if not (e[0] == ACL_USER and e[2] == uid)])
+    return _acl_pack([e for e in acl.parse(raw) if not (e[0] == acl.USER and e[2] == uid)])
 
 
 @contextlib.contextmanager
