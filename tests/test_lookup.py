@@ -254,8 +254,6 @@ def test_file_mode_bits_setuid_sticky_visible(make_pair):
     assert stat.S_ISDIR(os.lstat(pair.o.root / "sticky").st_mode)
 
 
-@pytest.mark.xfail(strict=True, reason="following trusted.overlay.redirect "
-                   "comes with redirect_dir support (docs/differences.md)")
 def test_redirect_xattr_is_followed(make_pair):
     # redirect_dir defaults to "follow" here (redirect_always_follow=Y): an upper dir carrying
     # trusted.overlay.redirect continues the lower lookup at that name (relative: same parent) or
@@ -276,8 +274,6 @@ def test_redirect_xattr_is_followed(make_pair):
     pair.check_all()
 
 
-@pytest.mark.xfail(strict=True, reason="following trusted.overlay.redirect "
-                   "comes with redirect_dir support (docs/differences.md)")
 def test_redirect_in_lower_layer(make_pair):
     pair = make_pair(lowers=[{"moved": Dir(xattrs={"trusted.overlay.redirect": "orig"}),
                               "moved/top": File()},

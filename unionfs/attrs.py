@@ -29,7 +29,7 @@ def real_stat(fs: State, node: Inode) -> os.stat_result:
         raise oserror(errno.ENOENT)
     if node.parent is None:
         return os.fstat(node.layer.fd)
-    return sysio.lstat(fs.stack.dirfd(node.layer, node.parent_path), node.name)
+    return sysio.lstat(fs.stack.dirfd(node.layer, node.real_parent_path), node.name)
 
 
 def nlink_of(node: Inode, st: os.stat_result) -> int:
@@ -46,7 +46,7 @@ def real_path(fs: State, node: Inode) -> str | int:
         return open_fd(node)
     if node.parent is None:
         return sysio.at_path(node.layer.fd, ".")
-    return sysio.at_path(fs.stack.dirfd(node.layer, node.parent_path), node.name)
+    return sysio.at_path(fs.stack.dirfd(node.layer, node.real_parent_path), node.name)
 
 
 # -- owners and modes as shown (uidmapping=, squash_to_*, xattr_permissions=) ----------

@@ -37,7 +37,7 @@ IGNORED_PREFIXES = ("context=", "fscontext=", "defcontext=", "rootcontext=", "x-
 # fuse-overlayfs options that change nothing here (our defaults already are what they
 # ask for, or they tune fuse-overlayfs internals).
 PEER_NOOPS = {"static_nlink", "threaded", "fast_ino", "writeback",
-              "redirect_dir", "ino32_t", "xino", "plugins", "noxattrs", "debug"}
+              "ino32_t", "plugins", "noxattrs", "debug"}
 WHITEOUT_MODES = ("kernel", "oci")
 
 
@@ -60,6 +60,8 @@ class MountConfig:
     nodiratime: bool = False  # listings leave directory atimes alone
     acl: bool = True  # POSIX ACLs where the upper filesystem has them (off: -o noacl)
     owners: Owners = field(default_factory=Owners)
+    # The kernel's feature options (redirect_dir=, index=, metacopy=, ...), as given.
+    features: dict[str, str] = field(default_factory=dict)
     xattr_permissions: int = 0  # 2: owner/mode kept in user.containers.override_stat
     # How long the kernel may cache names and attributes.  Long, because every change
     # goes through the mount (lowers are immutable); 0 for layers changed underneath.
@@ -94,7 +96,8 @@ def split_lowerdir(spec: str) -> list[str]:
 
 
 OUR_KEYS = ("lowerdir", "upperdir", "workdir", "whiteouts", "uidmapping", "gidmapping",
-            "squash_to_uid", "squash_to_gid", "xattr_permissions", "fsync", "timeout")
+            "squash_to_uid", "squash_to_gid", "xattr_permissions", "fsync", "timeout",
+            "redirect_dir", "index", "metacopy", "xino", "nfs_export", "uuid")
 OUR_FLAGS = ("userxattr", "volatile", "squash_to_root", "noacl")
 
 
@@ -181,11 +184,133 @@ def apply_options(cfg: MountConfig, ours: dict[str, str]) -> None:
             cfg.timeout = -1.0
         if not 0 <= cfg.timeout < 1e9:
             raise MountError(f"timeout={ours['timeout']}: expected seconds (0 = cache nothing)")
+    for key in FEATURE_VALUES:
+        if key in ours:
+            if ours[key] not in FEATURE_VALUES[key]:
+                # the kernel's words (fs_parser's "Bad value for '%s'")
+                raise MountError(f"bad value for '{key}': {ours[key]} (expected "
+                                 + "|".join(FEATURE_VALUES[key]) + ")")
+            cfg.features[key] = ours[key]
     if "xattr_permissions" in ours:
         value = ours["xattr_permissions"]
         if value not in ("0", "1", "2"):
             raise MountError(f"xattr_permissions={value}: expected 0, 1 or 2")
         cfg.xattr_permissions = int(value)
+
+
+# -- the kernel's feature options (overlay-semantics §1.5; fs/overlayfs/params.c) ---------
+
+FEATURE_VALUES = {
+    "redirect_dir": ("on", "follow", "nofollow", "off"),
+    "index": ("on", "off"), "metacopy": ("on", "off"), "nfs_export": ("on", "off"),
+    "xino": ("on", "off", "auto"), "uuid": ("on", "off", "null", "auto"),
+}
+MODULE_PARAMETERS = "/sys/module/overlay/parameters"
+# The kernel's built-in defaults (CONFIG_OVERLAY_FS_*), where the module says nothing.
+BUILTIN_DEFAULTS = {"redirect_dir": False, "redirect_always_follow": True, "index": False,
+                    "metacopy": False, "xino_auto": False, "nfs_export": False}
+
+
+@dataclass(frozen=True)
+class Features:
+    """What the mount does, once defaults and dependencies are resolved as the kernel
+    resolves them.  ``redirect``: "on" (write and follow), "follow", "nofollow"."""
+
+    redirect: str = "follow"
+    index: bool = False
+    metacopy: bool = False
+    xino: str = "off"
+    nfs_export: bool = False
+    uuid: str = "auto"
+
+    @property
+    def follow(self) -> bool:
+        return self.redirect != "nofollow"
+
+    @property
+    def moves_dirs(self) -> bool:
+        return self.redirect == "on"
+
+    def words(self) -> list[str]:
+        """The options as /proc/mounts would list them (our log line says them)."""
+        out = [f"redirect_dir={self.redirect}", f"index={'on' if self.index else 'off'}",
+               f"metacopy={'on' if self.metacopy else 'off'}", f"xino={self.xino}"]
+        if self.nfs_export:
+            out.append("nfs_export=on")
+        return out
+
+
+def module_defaults(root: str = MODULE_PARAMETERS) -> dict[str, bool]:
+    """The running kernel's overlay module parameters, so that a mount without options
+    does what `mount -t overlay` does on this host; built-in defaults where unreadable."""
+    out = dict(BUILTIN_DEFAULTS)
+    for key in out:
+        try:
+            with open(os.path.join(root, key)) as f:
+                out[key] = f.read().strip() in ("Y", "1")
+        except OSError:
+            pass
+    return out
+
+
+def resolve_features(given: dict[str, str], userxattr: bool, upper: bool,
+                     defaults: dict[str, bool] | None = None) -> Features:
+    """The kernel's ovl_fs_params_verify: defaults, what implies what, and the conflicts
+    it refuses, with its messages."""
+    d = module_defaults() if defaults is None else defaults
+    follow_default = "follow" if d["redirect_always_follow"] else "nofollow"
+    redirect = given.get("redirect_dir") or ("on" if d["redirect_dir"] else follow_default)
+    if redirect == "off":
+        redirect = follow_default  # off: not written, followed as the module says
+    index = given.get("index", "on" if d["index"] else "off") == "on"
+    metacopy = given.get("metacopy", "on" if d["metacopy"] else "off") == "on"
+    nfs_export = given.get("nfs_export", "on" if d["nfs_export"] else "off") == "on"
+    xino = given.get("xino") or ("auto" if d["xino_auto"] else "off")
+    uuid = given.get("uuid", "auto")
+    set_redirect, set_metacopy = "redirect_dir" in given, "metacopy" in given
+    set_index, set_nfs = "index" in given, "nfs_export" in given
+
+    def conflict(words: str) -> MountError:
+        return MountError(f"conflicting options: {words}", errno.EINVAL)
+
+    if not upper:
+        index = False
+        if redirect == "follow":
+            redirect = "on"  # only read: the same thing, and simpler below (as the kernel)
+    if metacopy and redirect != "on":
+        if set_metacopy and set_redirect:
+            raise conflict(f"metacopy=on,redirect_dir={redirect}")
+        if set_redirect:
+            metacopy = False
+        else:
+            redirect = "on"
+    if nfs_export and not index:
+        if not upper and redirect != "nofollow":
+            nfs_export = False
+        elif set_nfs and set_index:
+            raise conflict("nfs_export=on,index=off")
+        elif set_index:
+            nfs_export = False
+        else:
+            index = True
+    if nfs_export and metacopy:
+        if set_nfs and set_metacopy:
+            raise conflict("nfs_export=on,metacopy=on")
+        if set_metacopy:
+            nfs_export = False
+        else:
+            metacopy = False
+    if userxattr:
+        # Redirects and metacopy in user.* xattrs could be forged by any user who can
+        # write the layer: the kernel refuses to trust them there.
+        if set_redirect and redirect != "nofollow":
+            raise conflict(f"userxattr,redirect_dir={redirect}")
+        if metacopy and set_metacopy:
+            raise conflict("userxattr,metacopy=on")
+        redirect, metacopy = "nofollow", False
+    if not upper and redirect == "on":
+        redirect = "follow"
+    return Features(redirect, index, metacopy, xino, nfs_export, uuid)
 
 
 def split_options(s: str) -> list[str]:

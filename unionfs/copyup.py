@@ -112,7 +112,8 @@ async def copy_up(fs: State, node: Inode, data: bool = True) -> None:
 async def _copy_one(fs: State, node: Inode, data: bool) -> None:
     stack, upper = fs.stack, fs.upper
     ppath, name = node.parent_path, node.name
-    ldfd = stack.dirfd(node.layer, ppath)
+    lppath = node.real_parent_path  # elsewhere when a moved directory took it along
+    ldfd = stack.dirfd(node.layer, lppath)
     udfd = stack.dirfd(upper, ppath)
     wfd = stack.work_fd
     st = sysio.lstat(ldfd, name)
@@ -146,7 +147,7 @@ async def _copy_one(fs: State, node: Inode, data: bool) -> None:
         else:
             sysio.mknod(wfd, tmp, kind | 0o600, st.st_rdev)
         # Cached directory fds may have rotated while the data copy awaited.
-        ldfd = stack.dirfd(node.layer, ppath)
+        ldfd = stack.dirfd(node.layer, lppath)
         udfd = stack.dirfd(upper, ppath)
         # Unprivileged, a directory without u+w can't be moved (its ".." changes):
         # its own mode and times go on after the rename.
@@ -160,8 +161,11 @@ async def _copy_one(fs: State, node: Inode, data: bool) -> None:
         set_mode_and_times(udfd, name, st)
     restore_times(udfd, pst)
     new_st = sysio.lstat(udfd, name)
-    dirs = [upper, *node.dirs] if kind == stat.S_IFDIR else []
-    fs.inodes.rekey(node, Resolution(upper, new_st, dirs))
+    if kind == stat.S_IFDIR:
+        res = Resolution(upper, new_st, [upper, *node.dirs], [node.path, *node.layer_paths()])
+    else:
+        res = Resolution(upper, new_st)
+    fs.inodes.rekey(node, res)
     fs.attrs_changed(node.ino)
     if kind == stat.S_IFREG:
         _switch_handles(node, udfd)

@@ -22,7 +22,7 @@ import trio
 from unionfs import log as logsetup
 from unionfs import remount
 from unionfs.attrs import OVERRIDE_XATTRS
-from unionfs.config import MountConfig, validate
+from unionfs.config import MountConfig, resolve_features, validate
 from unionfs.errors import MountError
 from unionfs.inodes import InodeTable
 from unionfs.layers import LayerStack
@@ -30,7 +30,7 @@ from unionfs.lookup import root_resolution
 from unionfs.ops import Operations
 from unionfs.probe import cleanup_workdir, prepare_workdir, supports_acl
 from unionfs.state import State
-from unionfs.whiteout import drop_shared_whiteout
+from unionfs.whiteout import USER, drop_shared_whiteout
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT = 30.0
@@ -127,6 +127,18 @@ def prepare(cfg: MountConfig) -> State:
         stack.close()
         raise
     log.info("on-disk dialect: %s", stack.dialect.describe())
+    try:
+        features = resolve_features(cfg.features, stack.dialect.prefix == USER,
+                                    cfg.upper is not None)
+    except MountError as e:
+        cleanup_workdir(stack)
+        stack.close()
+        if stack.dialect.prefix == USER and not cfg.userxattr:
+            raise MountError(f"{e} (an unprivileged mount keeps its marks in user.overlay.*,"
+                             " as the kernel's userxattr does)", e.errno) from None
+        raise
+    stack.follow_redirects = features.follow
+    log.info("features: %s", ",".join(features.words()))
     override = OVERRIDE_XATTRS.get(cfg.xattr_permissions)
     stack.list_noatime = cfg.nodiratime
     acl = cfg.acl and supports_acl(stack)
@@ -134,7 +146,7 @@ def prepare(cfg: MountConfig) -> State:
         log.info("no POSIX ACLs: the upper filesystem has none")
     return State(stack, InodeTable(root_resolution(stack)), owners=cfg.owners,
                  volatile=cfg.volatile, acl=acl, noatime=cfg.noatime, override_xattr=override,
-                 timeout=cfg.timeout)
+                 timeout=cfg.timeout, features=features)
 
 
 def mount(cfg: MountConfig) -> int:

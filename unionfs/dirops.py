@@ -36,24 +36,29 @@ INDEX_AFTER_LOOKUPS = 64
 
 def resolve_in(fs: State, parent: Inode, name: str) -> Resolution | None:
     index = parent.index
+    paths = parent.layer_paths()
     if index is None:
         lowers = parent.lowers
         if len(lowers) < INDEX_MIN_LOWERS or fs.timeout <= 0:
-            return lookup.resolve(fs.stack, parent.path, parent.dirs, name)
+            return lookup.resolve(fs.stack, paths, parent.dirs, name)
         parent.probes += 1
         if parent.probes < INDEX_AFTER_LOOKUPS:
-            return lookup.resolve(fs.stack, parent.path, parent.dirs, name)
-        index = parent.index = LowerIndex(fs.stack, parent.path, lowers)
+            return lookup.resolve(fs.stack, paths, parent.dirs, name)
+        first = len(parent.dirs) - len(lowers)
+        index = parent.index = LowerIndex(fs.stack, paths[first:], lowers)
     elif index.lowers != parent.lowers:  # the directory now merges other layers
         parent.index = None
-        return lookup.resolve(fs.stack, parent.path, parent.dirs, name)
-    return resolve_indexed(fs.stack, parent.path, parent.dirs, index, name)
+        return lookup.resolve(fs.stack, paths, parent.dirs, name)
+    return resolve_indexed(fs.stack, paths, parent.dirs, index, name)
 
 
 def lower_has(fs: State, parent: Inode, name: str) -> bool:
     """Does a layer below upper show ``name``?  Then removing it needs a whiteout."""
     lowers = parent.lowers
-    return bool(lowers) and lookup.resolve(fs.stack, parent.path, lowers, name) is not None
+    if not lowers:
+        return False
+    paths = parent.layer_paths()[len(parent.dirs) - len(lowers):]
+    return lookup.resolve(fs.stack, paths, lowers, name) is not None
 
 
 async def upper_dir(fs: State, parent: Inode) -> int:
@@ -66,7 +71,11 @@ def live_inode(fs: State, parent: Inode, name: str, res: Resolution) -> Inode | 
 
 
 def is_empty(fs: State, path: str, res: Resolution) -> bool:
-    return all(e.hidden for e in list_merged(fs.stack, path, res.dirs))
+    """Does the merged directory ``res`` (at ``path``) show nothing?"""
+    paths = list(res.paths)
+    if res.dirs and res.dirs[0].upper:
+        paths[0] = path
+    return all(e.hidden for e in list_merged(fs.stack, paths, res.dirs))
 
 
 def _whiteout_object(fs: State, udfd: int, name: str) -> bool:

@@ -33,13 +33,16 @@ class FileHandle:
 
 
 class DirHandle:
-    __slots__ = ("fh", "inode", "entries", "epoch")
+    __slots__ = ("fh", "inode", "entries", "epoch", "paths", "dirs")
 
     def __init__(self, fh: int, inode: Inode) -> None:
         self.fh = fh
         self.inode = inode
         self.entries: list[Entry] | None = None  # built on the first read at offset 0
         self.epoch = -1  # State.epoch when they were built
+        # Where they were read: entries name positions among these layers.
+        self.paths: list[str] = []
+        self.dirs: list[Layer] = []
 
 
 class HandleTable:

@@ -51,7 +51,7 @@ RECALL = 4096
 class Inode:
     __slots__ = ("ino", "parent", "name", "aliases", "mode", "layer", "dirs", "key",
                  "lookups", "handles", "_lock", "kids", "gone", "gone_st", "index",
-                 "probes", "_path", "_path_gen")
+                 "probes", "_path", "_path_gen", "lpaths")
 
     def __init__(self, ino: int, parent: Inode | None, name: str, res: Resolution,
                  key: Key) -> None:
@@ -64,6 +64,10 @@ class Inode:
         self.mode = res.st.st_mode
         self.layer: Layer = res.layer
         self.dirs: list[Layer] = res.dirs or _NO_DIRS
+        # A directory's real path in each of its lower layers: one string when they all
+        # agree (nearly always), else one per entry of ``dirs``.  Kept apart from the
+        # merged path, which a rename of any directory above changes: these never do.
+        self.lpaths = lower_paths(res)
         self.key = key
         self.lookups = 0
         self.handles: set[FileHandle] = _NONE  # type: ignore[assignment]
@@ -145,8 +149,45 @@ class Inode:
     def child_path(self, name: str) -> str:
         return join(self.path, name)
 
+    def layer_paths(self) -> list[str]:
+        """The directory's real path in each of ``dirs``."""
+        dirs, lp = self.dirs, self.lpaths
+        out = [lp] * len(dirs) if isinstance(lp, str) else list(lp)
+        if dirs and dirs[0].upper:
+            out[0] = self.path
+        return out
+
+    def path_in(self, layer: Layer) -> str:
+        """The directory's real path in ``layer``, one of its ``dirs``."""
+        if layer.upper:
+            return self.path
+        lp = self.lpaths
+        return lp if isinstance(lp, str) else lp[self.dirs.index(layer)]
+
+    @property
+    def real_parent_path(self) -> str:
+        """Where the topmost real object behind us lives in ``layer``: our parent's
+        copy there (its lower path, when a moved directory took us along)."""
+        return self.parent.path_in(self.layer) if self.parent is not None else ""
+
     def __repr__(self) -> str:
         return f"<Inode {self.ino} /{self.path} {self.layer}>"
+
+
+def lower_paths(res: Resolution) -> str | tuple[str, ...]:
+    """Inode.lpaths for a resolution: upper's entry is never read (the merged path)."""
+    paths, dirs = res.paths, res.dirs
+    if not dirs:
+        return ""
+    first = 1 if dirs[0].upper else 0
+    if first >= len(dirs):
+        return ""  # upper alone
+    if len(paths) != len(dirs):
+        raise ValueError(f"{len(dirs)} layers, {len(paths)} paths")
+    one = paths[first]
+    if all(p == one for p in paths[first + 1:]):
+        return one
+    return tuple(paths)
 
 
 class InodeTable:
@@ -233,6 +274,7 @@ class InodeTable:
             return node
         # Refresh what may have changed since (copy-up, a new layer below a dir).
         node.layer, node.dirs, node.mode = res.layer, res.dirs or _NO_DIRS, res.st.st_mode
+        node.lpaths = lower_paths(res)
         if node.gone:
             self._move(node, parent, name)  # its old name went away; this one is live
             if (parent, name) in node.aliases:
@@ -262,6 +304,7 @@ class InodeTable:
         node.layer, node.mode = res.layer, res.st.st_mode
         if res.dirs:
             node.dirs = res.dirs
+            node.lpaths = lower_paths(res)
         if old != node.key:
             if self.ino_of.get(old) == node.ino:
                 del self.ino_of[old]

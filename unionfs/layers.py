@@ -61,6 +61,9 @@ class LayerStack:
         self.work_fd = -1  # WORK/work, set up by probe.prepare_workdir
         # How markers are read and written; probe.prepare_workdir picks it for the upper.
         self.dialect: Dialect = KERNEL
+        # Lookups go on where a directory's overlay.redirect points (redirect_dir= other
+        # than nofollow), as the kernel's do.
+        self.follow_redirects = True
         self.list_noatime = False  # -o nodiratime/noatime: listings leave dir atimes alone
         self._dirfds: OrderedDict[tuple[int, str], int] = OrderedDict()
         self._dirfd_max = dirfd_cache_size()

@@ -1,20 +1,32 @@
-"""Name lookup across layers (kernel fs/overlayfs/namei.c; overlay-semantics §2)."""
+"""Name lookup across layers (kernel fs/overlayfs/namei.c; overlay-semantics §2).
+
+A directory's copies need not sit at the same path in every layer: a directory moved
+with redirect_dir=on carries ``overlay.redirect``, the name (or, from the root, the
+path) that the layers below know it by.  So a directory is found by its real path in
+each of its layers, and lookup goes on below a redirect where it points.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from unionfs import sysio
+from unionfs.errors import oserror
 from unionfs.layers import Layer, LayerStack
 
 
-@dataclass
+@dataclass(slots=True)
 class Resolution:
     layer: Layer  # the topmost layer holding the object
     st: os.stat_result
     dirs: list[Layer] = field(default_factory=list)  # a directory's merged layers, top first
+    # A directory: its real path in each of ``dirs`` below upper (upper's entry is the
+    # merged path, which a rename changes: inodes never keep it).
+    paths: list[str] = field(default_factory=list)
 
     @property
     def is_dir(self) -> bool:
@@ -25,40 +37,125 @@ def join(relpath: str, name: str) -> str:
     return f"{relpath}/{name}" if relpath else name
 
 
-def resolve(stack: LayerStack, parent_path: str, parent_dirs: list[Layer],
+def resolve(stack: LayerStack, parent_paths: Sequence[str], parent_dirs: list[Layer],
             name: str) -> Resolution | None:
-    """Look ``name`` up in the directory ``parent_path`` whose merged layers are
-    ``parent_dirs``.  None means ENOENT (absent or whited out)."""
+    """Look ``name`` up in the directory whose merged layers are ``parent_dirs``, at
+    ``parent_paths`` in each.  None means ENOENT (absent or whited out)."""
     dialect = stack.dialect
     if dialect.hides_name(name):
         return None  # an OCI marker, not an object
+    follow = stack.follow_redirects
+    bottom = stack.layers[-1]
     found: Resolution | None = None
-    for layer in parent_dirs:
-        dfd = stack.dirfd_or_none(layer, parent_path)
+    want = name  # a name in the parent's directory of each layer, or "/a/b" from the root
+    layers: Sequence[Layer] = parent_dirs
+    where: Sequence[str] | None = parent_paths
+    redirected = False
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        i += 1
+        last = layer is bottom if follow else i == len(layers)
+        stop = False
+        if where is not None:
+            dfd = stack.dirfd_or_none(layer, where[i - 1])
+            leaf, real = want, join(where[i - 1], want)
+        else:
+            got = _walk(stack, layer, want, last)
+            if got is None:
+                return found  # a whiteout or a non-directory on the way: nothing below
+            dfd, leaf, stop, moved = got
+            real = want[1:]
+            if moved is not None:
+                want, redirected = moved, True
+                if moved.startswith("/"):
+                    stop = False
         if dfd is None:
-            continue
-        st = sysio.lstat_or_none(dfd, name)
-        if st is None:
-            if dialect.whited_out_by_file(dfd, name):
+            if stop:
                 break
             continue
-        if dialect.is_whiteout(dfd, name, st):
+        st = sysio.lstat_or_none(dfd, leaf)
+        if st is None:
+            if stop or dialect.whited_out_by_file(dfd, leaf):
+                break
+            continue
+        if dialect.is_whiteout(dfd, leaf, st):
             break
-        is_dir = stat.S_ISDIR(st.st_mode)
+        if not stat.S_ISDIR(st.st_mode):
+            if found is None:
+                found = Resolution(layer, st)
+            break  # a non-directory hides everything below; only directories merge
         if found is None:
-            found = Resolution(layer, st)
-            if not is_dir:
-                break  # a non-directory hides everything below it
+            found = Resolution(layer, st, [layer], [real])
+        elif found.is_dir:
             found.dirs.append(layer)
-        elif is_dir:
-            found.dirs.append(layer)
+            found.paths.append(real)
         else:
-            break  # only directories in consecutive layers merge
-        if dialect.is_opaque(dfd, name) or dialect.whited_out_by_file(dfd, name):
-            break  # the object in this layer stays; what lies below is hidden
+            break
+        if last:
+            stop = True
+        elif dialect.is_opaque(dfd, leaf) or dialect.whited_out_by_file(dfd, leaf):
+            stop = True  # the object in this layer stays; what lies below is hidden
+        else:
+            target = dialect.redirect(dfd, leaf)
+            if target is not None:
+                redirected = True
+                if target.startswith("/"):
+                    want, stop = target, False
+                    # The layers below this one, from the root (the kernel's switch to
+                    # the root's lower stack).
+                    layers, where, i = stack.layers[layer.index + 1:], None, 0
+                elif where is None:
+                    want = want.rpartition("/")[0] + "/" + target
+                else:
+                    want = target
+        if redirected and not follow and not layer.upper:
+            # Following would be like a symlink into a lower layer without the permission
+            # checks: the kernel refuses it unless asked to follow.
+            raise oserror(errno.EPERM)
+        if stop:
+            break
     return found
+
+
+def _walk(stack: LayerStack, layer: Layer, want: str, last: bool
+          ) -> tuple[int | None, str, bool, str | None] | None:
+    """The directory holding the last component of the absolute path ``want`` in
+    ``layer``, as the kernel's ovl_lookup_layer walks it: (its fd or None if absent, the
+    last component, whether an opaque directory on the way stops the layers below, a new
+    ``want`` from a redirect on the way).  None: a whiteout or non-directory on the way
+    ends the whole lookup."""
+    dialect = stack.dialect
+    comps = want[1:].split("/")
+    dfd: int | None = layer.fd
+    stop = False
+    moved: str | None = None
+    prefix = ""
+    for k, comp in enumerate(comps[:-1]):
+        assert dfd is not None
+        st = sysio.lstat_or_none(dfd, comp)
+        if st is None:
+            return None, comps[-1], stop, moved
+        if dialect.is_whiteout(dfd, comp, st) or not stat.S_ISDIR(st.st_mode):
+            return None
+        if not last:
+            if dialect.is_opaque(dfd, comp):
+                stop = True
+            else:
+                target = dialect.redirect(dfd, comp)
+                if target is not None:
+                    post = "/".join(comps[k + 1:])
+                    if target.startswith("/"):
+                        moved, stop = f"{target}/{post}", False
+                    else:
+                        moved = f"/{join(prefix, target)}/{post}"
+        prefix = join(prefix, comp)
+        dfd = stack.dirfd_or_none(layer, prefix)
+        if dfd is None:
+            return None, comps[-1], stop, moved
+    return dfd, comps[-1], stop, moved
 
 
 def root_resolution(stack: LayerStack) -> Resolution:
     top = stack.layers[0]
-    return Resolution(top, os.fstat(top.fd), list(stack.layers))
+    return Resolution(top, os.fstat(top.fd), list(stack.layers), [""] * len(stack.layers))

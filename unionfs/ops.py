@@ -235,7 +235,7 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._named(inode)
-        return os.fsencode(sysio.readlink(self.fs.stack.dirfd(node.layer, node.parent_path),
+        return os.fsencode(sysio.readlink(self.fs.stack.dirfd(node.layer, node.real_parent_path),
                                           node.name))
 
     # Not async, unlike the stub: pyfuse3 calls forget without awaiting when it returns
@@ -274,10 +274,10 @@ class Operations(pyfuse3.Operations):
         h = self.fs.handles.dirs[fh]
         node = h.inode
         stack = self.fs.stack
-        path = node.path
         if start_id == 0 or h.entries is None:
             # Built once per pass; a rewind (offset 0) picks up changes, as in the kernel.
-            h.entries = list_merged(stack, path, node.dirs)
+            h.paths, h.dirs = node.layer_paths(), node.dirs
+            h.entries = list_merged(stack, h.paths, h.dirs)
             h.epoch = self.fs.epoch
         entries = h.entries
         # What the listing learned holds until something changes; after that each name
@@ -298,9 +298,10 @@ class Operations(pyfuse3.Operations):
             pos += 1
             if e.hidden:
                 continue
-            res = resolve_entry(stack, path, e, self.fs.inodes.holds) if fresh else False
+            res = resolve_entry(stack, h.paths, h.dirs, e, self.fs.inodes.holds) \
+                if fresh else False
             if res is False:
-                res = lookup.resolve(stack, path, node.dirs, e.name)
+                res = lookup.resolve(stack, node.layer_paths(), node.dirs, e.name)
             if res is None:
                 continue
             child = self.fs.inodes.bind(node, e.name, res)
@@ -374,7 +375,7 @@ class Operations(pyfuse3.Operations):
             self.fs.check_writable()
             await copy_up(self.fs, node, data=not flags & os.O_TRUNC)
         oflags = flags & OPEN_FLAGS
-        dfd = self.fs.stack.dirfd(node.layer, node.parent_path)
+        dfd = self.fs.stack.dirfd(node.layer, node.real_parent_path)
         setid_caller = None
         if node.in_upper:
             fd = (sysio.open_noatime if self.fs.noatime else sysio.open_at)(dfd, node.name,

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from unionfs import sysio
 from unionfs.layers import Layer, LayerStack
-from unionfs.lookup import Resolution, resolve
+from unionfs.lookup import Resolution, join, resolve
 from unionfs.whiteout import WH_PREFIX, is_whiteout_stat
 
 
@@ -28,22 +28,25 @@ class Entry:
     kind: int = 0  # S_IFMT from d_type (or lstat); 0 when unknown
     st: os.stat_result | None = None  # when the listing had to lstat it
     # A directory: the layers below where the name is a directory too, up to the
-    # first one where it is not (the opaque marks are read when it is resolved).
-    below: list[Layer] | None = None
+    # first one where it is not (the opaque marks are read when it is resolved), as
+    # positions in the listed directory's layers.
+    below: list[int] | None = None
+    pos: int = 0  # where ``layer`` is among the listed directory's layers
     merging: bool = False  # still collecting ``below`` while the listing runs
     uncertain: bool = False  # the layers below could not be told from d_type: look it up
     checked: bool = False  # ``hidden`` already says whether lookup takes it for a whiteout
 
 
-def list_merged(stack: LayerStack, path: str, dirs: list[Layer]) -> list[Entry]:
-    """Entries of the merged directory in the kernel's order: the lowest layer's
-    entries first, then those that appear only in higher layers, top down.
-    The first occurrence of a name wins; whiteouts stay in as hidden slots."""
+def list_merged(stack: LayerStack, paths: Sequence[str], dirs: list[Layer]) -> list[Entry]:
+    """Entries of the merged directory (at ``paths`` in its layers ``dirs``) in the
+    kernel's order: the lowest layer's entries first, then those that appear only in
+    higher layers, top down.  The first occurrence of a name wins; whiteouts stay in
+    as hidden slots."""
     dialect = stack.dialect
     first: dict[str, Entry] = {}
     per_layer: list[list[Entry]] = []
-    for layer in dirs:
-        dfd = stack.dirfd_or_none(layer, path)
+    for pos, layer in enumerate(dirs):
+        dfd = stack.dirfd_or_none(layer, paths[pos])
         if dfd is None:
             per_layer.append([])
             continue
@@ -59,14 +62,14 @@ def list_merged(stack: LayerStack, path: str, dirs: list[Layer]) -> list[Entry]:
             names = {n for n, _, _ in listing}
             for name, _, _ in listing:
                 if name.startswith(WH_PREFIX):
-                    first.setdefault(name, Entry(name, layer, True))
+                    first.setdefault(name, Entry(name, layer, True, pos=pos))
             for name, _, _ in listing:
                 target = name[len(WH_PREFIX):]
                 if not name.startswith(WH_PREFIX) or not target or target.startswith(WH_PREFIX):
                     continue
                 stoppers.add(target)
                 if target not in first and target not in names:
-                    marker = Entry(target, layer, True)
+                    marker = Entry(target, layer, True, pos=pos)
                     first[target] = marker
                     new.append(marker)
         for name, kind, _ in listing:
@@ -75,7 +78,7 @@ def list_merged(stack: LayerStack, path: str, dirs: list[Layer]) -> list[Entry]:
                 if e.merging:  # the same name lower down: does the directory merge on?
                     if kind == stat.S_IFDIR:
                         assert e.below is not None
-                        e.below.append(layer)
+                        e.below.append(pos)
                     else:
                         e.merging = False
                         e.uncertain = kind == 0  # maybe a whiteout, maybe not: look it up
@@ -88,7 +91,8 @@ def list_merged(stack: LayerStack, path: str, dirs: list[Layer]) -> list[Entry]:
                                         else is_whiteout_stat(st))
                 if st is not None:
                     kind = stat.S_IFMT(st.st_mode)
-            entry = Entry(name, layer, hidden, kind, st, checked=st is not None and xwhiteouts)
+            entry = Entry(name, layer, hidden, kind, st, checked=st is not None and xwhiteouts,
+                          pos=pos)
             if kind == stat.S_IFDIR and not hidden:
                 entry.below, entry.merging = [], True
             first[name] = entry
@@ -105,17 +109,18 @@ def list_merged(stack: LayerStack, path: str, dirs: list[Layer]) -> list[Entry]:
     return out
 
 
-def resolve_entry(stack: LayerStack, path: str, e: Entry,
+def resolve_entry(stack: LayerStack, paths: Sequence[str], dirs: list[Layer], e: Entry,
                   known: Callable[[Layer, os.stat_result], bool] | None = None
                   ) -> Resolution | None | Literal[False]:
-    """What a lookup of a listed name would give, from what the listing learned:
-    a Resolution, None when the name turns out absent, or False when the listing
-    can't tell (the caller looks the name up).  ``known(layer, st)``: is it an object
-    already looked up (then it is no whiteout: no need to read its xattrs again)."""
+    """What a lookup of a listed name would give, from what the listing (of the
+    directory at ``paths``) learned: a Resolution, None when the name turns out absent,
+    or False when the listing can't tell (the caller looks the name up).
+    ``known(layer, st)``: is it an object already looked up (then it is no whiteout: no
+    need to read its xattrs again)."""
     if e.uncertain:
         return False
     dialect = stack.dialect
-    dfd = stack.dirfd_or_none(e.layer, path)
+    dfd = stack.dirfd_or_none(e.layer, paths[e.pos])
     if dfd is None:
         return False
     st = e.st if e.st is not None else sysio.lstat_or_none(dfd, e.name)
@@ -130,18 +135,25 @@ def resolve_entry(stack: LayerStack, path: str, e: Entry,
             if dialect.is_whiteout(dfd, e.name, st):
                 return None  # an xattr whiteout the listing was told to show: lookup hides it
         return Resolution(e.layer, st)
-    res = Resolution(e.layer, st, [e.layer])
-    if e.below:
-        layer, ldfd = e.layer, dfd
-        for lower in e.below:
-            if dialect.is_opaque(ldfd, e.name):
-                break
-            res.dirs.append(lower)
-            layer = lower
-            got = stack.dirfd_or_none(layer, path)
-            if got is None:
-                return False
-            ldfd = got
+    res = Resolution(e.layer, st, [e.layer], [join(paths[e.pos], e.name)])
+    chain = e.below or ()
+    bottom = stack.layers[-1]
+    layer, ldfd = e.layer, dfd
+    for k in range(len(chain) + 1):
+        if layer is bottom or (chain and dialect.is_opaque(ldfd, e.name)):
+            break
+        if dialect.redirect(ldfd, e.name) is not None:
+            return False  # the layers below keep it elsewhere: the long way
+        if k == len(chain):
+            break
+        pos = chain[k]
+        layer = dirs[pos]
+        res.dirs.append(layer)
+        res.paths.append(join(paths[pos], e.name))
+        got = stack.dirfd_or_none(layer, paths[pos])
+        if got is None:
+            return False
+        ldfd = got
     return res
 
 
@@ -150,15 +162,16 @@ class LowerIndex:
     them.  Lowers never change under the mount, so it holds for the directory's life;
     a lookup then costs an lstat in upper and one in the right lower, not one per layer."""
 
-    __slots__ = ("lowers", "entries")
+    __slots__ = ("lowers", "paths", "entries")
 
-    def __init__(self, stack: LayerStack, path: str, lowers: list[Layer]) -> None:
+    def __init__(self, stack: LayerStack, paths: list[str], lowers: list[Layer]) -> None:
         self.lowers = lowers
-        self.entries = {e.name: e for e in list_merged(stack, path, lowers)}
+        self.paths = paths
+        self.entries = {e.name: e for e in list_merged(stack, paths, lowers)}
 
 
-def resolve_indexed(stack: LayerStack, path: str, dirs: list[Layer], index: LowerIndex,
-                    name: str) -> Resolution | None:
+def resolve_indexed(stack: LayerStack, paths: list[str], dirs: list[Layer],
+                    index: LowerIndex, name: str) -> Resolution | None:
     """lookup.resolve(), with the lower layers answered by ``index``."""
     dialect = stack.dialect
     if dialect.hides_name(name):
@@ -166,7 +179,7 @@ def resolve_indexed(stack: LayerStack, path: str, dirs: list[Layer], index: Lowe
     found: Resolution | None = None
     top = dirs[0]
     if top.upper:
-        dfd = stack.dirfd_or_none(top, path)
+        dfd = stack.dirfd_or_none(top, paths[0])
         if dfd is not None:
             st = sysio.lstat_or_none(dfd, name)
             if st is None:
@@ -177,17 +190,20 @@ def resolve_indexed(stack: LayerStack, path: str, dirs: list[Layer], index: Lowe
                     return None
                 if not stat.S_ISDIR(st.st_mode):
                     return Resolution(top, st)
-                found = Resolution(top, st, [top])
+                found = Resolution(top, st, [top], [join(paths[0], name)])
                 if dialect.is_opaque(dfd, name) or dialect.whited_out_by_file(dfd, name):
                     return found
+                if dialect.redirect(dfd, name) is not None:
+                    return resolve(stack, paths, dirs, name)  # below, it is elsewhere
     e = index.entries.get(name)
     if e is None or e.hidden:
         return found
-    low = resolve_entry(stack, path, e)
+    low = resolve_entry(stack, index.paths, index.lowers, e)
     if low is False:
-        return resolve(stack, path, dirs, name)  # the index can't tell: the long way
+        return resolve(stack, paths, dirs, name)  # the index can't tell: the long way
     if low is None or found is None:
         return low if found is None else found
     if low.is_dir:
         found.dirs.extend(low.dirs)  # only directories in consecutive layers merge
+        found.paths.extend(low.paths)
     return found

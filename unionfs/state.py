@@ -6,6 +6,7 @@ import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from unionfs.config import Features
 from unionfs.errors import oserror
 from unionfs.handles import HandleTable
 from unionfs.idmap import Owners
@@ -26,6 +27,7 @@ class State:
     acl: bool = False
     noatime: bool = False  # -o noatime: upper files are opened O_NOATIME too (lowers always)
     override_xattr: str | None = None  # owner/mode kept in this xattr (xattr_permissions)
+    features: Features = field(default_factory=Features)  # redirect_dir=, index=, ...
     epoch: int = 0  # moved on by every request that may change the layers (ops._guard)
     # Seconds the kernel may trust names and attributes (-o timeout=).  What changes
     # through the mount reaches the kernel in our replies; what changes behind a reply

@@ -142,6 +142,31 @@ class Dialect:
         finally:
             os.close(sub)
 
+    @property
+    def redirect_xattr(self) -> str:
+        return self.prefix + "redirect"
+
+    def redirect(self, dirfd: int, name: str) -> str | None:
+        """Where the layers below keep directory ``name`` (``overlay.redirect``): a name
+        in the same parent, or a path from the root when it starts with "/".  A malformed
+        one fails the lookup (EINVAL, as the kernel); "." and ".." would leave the layer."""
+        raw = sysio.getxattr_or_none(dirfd, name, self.redirect_xattr)
+        if raw is None:
+            return None
+        parts = raw.split(b"/")
+        if raw.startswith(b"/"):
+            parts = parts[1:]
+        elif len(parts) > 1:
+            parts = []
+        if not parts or b"" in parts or b"\0" in raw:
+            raise oserror(errno.EINVAL)
+        if b"." in parts or b".." in parts:
+            raise oserror(errno.EACCES)  # lookup_one() refuses them so
+        return os.fsdecode(raw)
+
+    def set_redirect(self, dirfd: int, name: str, value: str) -> None:
+        sysio.setxattr(dirfd, name, self.redirect_xattr, os.fsencode(value))
+
     def lists_xattr_whiteouts(self, dirfd: int) -> bool:
         """The kernel hides xattr whiteouts from a listing only below ``opaque=x``."""
         return sysio.fd_getxattr_or_none(dirfd, self.opaque) == b"x"
