@@ -7,7 +7,6 @@ import os
 import stat
 from pathlib import Path
 
-import pytest
 from overlay_harness import (
     Device,
     Dir,
