@@ -209,6 +209,7 @@ MODULE_PARAMETERS = "/sys/module/overlay/parameters"
 # The kernel's built-in defaults (CONFIG_OVERLAY_FS_*), where the module says nothing.
 BUILTIN_DEFAULTS = {"redirect_dir": False, "redirect_always_follow": True, "index": False,
                     "metacopy": False, "xino_auto": False, "nfs_export": False}
+REDIRECT_MAX = 256  # the longest absolute redirect (module parameter redirect_max)
 
 
 @dataclass(frozen=True)
@@ -222,6 +223,7 @@ class Features:
     xino: str = "off"
     nfs_export: bool = False
     uuid: str = "auto"
+    redirect_max: int = REDIRECT_MAX
 
     @property
     def follow(self) -> bool:
@@ -231,6 +233,12 @@ class Features:
     def moves_dirs(self) -> bool:
         return self.redirect == "on"
 
+    @property
+    def offline_changes(self) -> bool:
+        """May the lowers change between mounts?  Only while none of the features that
+        record lower identities is on (the kernel's ovl_allow_offline_changes)."""
+        return not (self.index or self.metacopy or self.redirect == "on" or self.xino == "on")
+
     def words(self) -> list[str]:
         """The options as /proc/mounts would list them (our log line says them)."""
         out = [f"redirect_dir={self.redirect}", f"index={'on' if self.index else 'off'}",
@@ -238,6 +246,14 @@ class Features:
         if self.nfs_export:
             out.append("nfs_export=on")
         return out
+
+
+def module_redirect_max(root: str = MODULE_PARAMETERS) -> int:
+    try:
+        with open(os.path.join(root, "redirect_max")) as f:
+            return max(1, int(f.read().strip()))
+    except (OSError, ValueError):
+        return REDIRECT_MAX
 
 
 def module_defaults(root: str = MODULE_PARAMETERS) -> dict[str, bool]:
@@ -310,7 +326,8 @@ def resolve_features(given: dict[str, str], userxattr: bool, upper: bool,
         redirect, metacopy = "nofollow", False
     if not upper and redirect == "on":
         redirect = "follow"
-    return Features(redirect, index, metacopy, xino, nfs_export, uuid)
+    return Features(redirect, index, metacopy, xino, nfs_export, uuid,
+                    module_redirect_max() if defaults is None else REDIRECT_MAX)
 
 
 def split_options(s: str) -> list[str]:

@@ -156,6 +156,14 @@ async def create_object(fs: State, parent: Inode, name: str, mode: int, uid: int
         except BaseException:
             remove_tree_at(udfd, name)
             raise
+        if is_dir and not whited_out and parent.lowers and not fs.features.offline_changes:
+            # As the kernel: nothing below can show through a directory made here, unless
+            # the lowers change offline, which these features rule out; an opaque mark
+            # spares every later lookup in it the layers below.  Allowed to fail.
+            try:
+                set_opaque(fs, udfd, name)
+            except OSError:
+                pass
     if whited_out:
         dialect.drop_file_whiteout(udfd, name)
     st = sysio.lstat(udfd, name)
@@ -350,9 +358,9 @@ def _pure_upper(res: Resolution) -> bool:
     return res.layer.upper and len(res.dirs) <= 1
 
 
-def _movable(res: Resolution) -> bool:
-    """Without redirect_dir only directories that live in upper alone can move."""
-    return not res.is_dir or _pure_upper(res)
+def _movable(fs: State, res: Resolution) -> bool:
+    """Without redirect_dir=on only directories that live in upper alone can move."""
+    return not res.is_dir or _pure_upper(res) or fs.features.moves_dirs
 
 
 def _check_rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
@@ -373,7 +381,7 @@ def _check_rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode
         raise oserror(errno.EEXIST)
     if exchange and dst is None:
         raise oserror(errno.ENOENT)
-    if not _movable(src) or (exchange and dst is not None and not _movable(dst)):
+    if not _movable(fs, src) or (exchange and dst is not None and not _movable(fs, dst)):
         raise oserror(errno.EXDEV)
     old_path = old_parent.child_path(old_name)
     new_path = new_parent.child_path(new_name)
@@ -435,6 +443,13 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
     new_path = new_parent.child_path(new_name)
     wfd = fs.stack.work_fd
 
+    samedir = old_parent is new_parent
+    # A directory with layers below keeps finding them through a redirect; one that
+    # lives in upper alone must not merge with what lies below its new name.
+    if src.is_dir and not _pure_upper(src):
+        _set_redirect(fs, old_parent, old_name, samedir)
+    if exchange and dst is not None and dst.is_dir and not _pure_upper(dst):
+        _set_redirect(fs, new_parent, new_name, samedir)
     if exchange:
         sysio.renameat2(old_udfd, old_name, new_udfd, new_name, sysio.RENAME_EXCHANGE)
         _opaque_if_moved_into_merge(fs, new_parent, new_udfd, new_name, src)
@@ -511,8 +526,38 @@ def _rename_leaving(fs: State, old_udfd: int, old_name: str, new_udfd: int, new_
 
 def _opaque_if_moved_into_merge(fs: State, parent: Inode, udfd: int, name: str,
                                 res: Resolution | None) -> None:
-    """A directory landing in a merged directory must not merge with what lies
-    below its new name (kernel: ovl_set_opaque in ovl_rename)."""
-    if res is not None and res.is_dir and parent.lowers and \
+    """A directory of upper alone landing in a merged directory must not merge with
+    what lies below its new name (kernel: ovl_set_opaque in ovl_rename)."""
+    if res is not None and res.is_dir and _pure_upper(res) and parent.lowers and \
             not fs.dialect.is_opaque(udfd, name):
         set_opaque(fs, udfd, name)
+
+
+def _set_redirect(fs: State, parent: Inode, name: str, samedir: bool) -> None:
+    """Before directory ``name`` (copied up, with layers below) moves: record where
+    the layers below keep it (kernel ovl_set_redirect).  Within its parent, its name
+    there; elsewhere, its path from the root, each component replaced by the redirect
+    it already has, up to an absolute one.  A redirect already right stays."""
+    dialect = fs.dialect
+    udfd = fs.stack.dirfd(fs.upper, parent.path)
+    current = dialect.redirect(udfd, name)
+    if current is not None and (samedir or current.startswith("/")):
+        return
+    if samedir:
+        value = name
+    else:
+        parts = [current or name]
+        node: Inode | None = parent
+        while not parts[-1].startswith("/") and node is not None and node.parent is not None:
+            pdfd = fs.stack.dirfd(fs.upper, node.parent_path)
+            parts.append(dialect.redirect(pdfd, node.name) or node.name)
+            node = node.parent
+        value = "/".join(reversed(parts))
+        if not value.startswith("/"):
+            value = "/" + value
+        if len(os.fsencode(value)) > fs.features.redirect_max:
+            raise oserror(errno.EXDEV)  # too long to record: mv copies instead
+    try:
+        dialect.set_redirect(udfd, name, value)
+    except OSError:
+        raise oserror(errno.EXDEV) from None

@@ -50,7 +50,6 @@ def resolve(stack: LayerStack, parent_paths: Sequence[str], parent_dirs: list[La
     want = name  # a name in the parent's directory of each layer, or "/a/b" from the root
     layers: Sequence[Layer] = parent_dirs
     where: Sequence[str] | None = parent_paths
-    redirected = False
     i = 0
     while i < len(layers):
         layer = layers[i]
@@ -67,7 +66,7 @@ def resolve(stack: LayerStack, parent_paths: Sequence[str], parent_dirs: list[La
             dfd, leaf, stop, moved = got
             real = want[1:]
             if moved is not None:
-                want, redirected = moved, True
+                want = moved
                 if moved.startswith("/"):
                     stop = False
         if dfd is None:
@@ -99,7 +98,11 @@ def resolve(stack: LayerStack, parent_paths: Sequence[str], parent_dirs: list[La
         else:
             target = dialect.redirect(dfd, leaf)
             if target is not None:
-                redirected = True
+                if not follow and (target.startswith("/") or i < len(layers)):
+                    # Following would be like a symlink into a lower layer without the
+                    # permission checks: refused unless asked for (the kernel's EPERM,
+                    # whether or not anything is there).
+                    raise oserror(errno.EPERM)
                 if target.startswith("/"):
                     want, stop = target, False
                     # The layers below this one, from the root (the kernel's switch to
@@ -109,10 +112,6 @@ def resolve(stack: LayerStack, parent_paths: Sequence[str], parent_dirs: list[La
                     want = want.rpartition("/")[0] + "/" + target
                 else:
                     want = target
-        if redirected and not follow and not layer.upper:
-            # Following would be like a symlink into a lower layer without the permission
-            # checks: the kernel refuses it unless asked to follow.
-            raise oserror(errno.EPERM)
         if stop:
             break
     return found

@@ -19,9 +19,11 @@ import trio
 
 from unionfs import attrs, dirops, lookup, sysio, xattrs
 from unionfs.copyup import copy_up
+from unionfs.handles import DirHandle
 from unionfs.idmap import Caller
 from unionfs.inodes import Inode
-from unionfs.readdir import list_merged, resolve_entry
+from unionfs.lookup import Resolution
+from unionfs.readdir import Entry, list_merged, resolve_entry
 from unionfs.state import State
 from unionfs.whiteout import OCI, WH_PREFIX
 
@@ -298,18 +300,37 @@ class Operations(pyfuse3.Operations):
             pos += 1
             if e.hidden:
                 continue
-            res = resolve_entry(stack, h.paths, h.dirs, e, self.fs.inodes.holds) \
-                if fresh else False
-            if res is False:
-                res = lookup.resolve(stack, node.layer_paths(), node.dirs, e.name)
+            refused = False
+            try:
+                res = resolve_entry(stack, h.paths, h.dirs, e, self.fs.inodes.holds) \
+                    if fresh else False
+                if res is False:
+                    res = lookup.resolve(stack, node.layer_paths(), node.dirs, e.name)
+            except OSError:
+                # Listed, but a lookup fails (a redirect not followed, a bad one): the name
+                # shows, as in the kernel's listing, and the kernel asks again for it at
+                # once (no caching), to get the lookup's error.
+                res = self._listed_only(h, e)
+                refused = True
             if res is None:
                 continue
             child = self.fs.inodes.bind(node, e.name, res)
-            if not pyfuse3.readdir_reply(token, os.fsencode(e.name),
-                                         self._attrs(child, res.st), pos):
+            attrs_out = self._attrs(child, res.st)
+            if refused:
+                attrs_out.entry_timeout = attrs_out.attr_timeout = 0
+            if not pyfuse3.readdir_reply(token, os.fsencode(e.name), attrs_out, pos):
                 self.fs.inodes.drop_if_unused(child)
                 return
             child.lookups += 1
+
+    def _listed_only(self, h: DirHandle, e: Entry) -> Resolution | None:
+        """The object a listing saw, alone, for a name whose lookup fails."""
+        dfd = self.fs.stack.dirfd_or_none(e.layer, h.paths[e.pos])
+        st = sysio.lstat_or_none(dfd, e.name) if dfd is not None else None
+        if st is None:
+            return None
+        return Resolution(e.layer, st, [e.layer] if stat.S_ISDIR(st.st_mode) else [],
+                          [lookup.join(h.paths[e.pos], e.name)])
 
     @_guard
     async def releasedir(self, fh: int) -> None:
