@@ -26,6 +26,14 @@ per workload (round r: kernel, fuse-overlayfs, pyunionfs for workload w, then w+
   untar         tar xf of ~7 000 small files into MERGED/new
   rm_rf         rm -rf of the stdlib copy (~8 000 entries)
   chmod_R       chmod -R g+w of a lower tree of a few thousand entries (copy-up of each)
+  mv_dir        mv MERGED/big MERGED/big-moved (the mv command) of a directory of 1 000 files of
+                4 KiB that is in one lower only (its own layer: the only lower of this
+                workload's mounts); issue 10. The kernel and pyunionfs run with
+                -o redirect_dir=on (rename in place, trusted.overlay.redirect); fuse-overlayfs has
+                no redirects: rename(2) is EXDEV and mv copies + deletes. Also reported: the bytes
+                written to UPPER (st_blocks*512 of UPPER and all below, after the mv and a sync,
+                minus before) and the entries under UPPER; MERGED/big-moved must list 1 000
+                names and MERGED/big be gone
 
 Then "layers": N = 1, 16, 128, 500 lowers sharing a common/ directory of the same 100 names:
 mount_ready, ls -l common/ on a cold mount, lookup of 100 present and 50 missing names. And "rss":
@@ -33,9 +41,10 @@ the FUSE daemons' VmRSS after mount, after lstat of every entry of /usr, and aft
 drop_caches (the kernel forgets the inodes).
 
 Tables: medians of N rounds, ratios py/fuse-overlayfs and py/kernel, a target per row (pass or
-FAIL; a miss is not an error), and the append workloads' operations per second. A filesystem
-that is unavailable shows n/a; a failure or timeout shows ERR/timeout and the script exits 1
-(also if pyunionfs was asked for but is unavailable).
+FAIL; a miss is not an error), the append workloads' operations per second, and mv_dir's bytes
+and entries in UPPER (with the same ratios). A filesystem that is unavailable shows n/a; a
+failure or timeout shows ERR/timeout and the script exits 1 (also if pyunionfs was asked for
+but is unavailable).
 
   scripts/bench.py [--quick] [-n N] [--json FILE] [--fs kernel,fuse-overlayfs,pyunionfs]
                    [--workloads KEY,...|layers|rss]
@@ -81,6 +90,9 @@ LAYERS_RATIO_TARGET = 2.0  # pyunionfs N=128 / N=1
 LAYERS_MOUNT_TARGET_S = 1.0  # pyunionfs mount_ready with 500 lowers
 RSS_KIB_PER_INODE_TARGET = 0.5
 RSS_BACK_FRACTION = 0.2  # after drop_caches: at most base + 20% of the growth
+MV_FILES = 1000  # mv_dir: files in the moved directory
+MV_FILE_SIZE = 4 * KIB  # ... of this size each
+MV_OPTIONS = "redirect_dir=on"  # mv_dir: extra options of the kernel and pyunionfs mounts
 IMPORTS = (
     "json", "email.parser", "email.message", "email.policy", "http.client", "http.cookies",
     "asyncio", "argparse", "logging", "logging.handlers", "unittest", "unittest.mock",
@@ -360,8 +372,10 @@ class Mount:
         logfile: Path,
         probe: Path | None = None,
         cwd: Path | None = None,
+        extra_options: str = "",
     ) -> None:
         self.lowerdir, self.upper, self.work, self.merged = lowerdir, upper, work, merged
+        self.extra_options = extra_options  # a workload's own -o options (e.g. redirect_dir=on)
         self.logfile = logfile
         self.probe = probe or merged  # stat'ed to call the mount ready
         self.cwd = cwd  # relative lowerdir paths are relative to this
@@ -372,7 +386,8 @@ class Mount:
 
     @property
     def options(self) -> str:
-        return f"lowerdir={self.lowerdir},upperdir={self.upper},workdir={self.work}"
+        extra = f",{self.extra_options}" if self.extra_options else ""
+        return f"lowerdir={self.lowerdir},upperdir={self.upper},workdir={self.work}{extra}"
 
     def start(self) -> None:
         raise NotImplementedError
@@ -608,6 +623,7 @@ class PyunionfsMount(FuseMount):
             *self.cmd,
             "mount",
             *(["-f"] if foreground else []),
+            *(["-o", self.extra_options] if self.extra_options else []),
             self.lowerdir,
             str(self.upper),
             str(self.work),
@@ -716,6 +732,7 @@ class MainLayers:
     untar_last: str  # a file the tar extracts (checked)
     chmod_target: str
     big_expected: int  # visible entries of big/
+    mv_layer: Path  # mv_dir's own (only) lower: big/ with MV_FILES files
     entries: int | None = None  # visible entries of the merged tree (None: not counted)
     stdlib_entries: int = 0  # ... under <stdlib>
     chmod_entries: int = 0  # ... under chmod_target
@@ -779,6 +796,16 @@ def make_tarball(scratch: Path, p: Profile) -> tuple[Path, str]:
     run_cmd(["tar", "cf", str(tarball), "-C", str(src), "."], 300, "tar cf")
     shutil.rmtree(src)
     return tarball, last
+
+
+def make_mv_layer(layer: Path) -> Path:
+    """mv_dir's lower: big/ holding MV_FILES files of MV_FILE_SIZE bytes (a layer of its own, so
+    that big/ is in no other layer)."""
+    (layer / "big").mkdir(parents=True)
+    blob = os.urandom(MV_FILE_SIZE + MV_FILES)
+    for i in range(MV_FILES):
+        (layer / "big" / f"f{i:04d}").write_bytes(blob[i : i + MV_FILE_SIZE])
+    return layer
 
 
 class KernelChanges:
@@ -1000,6 +1027,7 @@ def make_main_layers(scratch: Path, p: Profile, by_hand: bool = False) -> MainLa
     large = "data/large.bin"
     write_large(inc / large, p.mib)
     tarball, untar_last = make_tarball(scratch, p)
+    mv_layer = make_mv_layer(root / "mv")
     # chmod_R: the /usr/include subtree closest to the wanted size
     sizes = sorted(
         (abs(count_entries(inc / "include" / d) + 1 - p.chmod_entries), d)
@@ -1019,6 +1047,7 @@ def make_main_layers(scratch: Path, p: Profile, by_hand: bool = False) -> MainLa
         untar_last=untar_last,
         chmod_target=chmod_target,
         big_expected=p.bigdir,
+        mv_layer=mv_layer,
         notes=notes,
     )
     build_change_layer(layers, p, by_hand)
@@ -1072,6 +1101,9 @@ class Ctx:
     layers: MainLayers
     p: Profile
     timeout: float
+    upper: Path
+    figures: dict[str, float] = field(default_factory=dict)  # a run's measured figures, not times
+    before: tuple[int, int] = (0, 0)  # upper_usage before the timed part (mv_dir)
 
 
 def w_find(c: Ctx) -> None:
@@ -1236,6 +1268,45 @@ def check_chmod_r(c: Ctx) -> None:
         raise BenchError("mode unchanged after chmod -R")
 
 
+def upper_usage(upper: Path) -> tuple[int, int]:
+    """(st_blocks * 512 of UPPER and everything below it, number of entries below it)."""
+    used, n = os.lstat(upper).st_blocks * 512, 0
+    for dirpath, dirnames, filenames in os.walk(upper):
+        for name in dirnames + filenames:
+            used += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+            n += 1
+    return used, n
+
+
+def mv_lowers(layers: MainLayers) -> tuple[str, str]:
+    return str(layers.mv_layer).replace(":", "\\:"), "big"
+
+
+def prep_mv_dir(c: Ctx) -> None:
+    for name in os.listdir(c.layers.mv_layer / "big"):  # a warm lower, read directly
+        read_file(c.layers.mv_layer / "big" / name)
+    os.sync()
+    c.before = upper_usage(c.upper)
+
+
+def w_mv_dir(c: Ctx) -> None:
+    run_cmd(["mv", str(c.m / "big"), str(c.m / "big-moved")], c.timeout, "mv")
+
+
+def check_mv_dir(c: Ctx) -> None:
+    if os.path.lexists(c.m / "big"):
+        raise BenchError("MERGED/big still there after mv")
+    n = len(os.listdir(c.m / "big-moved"))
+    if n != MV_FILES:
+        raise BenchError(f"MERGED/big-moved lists {n} entries after mv, expected {MV_FILES}")
+    if len(os.listdir(c.layers.mv_layer / "big")) != MV_FILES:
+        raise BenchError("the lower big/ changed")
+    os.sync()  # delayed allocation: the copied files' blocks are counted once written
+    used, entries = upper_usage(c.upper)
+    c.figures["upper_bytes"] = used - c.before[0]
+    c.figures["upper_entries"] = entries
+
+
 @dataclass
 class Target:
     kind: str  # "ratio": pyunionfs / fuse-overlayfs ≤ value; "abs": pyunionfs ≤ value seconds
@@ -1257,6 +1328,9 @@ class Workload:
     prepare: Callable[[Ctx], None] | None = None  # untimed, on the same mount, before
     check: Callable[[Ctx], None] | None = None  # untimed verification, after
     extra: Callable[[float, Profile], dict[str, float]] | None = None  # derived figures
+    # (lowerdir, probe) of this workload's mounts instead of the main layers' (its own layer)
+    lowers: Callable[[MainLayers], tuple[str, str]] | None = None
+    options: str = ""  # extra -o options of its kernel and pyunionfs mounts (not fuse-overlayfs)
 
 
 def _ents(n: int | None) -> str:
@@ -1315,7 +1389,16 @@ WORKLOADS = [
     Workload("chmod_R", lambda L, p: f"chmod -R g+w MERGED/{L.chmod_target} "
              f"({_ents(L.chmod_entries)}, copy-up of each)", w_chmod_r, _ratio_t(1.0),
              check=check_chmod_r),
+    Workload("mv_dir", lambda L, p: f"mv MERGED/big MERGED/big-moved ({MV_FILES} files of "
+             f"{MV_FILE_SIZE // KIB} KiB, one lower only); kernel, pyunionfs: -o {MV_OPTIONS}, "
+             "fuse-overlayfs: EXDEV, mv copies + deletes", w_mv_dir, prepare=prep_mv_dir,
+             check=check_mv_dir, lowers=mv_lowers, options=MV_OPTIONS),
 ]  # fmt: skip
+# The figures that workloads measure besides the time (Ctx.figures): label, unit
+FIGURES = {
+    "upper_bytes": ("bytes written to UPPER", "bytes"),
+    "upper_entries": ("entries in UPPER", ""),
+}
 SECTION_KEYS = ("layers", "rss")
 
 
@@ -1328,6 +1411,7 @@ class Result:
     runs: list[float] = field(default_factory=list)
     error: str | None = None
     na: str | None = None  # not possible here (reason); not an error
+    figures: list[dict[str, float]] = field(default_factory=list)  # per run (Ctx.figures)
 
     @property
     def median(self) -> float | None:
@@ -1335,8 +1419,24 @@ class Result:
             return None
         return statistics.median(self.runs)
 
+    def figure(self, key: str) -> float | None:
+        """The median of a measured figure over the runs (None: failed, or not measured)."""
+        values = [f[key] for f in self.figures if key in f]
+        if not values or self.median is None:
+            return None
+        return statistics.median(values)
+
     def json(self) -> dict[str, Any]:
-        return {"median_s": self.median, "runs_s": self.runs, "error": self.error, "na": self.na}
+        out: dict[str, Any] = {
+            "median_s": self.median,
+            "runs_s": self.runs,
+            "error": self.error,
+            "na": self.na,
+        }
+        if self.figures:
+            out.update({k: self.figure(k) for k in FIGURES if any(k in f for f in self.figures)})
+            out["figures_runs"] = self.figures
+        return out
 
 
 def fmt_time(t: float | None) -> str:
@@ -1412,7 +1512,12 @@ class Bench:
         (scratch / "logs").mkdir()
 
     def fresh(
-        self, fs: str, lowerdir: str, probe: str | None = None, cwd: Path | None = None
+        self,
+        fs: str,
+        lowerdir: str,
+        probe: str | None = None,
+        cwd: Path | None = None,
+        options: str = "",
     ) -> Mount:
         self.n += 1
         rd = self.scratch / "run" / f"{self.n:04d}-{fs}"
@@ -1427,6 +1532,7 @@ class Bench:
             self.scratch / "logs" / f"{fs}.log",
             probe=merged / probe if probe else None,
             cwd=cwd,
+            extra_options=options,
         )
 
     @contextlib.contextmanager
@@ -1494,7 +1600,10 @@ class Bench:
                     if res.error is not None:
                         continue  # failed in an earlier round: not again
                     try:
-                        res.runs.append(self.run_one(fs, w, layers))
+                        t, figures = self.run_one(fs, w, layers)
+                        res.runs.append(t)
+                        if figures:
+                            res.figures.append(figures)
                     except BenchError as e:
                         res.error = str(e)
                         log(f"{fs}: {w.key}: {e}")
@@ -1506,14 +1615,17 @@ class Bench:
             log(f"round {rnd + 1}/{self.rounds}: {time.perf_counter() - t_round:.1f} s")
         return results
 
-    def run_one(self, fs: str, w: Workload, layers: MainLayers) -> float:
-        mount = self.fresh(fs, layers.lowerdir, layers.stdlib)
+    def run_one(self, fs: str, w: Workload, layers: MainLayers) -> tuple[float, dict[str, float]]:
+        """The time of one run, and the figures it measured (Ctx.figures)."""
+        lowerdir, probe = w.lowers(layers) if w.lowers else (layers.lowerdir, layers.stdlib)
+        options = w.options if fs in ("kernel", "pyunionfs") else ""
+        mount = self.fresh(fs, lowerdir, probe, options=options)
         with self.mounted(mount, background=w.key == "mount_bg") as t_mount:
             if w.run is None:
-                return t_mount
-            c = Ctx(mount.merged, layers, self.p, self.timeout)
+                return t_mount, {}
+            c = Ctx(mount.merged, layers, self.p, self.timeout, mount.upper)
             prepare = w.prepare
-            if not w.cold:
+            if not w.cold and w.lowers is None:
                 self.warm_lowers(layers)
             if prepare is not None:
                 self.timed(mount, f"{w.key} (preparation)", lambda: prepare(c))
@@ -1526,7 +1638,7 @@ class Bench:
             check = w.check
             if check is not None:
                 self.timed(mount, f"{w.key} (check)", lambda: check(c))
-            return t
+            return t, c.figures
 
     def warm_lowers(self, layers: MainLayers) -> None:
         """After a drop_caches, read the layers' metadata and small files (and the tarball)
@@ -1747,6 +1859,46 @@ def rate_rows(
             row.append(cell(r, unavailable.get(fs)) if rate is None else f"{rate:,.0f}/s")
         rows.append(row)
     return rows
+
+
+def fmt_figure(key: str, v: float | None) -> str:
+    if v is None:
+        return "-"
+    if FIGURES.get(key, ("", ""))[1] != "bytes":
+        return f"{v:,.0f}"
+    if abs(v) >= MIB:
+        return f"{v / MIB:.1f} MiB"
+    return f"{v / KIB:.0f} KiB" if abs(v) >= KIB else f"{v:.0f} B"
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def figure_rows(
+    workloads: list[Workload],
+    results: dict[str, dict[str, Result]],
+    unavailable: dict[str, str],
+) -> tuple[list[list[str]], dict[str, dict[str, Any]]]:
+    """The figures workloads measured besides the time (medians), with py/fo and py/kernel."""
+    rows: list[list[str]] = []
+    summary: dict[str, dict[str, Any]] = {}
+    for w in workloads:
+        r = results[w.key]
+        for key, (label, _unit) in FIGURES.items():
+            vals = {fs: (r[fs].figure(key) if fs in r else None) for fs in FS_NAMES}
+            if all(v is None for v in vals.values()):
+                continue
+            py_fo, py_k = (_div(vals["pyunionfs"], vals[o]) for o in ("fuse-overlayfs", "kernel"))
+            cells = [
+                fmt_figure(key, vals[fs])
+                if vals[fs] is not None
+                else cell(r.get(fs), unavailable.get(fs))
+                for fs in FS_NAMES
+            ]
+            rows.append([f"{w.key}: {label}", *cells, fmt_ratio(py_fo), fmt_ratio(py_k)])
+            summary.setdefault(w.key, {}).update({f"{key}_py_fo": py_fo, f"{key}_py_kernel": py_k})
+    return rows, summary
 
 
 def layer_rows(
@@ -1971,6 +2123,12 @@ def main(argv: list[str] | None = None) -> int:
         if rates := rate_rows(workloads, results, unavailable, p):
             print()
             print_rows(["ops per second", *FS_NAMES], rates)
+        figs, fig_summary = figure_rows(workloads, results, unavailable)
+        if figs:
+            print()
+            print_rows(["measured", *FS_NAMES, "py/fo", "py/kernel"], figs)
+            for key, extra in fig_summary.items():
+                main_summary.setdefault(key, {}).update(extra)
         print()
         for w in workloads:
             print(f"  {w.key:<13} {w.desc(layers, p)}")
