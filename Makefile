@@ -5,7 +5,7 @@
 #   make demo    build a small layered "image", mount it, change it, show what lands in upper/
 #   make test    ruff + the pytest suite (needs root and /dev/fuse for the mount tests)
 #   make lint    ruff check, mypy, bash -n on the shell scripts
-#   make conformance  random stacks + ops vs kernel overlayfs (EXAMPLES=20000 STEPS=30 MINUTES=0)
+#   make conformance  random stacks + ops vs kernel overlayfs (EXAMPLES=20000 STEPS=30 MINUTES=0 OPTIONS=)
 #   make bench   pyunionfs vs kernel overlayfs vs fuse-overlayfs (BENCH_ARGS=--quick for a smoke run)
 #   make test-containers  podman/buildah with pyunionfs as mount_program, root + rootless
 #   make bench-podman  `podman run --rm IMG true`: kernel overlay vs fuse-overlayfs vs pyunionfs

@@ -37,7 +37,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=None, help="fixed seed (default: random)")
     ap.add_argument("--minutes", type=float, default=float(os.environ.get("MINUTES") or 0),
                     help="stop starting new examples after this many minutes (0: no limit)")
+    ap.add_argument("--options", default=os.environ.get("OPTIONS", ""),
+                    help="mount options for both sides, e.g. redirect_dir=on")
     args = ap.parse_args()
+    if args.options:
+        os.environ["CONFORMANCE_OPTIONS"] = args.options
 
     from overlay_harness import environment_problem
     problem = environment_problem()

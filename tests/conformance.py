@@ -290,6 +290,9 @@ def known_bug(name: str) -> bool:
 class ConformanceMachine(RuleBasedStateMachine):
     """One example: a random stack, mounted by both; then random operations."""
 
+    # Mount options for both sides (redirect_dir=on, ...); CONFORMANCE_OPTIONS when empty.
+    OPTIONS = ""
+
     def __init__(self) -> None:
         super().__init__()
         self.pair: Pair | None = None
@@ -306,8 +309,9 @@ class ConformanceMachine(RuleBasedStateMachine):
         STATS["examples"] += 1
         root = os.environ.get("CONFORMANCE_TMP") or None
         self.base = Path(tempfile.mkdtemp(prefix="conformance-", dir=root))
-        self.pair = Pair(spec, self.base / "pair", ours=os.environ.get("UNIONFS_TEST_IMPL",
-                                                                         "pyunionfs"))
+        self.pair = Pair(spec, self.base / "pair",
+                         ours=os.environ.get("UNIONFS_TEST_IMPL", "pyunionfs"),
+                         options=self.OPTIONS or os.environ.get("CONFORMANCE_OPTIONS", ""))
         self.watchdog = threading.Timer(EXAMPLE_WATCHDOG, self._kill_daemons)
         self.watchdog.daemon = True
         self.watchdog.start()

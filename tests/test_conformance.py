@@ -50,6 +50,21 @@ TestConformance.runTest = pytest.mark.timeout(0 if PROFILE == "long" else 420)(
     TestConformance.runTest)
 
 
+class RedirectMachine(ConformanceMachine):
+    """The same model with redirect_dir=on on both sides: directory renames of every kind."""
+
+    OPTIONS = "redirect_dir=on"
+
+
+# A smaller bounded profile: the operations are the same, only renames of directories differ.
+TestConformanceRedirectDir = RedirectMachine.TestCase
+TestConformanceRedirectDir.settings = settings(
+    settings.get_profile(f"conformance-{PROFILE}"),
+    max_examples=60 if PROFILE == "ci" else settings.get_profile("conformance-long").max_examples)
+TestConformanceRedirectDir.runTest = pytest.mark.timeout(0 if PROFILE == "long" else 300)(
+    TestConformanceRedirectDir.runTest)
+
+
 def test_profile_counts_examples_and_operations():
     """The CI profile (when it ran before this test, in file order) counted what it did."""
     if STATS["examples"] == 0:

@@ -330,6 +330,22 @@ def resolve_features(given: dict[str, str], userxattr: bool, upper: bool,
                     module_redirect_max() if defaults is None else REDIRECT_MAX)
 
 
+# Features the kernel has that we don't do yet: refused rather than accepted and ignored.
+NOT_YET = {
+    "index": "index=on is not supported yet (a lower hard link copied up is broken apart, "
+             "as the kernel does with index=off)",
+    "metacopy": "metacopy=on is not supported yet (a metadata change copies the whole file "
+                "up, as the kernel does with metacopy=off)",
+    "nfs_export": "nfs_export=on is not supported yet (it needs index=on)",
+}
+
+
+def check_supported(f: Features) -> None:
+    for key, why in NOT_YET.items():
+        if getattr(f, key):
+            raise MountError(why, errno.EOPNOTSUPP)
+
+
 def split_options(s: str) -> list[str]:
     # A lowerdir value may itself hold an escaped comma ("\,"), and a quoted value
     # (containers-storage's context="a,b") commas of its own.

@@ -22,7 +22,7 @@ import trio
 from unionfs import log as logsetup
 from unionfs import remount
 from unionfs.attrs import OVERRIDE_XATTRS
-from unionfs.config import MountConfig, resolve_features, validate
+from unionfs.config import MountConfig, check_supported, resolve_features, validate
 from unionfs.errors import MountError
 from unionfs.inodes import InodeTable
 from unionfs.layers import LayerStack
@@ -130,6 +130,7 @@ def prepare(cfg: MountConfig) -> State:
     try:
         features = resolve_features(cfg.features, stack.dialect.prefix == USER,
                                     cfg.upper is not None)
+        check_supported(features)
     except MountError as e:
         cleanup_workdir(stack)
         stack.close()
