@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parent.parent / "unionfs"
 LEVELS = {
     "errors": 0, "config": 0, "idmap": 0, "acl": 0,
     "sysio": 1,
-    "layers": 2, "whiteout": 2, "probe": 2,
+    "layers": 2, "whiteout": 2, "probe": 2, "origin": 2,
     "lookup": 3, "inodes": 3, "handles": 3, "readdir": 3, "state": 3,
     "copyup": 4, "dirops": 4, "attrs": 4, "xattrs": 4,
     "ops": 5,

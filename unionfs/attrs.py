@@ -8,7 +8,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from unionfs import probe, sysio
+from unionfs import sysio
 from unionfs.copyup import copy_up
 from unionfs.errors import oserror
 from unionfs.idmap import Caller
@@ -130,7 +130,7 @@ CAP_FSETID = 4
 
 @functools.cache
 def _initial_userns() -> bool:
-    return probe.in_initial_userns()
+    return sysio.in_initial_userns()
 
 
 def _proc_status(pid: int, field: str) -> str | None:

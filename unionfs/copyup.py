@@ -14,7 +14,7 @@ import stat
 
 import trio
 
-from unionfs import sysio
+from unionfs import origin, sysio
 from unionfs.errors import oserror
 from unionfs.inodes import Inode
 from unionfs.lookup import Resolution
@@ -82,6 +82,27 @@ def rename_into(wfd: int, tmp: str, udfd: int, name: str) -> None:
 def restore_times(dirfd: int, before: os.stat_result) -> None:
     """Inserting a copied-up child must not change its parent's times (as in the kernel)."""
     os.utime(sysio.proc_fd(dirfd), ns=(before.st_atime_ns, before.st_mtime_ns))
+
+
+def is_impure(fs: State, node: Inode) -> bool:
+    if node.impure is None:
+        fd = fs.stack.dirfd_or_none(fs.upper, node.path) if node.in_upper else None
+        node.impure = fd is not None and \
+            sysio.fd_getxattr_or_none(fd, fs.dialect.prefix + "impure") is not None
+    return node.impure
+
+
+def mark_impure(fs: State, node: Inode, udfd: int) -> None:
+    """Directory ``node`` (upper copy ``udfd``) now holds a copy with an origin, or a
+    merged directory (the kernel's ovl_set_impure)."""
+    if node.impure:
+        return
+    try:
+        os.setxattr(sysio.proc_fd(udfd), fs.dialect.prefix + "impure", b"y")
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
+            raise
+    node.impure = True
 
 
 async def copy_up(fs: State, node: Inode, data: bool = True) -> None:
@@ -153,6 +174,13 @@ async def _copy_one(fs: State, node: Inode, data: bool) -> None:
         # its own mode and times go on after the rename.
         late = kind == stat.S_IFDIR and os.geteuid() != 0
         copy_metadata(fs.dialect, ldfd, name, wfd, tmp, st, mode_and_times=not late)
+        # Where it came from, as the kernel records it: not for a file with other names,
+        # whose link is broken here (it is a new file, with a number of its own).
+        keeps_number = kind == stat.S_IFDIR or st.st_nlink == 1
+        if keeps_number:
+            _set_origin(fs, ldfd, name, wfd, tmp)
+        if node.parent is not None:
+            mark_impure(fs, node.parent, udfd)
         rename_into(wfd, tmp, udfd, name)
     except BaseException:
         _discard(wfd, tmp)
@@ -165,6 +193,8 @@ async def _copy_one(fs: State, node: Inode, data: bool) -> None:
         res = Resolution(upper, new_st, [upper, *node.dirs], [node.path, *node.layer_paths()])
     else:
         res = Resolution(upper, new_st)
+    if keeps_number:
+        res.shown = (st.st_dev, st.st_ino)
     fs.inodes.rekey(node, res)
     fs.attrs_changed(node.ino)
     if kind == stat.S_IFREG:
@@ -184,6 +214,17 @@ async def _link_aliases(fs: State, node: Inode) -> None:
         pst = os.fstat(udfd)
         sysio.link(fs.stack.dirfd(upper, node.parent_path), node.name, udfd, name)
         restore_times(udfd, pst)
+
+
+def _set_origin(fs: State, ldfd: int, name: str, wfd: int, tmp: str) -> None:
+    value = origin.encode(ldfd, name, with_uuid=fs.features.uuid != "off")
+    try:
+        sysio.setxattr(wfd, tmp, fs.dialect.prefix + "origin", value)
+    except OSError as e:
+        # A filesystem or a symlink that takes no such xattr: the copy keeps its own
+        # number after a remount, nothing worse.
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
+            raise
 
 
 def _discard(wfd: int, tmp: str) -> None:

@@ -14,8 +14,8 @@ import stat
 from collections.abc import Callable
 from typing import Literal
 
-from unionfs import acl, lookup, sysio
-from unionfs.copyup import copy_up, temp_name
+from unionfs import acl, lookup, origin, sysio
+from unionfs.copyup import copy_up, is_impure, mark_impure, temp_name
 from unionfs.errors import oserror
 from unionfs.inodes import Inode
 from unionfs.lookup import Resolution
@@ -35,8 +35,50 @@ INDEX_AFTER_LOOKUPS = 64
 
 
 def resolve_in(fs: State, parent: Inode, name: str) -> Resolution | None:
-    index = parent.index
     paths = parent.layer_paths()
+    res = _resolve_in(fs, parent, paths, name)
+    if res is not None:
+        identify(fs, parent, paths, name, res)
+    return res
+
+
+def identify(fs: State, parent: Inode, paths: list[str], name: str, res: Resolution) -> None:
+    """The number a copy shows: its origin's, as the kernel's (only directories that
+    hold such copies are marked impure, so only there is it worth asking)."""
+    if not res.layer.upper:
+        return
+    if res.is_dir:
+        if len(res.dirs) > 1 and fs.inodes.live(res) is None:
+            _fix_origin(fs, parent, paths[0], name, res)
+        return
+    if is_impure(fs, parent):
+        res.shown = lookup.origin_of(fs.stack, paths, parent.dirs, name, res.st)
+
+
+def _fix_origin(fs: State, parent: Inode, upath: str, name: str, res: Resolution) -> None:
+    """An upper directory merged with a lower one but made elsewhere (no origin): the
+    kernel records its lower there on lookup (ovl_fix_origin), and so do we."""
+    udfd = fs.stack.dirfd_or_none(fs.upper, upath)
+    if udfd is None:
+        return
+    xname = fs.dialect.prefix + "origin"
+    if sysio.getxattr_or_none(udfd, name, xname) is not None:
+        return
+    lpath, _, lname = res.paths[1].rpartition("/")
+    ldfd = fs.stack.dirfd_or_none(res.dirs[1], lpath)
+    if ldfd is None:
+        return
+    try:
+        sysio.setxattr(udfd, name, xname,
+                       origin.encode(ldfd, lname, with_uuid=fs.features.uuid != "off"))
+        mark_impure(fs, parent, udfd)
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES, errno.EROFS):
+            raise
+
+
+def _resolve_in(fs: State, parent: Inode, paths: list[str], name: str) -> Resolution | None:
+    index = parent.index
     if index is None:
         lowers = parent.lowers
         if len(lowers) < INDEX_MIN_LOWERS or fs.timeout <= 0:
@@ -270,7 +312,11 @@ async def link(fs: State, node: Inode, new_parent: Inode, new_name: str) -> Reso
     else:
         sysio.link(sdfd, node.name, udfd, new_name)
     fs.dialect.drop_file_whiteout(udfd, new_name)
-    return Resolution(fs.upper, sysio.lstat(udfd, new_name))
+    res = Resolution(fs.upper, sysio.lstat(udfd, new_name))
+    if node.ino != fs.inodes.natural_of(res):
+        mark_impure(fs, new_parent, udfd)  # it shows its origin's number: say so here
+        fs.inodes.same_number(res, node)
+    return res
 
 
 async def settle(fs: State, parent: Inode, name: str,
@@ -450,6 +496,12 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
         _set_redirect(fs, old_parent, old_name, samedir)
     if exchange and dst is not None and dst.is_dir and not _pure_upper(dst):
         _set_redirect(fs, new_parent, new_name, samedir)
+    if not samedir:
+        # A copy with an origin, or a merged directory, now lives here too.
+        if src.shown is not None:
+            mark_impure(fs, new_parent, new_udfd)
+        if exchange and dst is not None and dst.shown is not None:
+            mark_impure(fs, old_parent, old_udfd)
     if exchange:
         sysio.renameat2(old_udfd, old_name, new_udfd, new_name, sysio.RENAME_EXCHANGE)
         _opaque_if_moved_into_merge(fs, new_parent, new_udfd, new_name, src)

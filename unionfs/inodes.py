@@ -51,7 +51,7 @@ RECALL = 4096
 class Inode:
     __slots__ = ("ino", "parent", "name", "aliases", "mode", "layer", "dirs", "key",
                  "lookups", "handles", "_lock", "kids", "gone", "gone_st", "index",
-                 "probes", "_path", "_path_gen", "lpaths")
+                 "probes", "_path", "_path_gen", "lpaths", "impure")
 
     def __init__(self, ino: int, parent: Inode | None, name: str, res: Resolution,
                  key: Key) -> None:
@@ -68,6 +68,9 @@ class Inode:
         # agree (nearly always), else one per entry of ``dirs``.  Kept apart from the
         # merged path, which a rename of any directory above changes: these never do.
         self.lpaths = lower_paths(res)
+        # A directory's upper copy holds copies with an origin (overlay.impure): None
+        # until asked.
+        self.impure: bool | None = None
         self.key = key
         self.lookups = 0
         self.handles: set[FileHandle] = _NONE  # type: ignore[assignment]
@@ -217,7 +220,16 @@ class InodeTable:
     def _natural(self, key: Key, dev: int) -> int:
         """The number an object gets unless it is an exception: its real st_ino on the
         first device, the device's ordinal above bit 48 on others; 0 if none fits."""
-        ino = key & ((1 << 64) - 1)
+        return self._natural_ino(key & ((1 << 64) - 1), dev)
+
+    def natural_of(self, res: Resolution) -> int:
+        """The natural number of what the overlay shows for ``res``: the object itself,
+        or the one it shows the number of (a merged directory's lower, a copy's origin)."""
+        if res.shown is not None:
+            return self._natural_ino(res.shown[1], res.shown[0])
+        return self._natural_ino(res.st.st_ino, res.st.st_dev)
+
+    def _natural_ino(self, ino: int, dev: int) -> int:
         dno = self._devices.get(dev)
         if dno is None:
             dno = self._devices[dev] = len(self._devices)
@@ -230,7 +242,7 @@ class InodeTable:
         key = self.key_of(res)
         ino = self.ino_of.get(key)
         if ino is None:
-            ino = self._natural(key, res.st.st_dev)
+            ino = self.natural_of(res)
         node = self.inodes.get(ino) if ino else None
         if node is not None and node.key != key:
             # Taken: by the same real inode in another layer, or by a removed object
@@ -242,6 +254,10 @@ class InodeTable:
             self.ino_of[key] = ino
         return key, ino, node
 
+    def same_number(self, res: Resolution, node: Inode) -> None:
+        """``res`` is another name of ``node`` (a new hard link): the same number."""
+        self.ino_of[self.key_of(res)] = node.ino
+
     def holds(self, layer: Layer, st: os.stat_result) -> bool:
         """Is this real object one of our live inodes (so it is known not to be a whiteout)?"""
         sid = self._sources.get((layer.index, st.st_dev))
@@ -249,7 +265,10 @@ class InodeTable:
 
     def live(self, res: Resolution) -> Inode | None:
         """The inode the kernel holds for this resolved object, if any."""
-        return self._held(self.key_of(res), res.st.st_dev)
+        key = self.key_of(res)
+        ino = self.ino_of.get(key) or self.natural_of(res)
+        node = self.inodes.get(ino) if ino else None
+        return node if node is not None and node.key == key else None
 
     def _held(self, key: Key, dev: int) -> Inode | None:
         ino = self.ino_of.get(key) or self._natural(key, dev)
@@ -308,7 +327,9 @@ class InodeTable:
         if old != node.key:
             if self.ino_of.get(old) == node.ino:
                 del self.ino_of[old]
-            if self._natural(node.key, res.st.st_dev) != node.ino:
+            # Remembered also when the copy names its origin: a lookup that can't follow the
+            # origin (renamed since, not ours to open) must still find this number.
+            if res.shown is not None or self.natural_of(res) != node.ino:
                 self.ino_of[node.key] = node.ino
 
     def renamed(self, node: Inode, old_parent: Inode, old_name: str, new_parent: Inode,

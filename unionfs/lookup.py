@@ -14,7 +14,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from unionfs import sysio
+from unionfs import origin, sysio
 from unionfs.errors import oserror
 from unionfs.layers import Layer, LayerStack
 
@@ -27,6 +27,9 @@ class Resolution:
     # A directory: its real path in each of ``dirs`` below upper (upper's entry is the
     # merged path, which a rename changes: inodes never keep it).
     paths: list[str] = field(default_factory=list)
+    # (st_dev, st_ino) of the object whose number the overlay shows, when not the top one:
+    # a merged directory's first lower, a copy's origin (the kernel's OVL_TYPE_ORIGIN).
+    shown: tuple[int, int] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -89,6 +92,8 @@ def resolve(stack: LayerStack, parent_paths: Sequence[str], parent_dirs: list[La
         elif found.is_dir:
             found.dirs.append(layer)
             found.paths.append(real)
+            if found.shown is None and found.layer.upper:
+                found.shown = (st.st_dev, st.st_ino)
         else:
             break
         if last:
@@ -115,6 +120,48 @@ def resolve(stack: LayerStack, parent_paths: Sequence[str], parent_dirs: list[La
         if stop:
             break
     return found
+
+
+def origin_of(stack: LayerStack, parent_paths: Sequence[str], parent_dirs: list[Layer],
+              name: str, st: os.stat_result) -> tuple[int, int] | None:
+    """For a non-directory ``name`` in upper: the lower object its ``overlay.origin``
+    names, when that one has a single link (else the kernel shows the copy's own number).
+    Found by name in the layers below, where it nearly always still is; else, where we
+    may (CAP_DAC_READ_SEARCH), by opening the handle.  A copy with several names (linked
+    since) only by the handle: by name, one name would find it and the others not."""
+    udfd = stack.dirfd_or_none(parent_dirs[0], parent_paths[0])
+    if udfd is None:
+        return None
+    raw = sysio.getxattr_or_none(udfd, name, stack.dialect.prefix + "origin")
+    parsed = origin.parse(raw) if raw else None
+    if parsed is None:
+        return None
+    for layer, path in zip(parent_dirs[1:] if st.st_nlink == 1 else (), parent_paths[1:]):
+        dfd = stack.dirfd_or_none(layer, path)
+        if dfd is None:
+            continue
+        low = sysio.lstat_or_none(dfd, name)
+        if low is not None and stat.S_IFMT(low.st_mode) == stat.S_IFMT(st.st_mode) \
+                and origin.matches(parsed, dfd, name):
+            return (low.st_dev, low.st_ino) if low.st_nlink == 1 else None
+    if not origin.decodes():
+        return None
+    tried: set[int] = set()
+    for layer in stack.lowers:
+        if layer.dev in tried:
+            continue
+        tried.add(layer.dev)
+        fd = origin.open_origin(parsed, layer.fd)
+        if fd is None:
+            continue
+        try:
+            low = os.fstat(fd)
+        finally:
+            os.close(fd)
+        if stat.S_IFMT(low.st_mode) == stat.S_IFMT(st.st_mode) and low.st_nlink == 1:
+            return low.st_dev, low.st_ino
+        return None
+    return None
 
 
 def _walk(stack: LayerStack, layer: Layer, want: str, last: bool

@@ -314,6 +314,8 @@ class Operations(pyfuse3.Operations):
                 refused = True
             if res is None:
                 continue
+            if not refused:
+                dirops.identify(self.fs, node, node.layer_paths(), e.name, res)
             child = self.fs.inodes.bind(node, e.name, res)
             attrs_out = self._attrs(child, res.st)
             if refused:

@@ -66,14 +66,6 @@ def _enter(dirfd: int, name: str) -> tuple[int, str, int, list[tuple[str, int, i
     return dirfd, name, sub, children
 
 
-def in_initial_userns() -> bool:
-    try:
-        with open("/proc/self/uid_map") as f:
-            return f.read().split() == ["0", "0", "4294967295"]
-    except OSError:
-        return True
-
-
 def supports_acl(stack: LayerStack) -> bool:
     """POSIX ACLs where new files go (upper, else the top lower): asking for a missing
     ACL answers ENODATA there, EOPNOTSUPP where the filesystem has none."""
@@ -92,7 +84,7 @@ def prepare_workdir(stack: LayerStack, userxattr: bool = False,
     oci = whiteouts == "oci"
     if stack.workroot_fd < 0:
         # Read-only: nothing to probe; read the markers this process could have written.
-        trusted = not userxattr and os.geteuid() == 0 and in_initial_userns()
+        trusted = not userxattr and os.geteuid() == 0 and sysio.in_initial_userns()
         stack.dialect = Dialect(TRUSTED if trusted else USER, CHARDEV, oci)
         return
     try:

@@ -154,6 +154,11 @@ def resolve_entry(stack: LayerStack, paths: Sequence[str], dirs: list[Layer], e:
         if got is None:
             return False
         ldfd = got
+        if k == 0 and e.layer.upper:  # a merged directory shows its first lower's number
+            low = sysio.lstat_or_none(ldfd, e.name)
+            if low is None:
+                return False
+            res.shown = (low.st_dev, low.st_ino)
     return res
 
 
@@ -206,4 +211,5 @@ def resolve_indexed(stack: LayerStack, paths: list[str], dirs: list[Layer],
     if low.is_dir:
         found.dirs.extend(low.dirs)  # only directories in consecutive layers merge
         found.paths.extend(low.paths)
+        found.shown = (low.st.st_dev, low.st.st_ino)
     return found

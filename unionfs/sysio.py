@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import stat
 from collections.abc import Callable
@@ -342,3 +343,76 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     itself on an EOPNOTSUPP, as on the kernel's overlay)."""
     res = _fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length))
     _check(res, "fallocate")
+
+
+# -- file handles and filesystem identity (overlay.origin) ------------------------------
+
+MAX_HANDLE_SZ = 128
+AT_EMPTY_PATH = 0x1000
+# _IOR(0x15, 0, struct fsuuid2 { __u8 len; __u8 uuid[16]; }) (Linux 6.5+)
+FS_IOC_GETFSUUID = (2 << 30) | (17 << 16) | (0x15 << 8)
+
+
+class _FileHandle(ctypes.Structure):
+    _fields_ = [("handle_bytes", ctypes.c_uint), ("handle_type", ctypes.c_int),
+                ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ)]
+
+
+def name_to_handle(dirfd: int, name: str) -> tuple[int, bytes]:
+    """(handle type, handle bytes) of ``name`` in ``dirfd`` (not followed if a symlink),
+    or of ``dirfd`` itself for ""."""
+    fh = _FileHandle(MAX_HANDLE_SZ, 0)
+    mount_id = ctypes.c_int()
+    flags = AT_EMPTY_PATH if not name else 0  # a symlink's own handle: never followed
+    res = _libc.name_to_handle_at(dirfd, os.fsencode(name), ctypes.byref(fh),
+                                  ctypes.byref(mount_id), flags)
+    _check(res, "name_to_handle_at", name)
+    return fh.handle_type, bytes(fh.f_handle[:fh.handle_bytes])
+
+
+def open_by_handle(mount_fd: int, kind: int, handle: bytes) -> int:
+    """An O_PATH fd for a handle on the filesystem of ``mount_fd`` (needs
+    CAP_DAC_READ_SEARCH)."""
+    fh = _FileHandle(len(handle), kind)
+    ctypes.memmove(fh.f_handle, handle, len(handle))
+    res = _libc.open_by_handle_at(mount_fd, ctypes.byref(fh), os.O_PATH | os.O_CLOEXEC)
+    return _check(res, "open_by_handle_at")
+
+
+def fs_uuid(dirfd: int) -> bytes | None:
+    """The s_uuid of the filesystem holding directory ``dirfd`` (O_PATH will do), what
+    overlayfs puts in a file handle; None where the kernel can't tell (before Linux 6.5,
+    or a filesystem without one)."""
+    buf = bytearray(17)
+    try:
+        fd = os.open(proc_fd(dirfd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.ioctl(fd, FS_IOC_GETFSUUID, buf)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return bytes(buf[1:1 + min(buf[0], 16)]).ljust(16, b"\0")
+
+
+def in_initial_userns() -> bool:
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() == ["0", "0", "4294967295"]
+    except OSError:
+        return True
+
+
+CAP_DAC_READ_SEARCH = 2
+
+
+def can_open_handles() -> bool:
+    """open_by_handle_at is allowed: CAP_DAC_READ_SEARCH in the initial namespace."""
+    try:
+        with open("/proc/self/status") as f:
+            eff = next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return bool(eff >> CAP_DAC_READ_SEARCH & 1) and in_initial_userns()
