@@ -20,8 +20,11 @@ from unionfs.state import State
 def real_stat(fs: State, node: Inode) -> os.stat_result:
     """lstat of the topmost real object behind ``node``."""
     if node.handles:
-        # An open file is the object itself, even after its name went away.
-        return os.fstat(next(iter(node.handles)).fd)
+        # An open file is the object itself, even after its name went away (not a
+        # metacopy's reader of the data below: the metadata is upper's).
+        for h in node.handles:
+            if h.layer is node.layer or node.gone:
+                return os.fstat(h.fd)
     if node.gone:
         # fstat() of a removed directory still open (no file handle to ask): what it was.
         if node.gone_st is not None:
@@ -30,6 +33,15 @@ def real_stat(fs: State, node: Inode) -> os.stat_result:
     if node.parent is None:
         return os.fstat(node.layer.fd)
     return sysio.lstat(fs.stack.dirfd(node.layer, node.real_parent_path), node.name)
+
+
+def data_blocks(fs: State, node: Inode) -> int:
+    """A metacopy's blocks are its data's, below (as the kernel reports them)."""
+    assert node.data is not None
+    layer, path, name = node.data
+    dfd = fs.stack.dirfd_or_none(layer, path)
+    st = sysio.lstat_or_none(dfd, name) if dfd is not None else None
+    return st.st_blocks if st is not None else 0
 
 
 def nlink_of(node: Inode, st: os.stat_result) -> int:
@@ -239,7 +251,7 @@ async def setattr(fs: State, node: Inode, ch: AttrChange) -> None:
         _setattr_fd(ch.fd if ch.fd is not None else open_fd(node, ch.size is not None), ch)
         return
     # Even a change of nothing (chown(f, -1, -1)) copies up, as in the kernel.
-    await copy_up(fs, node, data=ch.size != 0)
+    await copy_up(fs, node, data=ch.size != 0, meta=ch.size is None)
     if fs.owners.squashed:
         ch.uid = ch.gid = None  # squashed owners can't be changed, and don't fail
     if fs.override_xattr is not None and (ch.uid is not None or ch.gid is not None

@@ -334,8 +334,6 @@ def resolve_features(given: dict[str, str], userxattr: bool, upper: bool,
 NOT_YET = {
     "index": "index=on is not supported yet (a lower hard link copied up is broken apart, "
              "as the kernel does with index=off)",
-    "metacopy": "metacopy=on is not supported yet (a metadata change copies the whole file "
-                "up, as the kernel does with metacopy=off)",
     "nfs_export": "nfs_export=on is not supported yet (it needs index=on)",
 }
 

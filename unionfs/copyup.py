@@ -105,10 +105,16 @@ def mark_impure(fs: State, node: Inode, udfd: int) -> None:
     node.impure = True
 
 
-async def copy_up(fs: State, node: Inode, data: bool = True) -> None:
+async def copy_up(fs: State, node: Inode, data: bool = True, meta: bool = False) -> None:
     """Make sure ``node`` lives in upper.  ``data=False`` (an O_TRUNC open or a
-    truncate to 0) copies everything but the file contents."""
+    truncate to 0) copies everything but the file contents.  ``meta``: a change of
+    metadata only, for which metacopy=on copies a regular file's metadata alone
+    (``overlay.metacopy``), its data staying below until a write needs it."""
     if node.in_upper:
+        if node.data is not None and not meta:
+            async with node.lock:
+                if node.data is not None:
+                    await _copy_data(fs, node, data)
         return
     fs.check_writable()
     if node.gone:
@@ -121,16 +127,17 @@ async def copy_up(fs: State, node: Inode, data: bool = True) -> None:
             raise oserror(errno.EIO)
         chain.append(n)
         n = n.parent
+    metacopy = meta and fs.features.metacopy and stat.S_ISREG(node.mode)
     for n in reversed(chain):
         async with n.lock:
             if n.in_upper:
                 continue
-            await _copy_one(fs, n, data or n is not node)
+            await _copy_one(fs, n, data or n is not node, metacopy and n is node)
             if n.aliases:
                 await _link_aliases(fs, n)
 
 
-async def _copy_one(fs: State, node: Inode, data: bool) -> None:
+async def _copy_one(fs: State, node: Inode, data: bool, metacopy: bool = False) -> None:
     stack, upper = fs.stack, fs.upper
     ppath, name = node.parent_path, node.name
     lppath = node.real_parent_path  # elsewhere when a moved directory took it along
@@ -147,7 +154,9 @@ async def _copy_one(fs: State, node: Inode, data: bool) -> None:
         elif kind == stat.S_IFREG:
             dst = sysio.open_at(wfd, tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                if data and st.st_size:
+                if metacopy:
+                    os.ftruncate(dst, st.st_size)  # the size, no blocks: data stays below
+                elif data and st.st_size:
                     src = sysio.open_noatime(ldfd, name, os.O_RDONLY)
                     try:
                         if st.st_size >= THREAD_COPY_MIN:
@@ -179,6 +188,8 @@ async def _copy_one(fs: State, node: Inode, data: bool) -> None:
         keeps_number = kind == stat.S_IFDIR or st.st_nlink == 1
         if keeps_number:
             _set_origin(fs, ldfd, name, wfd, tmp)
+        if metacopy:
+            sysio.setxattr(wfd, tmp, fs.dialect.metacopy_xattr, b"")
         if node.parent is not None:
             mark_impure(fs, node.parent, udfd)
         rename_into(wfd, tmp, udfd, name)
@@ -195,10 +206,46 @@ async def _copy_one(fs: State, node: Inode, data: bool) -> None:
         res = Resolution(upper, new_st)
     if keeps_number:
         res.shown = (st.st_dev, st.st_ino)
+    if metacopy:
+        res.data = (node.layer, lppath, name)
     fs.inodes.rekey(node, res)
     fs.attrs_changed(node.ino)
-    if kind == stat.S_IFREG:
+    if kind == stat.S_IFREG and not metacopy:  # (readers of a metacopy read below still)
         _switch_handles(node, udfd)
+
+
+async def _copy_data(fs: State, node: Inode, data: bool) -> None:
+    """The data of a metadata-only copy, on the first open for writing (kernel
+    ovl_copy_up_meta_inode_data): copied into the upper file itself, then the metacopy
+    mark goes.  Until then a crash leaves the mark, and reads still go below."""
+    assert node.data is not None
+    layer, dpath, leaf = node.data
+    stack = fs.stack
+    udfd = stack.dirfd(fs.upper, node.parent_path)
+    if data:
+        src = sysio.open_noatime(stack.dirfd(layer, dpath), leaf, os.O_RDONLY)
+        try:
+            dst = _open_to_fill(udfd, node.name)
+            try:
+                before = os.fstat(dst)
+                size = min(before.st_size, os.fstat(src).st_size)
+                if size:
+                    if size >= THREAD_COPY_MIN:
+                        await trio.to_thread.run_sync(sysio.copy_file_data, src, dst, size)
+                    else:
+                        sysio.copy_file_data(src, dst, size)
+                    if not fs.volatile:
+                        await trio.to_thread.run_sync(os.fsync, dst)
+                os.utime(dst, ns=(before.st_atime_ns, before.st_mtime_ns))
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+    udfd = stack.dirfd(fs.upper, node.parent_path)  # cached fds may rotate at an await
+    sysio.removexattr(udfd, node.name, fs.dialect.metacopy_xattr)
+    node.data = None
+    fs.attrs_changed(node.ino)
+    _switch_handles(node, udfd)
 
 
 async def _link_aliases(fs: State, node: Inode) -> None:
@@ -214,6 +261,23 @@ async def _link_aliases(fs: State, node: Inode) -> None:
         pst = os.fstat(udfd)
         sysio.link(fs.stack.dirfd(upper, node.parent_path), node.name, udfd, name)
         restore_times(udfd, pst)
+
+
+def _open_to_fill(udfd: int, name: str) -> int:
+    """The upper file opened for writing its data in.  Unprivileged, a file of ours
+    without u+w (mode 0444) refuses it where the kernel would go ahead: for the moment
+    of the open, give ourselves u+w."""
+    try:
+        return sysio.open_at(udfd, name, os.O_WRONLY)
+    except PermissionError:
+        st = sysio.lstat(udfd, name)
+        if st.st_uid != os.geteuid():
+            raise
+    sysio.chmod(udfd, name, stat.S_IMODE(st.st_mode) | stat.S_IWUSR)
+    try:
+        return sysio.open_at(udfd, name, os.O_WRONLY)
+    finally:
+        sysio.chmod(udfd, name, stat.S_IMODE(st.st_mode))
 
 
 def _set_origin(fs: State, ldfd: int, name: str, wfd: int, tmp: str) -> None:

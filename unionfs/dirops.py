@@ -51,8 +51,23 @@ def identify(fs: State, parent: Inode, paths: list[str], name: str, res: Resolut
         if len(res.dirs) > 1 and fs.inodes.live(res) is None:
             _fix_origin(fs, parent, paths[0], name, res)
         return
-    if is_impure(fs, parent):
-        res.shown = lookup.origin_of(fs.stack, paths, parent.dirs, name, res.st)
+    impure = is_impure(fs, parent)
+    # A metacopy has no data blocks; its directory is impure unless a tool other than
+    # an overlay made it: so a file with its data needs no look (the kernel always looks).
+    if stat.S_ISREG(res.st.st_mode) and (impure or res.st.st_blocks * 512 < res.st.st_size):
+        udfd = fs.stack.dirfd(fs.upper, paths[0])
+        dialect = fs.dialect
+        if sysio.getxattr_or_none(udfd, name, dialect.metacopy_xattr) is not None:
+            if not fs.features.metacopy:
+                # Its data is below, reached as a redirect would be: refused unless
+                # asked for, as the kernel refuses it.
+                raise oserror(errno.EPERM)
+            res.data = lookup.metacopy_data(fs.stack, paths, parent.dirs, name,
+                                            dialect.redirect(udfd, name))
+            if res.data is None:
+                raise oserror(errno.EIO)  # a metacopy whose data is gone
+    if impure:
+        res.shown = lookup.origin_of(fs.stack, paths, parent.dirs, name, res.st, res.data)
 
 
 def _fix_origin(fs: State, parent: Inode, upath: str, name: str, res: Resolution) -> None:
@@ -297,8 +312,12 @@ async def link(fs: State, node: Inode, new_parent: Inode, new_name: str) -> Reso
     check_new_name(fs, new_name)
     if resolve_in(fs, new_parent, new_name) is not None:
         raise oserror(errno.EEXIST)
-    await copy_up(fs, node)
+    await copy_up(fs, node, meta=True)
     udfd = await upper_dir(fs, new_parent)
+    if node.data is not None and node.parent is not None:
+        # A metacopy with a second name: each name must find the data, by path from
+        # the root (the kernel's ovl_set_link_redirect).
+        _set_redirect(fs, node.parent, node.name, absolute=True)
     sdfd = fs.stack.dirfd(fs.upper, node.parent_path)
     udfd = fs.stack.dirfd(fs.upper, new_parent.path)  # cached fds may rotate at an await
     if _whiteout_object(fs, udfd, new_name):
@@ -312,7 +331,7 @@ async def link(fs: State, node: Inode, new_parent: Inode, new_name: str) -> Reso
     else:
         sysio.link(sdfd, node.name, udfd, new_name)
     fs.dialect.drop_file_whiteout(udfd, new_name)
-    res = Resolution(fs.upper, sysio.lstat(udfd, new_name))
+    res = Resolution(fs.upper, sysio.lstat(udfd, new_name), data=node.data)
     if node.ino != fs.inodes.natural_of(res):
         mark_impure(fs, new_parent, udfd)  # it shows its origin's number: say so here
         fs.inodes.same_number(res, node)
@@ -466,12 +485,12 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
     src_node = live_inode(fs, old_parent, old_name, src)
     dst_node = live_inode(fs, new_parent, new_name, dst) if dst is not None else None
     if src_node is not None:
-        await copy_up(fs, src_node)
+        await copy_up(fs, src_node, meta=True)
     elif not src.layer.upper:
         raise oserror(errno.ESTALE)  # the kernel looked it up before renaming
     if exchange and dst is not None:
         if dst_node is not None:
-            await copy_up(fs, dst_node)
+            await copy_up(fs, dst_node, meta=True)
         elif not dst.layer.upper:
             raise oserror(errno.ESTALE)
     await upper_dir(fs, old_parent)
@@ -490,12 +509,13 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
     wfd = fs.stack.work_fd
 
     samedir = old_parent is new_parent
-    # A directory with layers below keeps finding them through a redirect; one that
-    # lives in upper alone must not merge with what lies below its new name.
-    if src.is_dir and not _pure_upper(src):
-        _set_redirect(fs, old_parent, old_name, samedir)
-    if exchange and dst is not None and dst.is_dir and not _pure_upper(dst):
-        _set_redirect(fs, new_parent, new_name, samedir)
+    # A directory with layers below keeps finding them through a redirect, and so does
+    # a metacopy its data; a directory of upper alone must not merge with what lies
+    # below its new name.
+    if _redirected(src):
+        _set_redirect(fs, old_parent, old_name, _needs_absolute(fs, src, samedir))
+    if exchange and dst is not None and _redirected(dst):
+        _set_redirect(fs, new_parent, new_name, _needs_absolute(fs, dst, samedir))
     if not samedir:
         # A copy with an origin, or a merged directory, now lives here too.
         if src.shown is not None:
@@ -585,17 +605,36 @@ def _opaque_if_moved_into_merge(fs: State, parent: Inode, udfd: int, name: str,
         set_opaque(fs, udfd, name)
 
 
-def _set_redirect(fs: State, parent: Inode, name: str, samedir: bool) -> None:
-    """Before directory ``name`` (copied up, with layers below) moves: record where
-    the layers below keep it (kernel ovl_set_redirect).  Within its parent, its name
-    there; elsewhere, its path from the root, each component replaced by the redirect
-    it already has, up to an absolute one.  A redirect already right stays."""
+def _redirected(res: Resolution) -> bool:
+    """Does the object find what lies below through its name (the kernel's
+    ovl_type_merge_or_lower after copy-up)?"""
+    return (res.is_dir and not _pure_upper(res)) or res.data is not None
+
+
+def _needs_absolute(fs: State, res: Resolution, samedir: bool) -> bool:
+    """Within its parent a name will do, unless it is a metacopy whose data has other
+    names (two upper names could sit in different directories)."""
+    if not samedir:
+        return True
+    if res.data is None:
+        return False
+    layer, path, leaf = res.data
+    dfd = fs.stack.dirfd_or_none(layer, path)
+    st = sysio.lstat_or_none(dfd, leaf) if dfd is not None else None
+    return st is None or st.st_nlink > 1
+
+
+def _set_redirect(fs: State, parent: Inode, name: str, absolute: bool) -> None:
+    """Before ``name`` (copied up, with layers below) moves: record where the layers
+    below keep it (kernel ovl_set_redirect).  Within its parent, its name there;
+    elsewhere, its path from the root, each component replaced by the redirect it
+    already has, up to an absolute one.  A redirect already right stays."""
     dialect = fs.dialect
     udfd = fs.stack.dirfd(fs.upper, parent.path)
     current = dialect.redirect(udfd, name)
-    if current is not None and (samedir or current.startswith("/")):
+    if current is not None and (not absolute or current.startswith("/")):
         return
-    if samedir:
+    if not absolute:
         value = name
     else:
         parts = [current or name]

@@ -51,7 +51,7 @@ RECALL = 4096
 class Inode:
     __slots__ = ("ino", "parent", "name", "aliases", "mode", "layer", "dirs", "key",
                  "lookups", "handles", "_lock", "kids", "gone", "gone_st", "index",
-                 "probes", "_path", "_path_gen", "lpaths", "impure")
+                 "probes", "_path", "_path_gen", "lpaths", "impure", "data")
 
     def __init__(self, ino: int, parent: Inode | None, name: str, res: Resolution,
                  key: Key) -> None:
@@ -71,6 +71,7 @@ class Inode:
         # A directory's upper copy holds copies with an origin (overlay.impure): None
         # until asked.
         self.impure: bool | None = None
+        self.data = res.data  # a metacopy's data below (layer, directory path, name)
         self.key = key
         self.lookups = 0
         self.handles: set[FileHandle] = _NONE  # type: ignore[assignment]
@@ -294,6 +295,7 @@ class InodeTable:
         # Refresh what may have changed since (copy-up, a new layer below a dir).
         node.layer, node.dirs, node.mode = res.layer, res.dirs or _NO_DIRS, res.st.st_mode
         node.lpaths = lower_paths(res)
+        node.data = res.data
         if node.gone:
             self._move(node, parent, name)  # its old name went away; this one is live
             if (parent, name) in node.aliases:
@@ -321,6 +323,7 @@ class InodeTable:
         old = node.key
         node.key = self.key_of(res)
         node.layer, node.mode = res.layer, res.st.st_mode
+        node.data = res.data
         if res.dirs:
             node.dirs = res.dirs
             node.lpaths = lower_paths(res)

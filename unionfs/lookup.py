@@ -30,6 +30,9 @@ class Resolution:
     # (st_dev, st_ino) of the object whose number the overlay shows, when not the top one:
     # a merged directory's first lower, a copy's origin (the kernel's OVL_TYPE_ORIGIN).
     shown: tuple[int, int] | None = None
+    # A metadata-only copy in upper (overlay.metacopy): where its data is below, as
+    # (layer, directory path, name).
+    data: tuple[Layer, str, str] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -123,7 +126,8 @@ def resolve(stack: LayerStack, parent_paths: Sequence[str], parent_dirs: list[La
 
 
 def origin_of(stack: LayerStack, parent_paths: Sequence[str], parent_dirs: list[Layer],
-              name: str, st: os.stat_result) -> tuple[int, int] | None:
+              name: str, st: os.stat_result,
+              data: tuple[Layer, str, str] | None = None) -> tuple[int, int] | None:
     """For a non-directory ``name`` in upper: the lower object its ``overlay.origin``
     names, when that one has a single link (else the kernel shows the copy's own number).
     Found by name in the layers below, where it nearly always still is; else, where we
@@ -136,13 +140,16 @@ def origin_of(stack: LayerStack, parent_paths: Sequence[str], parent_dirs: list[
     parsed = origin.parse(raw) if raw else None
     if parsed is None:
         return None
-    for layer, path in zip(parent_dirs[1:] if st.st_nlink == 1 else (), parent_paths[1:]):
+    candidates = [(layer, path, name) for layer, path in zip(parent_dirs[1:], parent_paths[1:])]
+    if data is not None:
+        candidates.insert(0, data)  # a metacopy's data: its origin, wherever it moved
+    for layer, path, leaf in candidates if st.st_nlink == 1 else ():
         dfd = stack.dirfd_or_none(layer, path)
         if dfd is None:
             continue
-        low = sysio.lstat_or_none(dfd, name)
+        low = sysio.lstat_or_none(dfd, leaf)
         if low is not None and stat.S_IFMT(low.st_mode) == stat.S_IFMT(st.st_mode) \
-                and origin.matches(parsed, dfd, name):
+                and origin.matches(parsed, dfd, leaf):
             return (low.st_dev, low.st_ino) if low.st_nlink == 1 else None
     if not origin.decodes():
         return None
@@ -161,6 +168,35 @@ def origin_of(stack: LayerStack, parent_paths: Sequence[str], parent_dirs: list[
         if stat.S_IFMT(low.st_mode) == stat.S_IFMT(st.st_mode) and low.st_nlink == 1:
             return low.st_dev, low.st_ino
         return None
+    return None
+
+
+def metacopy_data(stack: LayerStack, parent_paths: Sequence[str], parent_dirs: list[Layer],
+                  name: str, target: str | None) -> tuple[Layer, str, str] | None:
+    """Where the data of the metadata-only copy ``name`` lies below: the first regular
+    file that is no metacopy itself, at its redirect (``target``) or its name, as the
+    kernel's lookup goes on below a metacopy."""
+    dialect = stack.dialect
+    want = target or name
+    if want.startswith("/"):
+        dpath, _, leaf = want[1:].rpartition("/")
+        candidates = [(layer, dpath, leaf) for layer in stack.lowers]
+    else:
+        candidates = [(layer, path, want)
+                      for layer, path in zip(parent_dirs[1:], parent_paths[1:])]
+    for layer, path, leaf in candidates:
+        dfd = stack.dirfd_or_none(layer, path)
+        if dfd is None:
+            continue
+        st = sysio.lstat_or_none(dfd, leaf)
+        if st is None:
+            if dialect.whited_out_by_file(dfd, leaf):
+                return None
+            continue
+        if dialect.is_whiteout(dfd, leaf, st) or not stat.S_ISREG(st.st_mode):
+            return None
+        if sysio.getxattr_or_none(dfd, leaf, dialect.metacopy_xattr) is None:
+            return layer, path, leaf
     return None
 
 

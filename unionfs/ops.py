@@ -132,7 +132,7 @@ class Operations(pyfuse3.Operations):
         e.st_rdev = st.st_rdev
         e.st_size = st.st_size
         e.st_blksize = st.st_blksize
-        e.st_blocks = st.st_blocks
+        e.st_blocks = st.st_blocks if node.data is None else attrs.data_blocks(self.fs, node)
         e.st_atime_ns = st.st_atime_ns
         e.st_mtime_ns = st.st_mtime_ns
         e.st_ctime_ns = st.st_ctime_ns
@@ -398,9 +398,10 @@ class Operations(pyfuse3.Operations):
             self.fs.check_writable()
             await copy_up(self.fs, node, data=not flags & os.O_TRUNC)
         oflags = flags & OPEN_FLAGS
-        dfd = self.fs.stack.dirfd(node.layer, node.real_parent_path)
+        layer, where, name = node.data or (node.layer, node.real_parent_path, node.name)
+        dfd = self.fs.stack.dirfd(layer, where)
         setid_caller = None
-        if node.in_upper:
+        if node.in_upper and node.data is None:
             fd = (sysio.open_noatime if self.fs.noatime else sysio.open_at)(dfd, node.name,
                                                                             oflags)
             if self.fs.noatime:
@@ -408,12 +409,12 @@ class Operations(pyfuse3.Operations):
             if writing and os.fstat(fd).st_mode & (stat.S_ISUID | stat.S_ISGID):
                 setid_caller = await self._setid_after_open(node, fd, oflags, ctx)
         else:
-            fd = sysio.open_noatime(dfd, node.name, oflags)  # a lower file stays untouched
+            fd = sysio.open_noatime(dfd, name, oflags)  # a lower file stays untouched
             if not writing:
                 # The kernel's readahead asks us 128 KiB at a time: let the lower file's
                 # own readahead run further ahead of those reads.
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        h = self.fs.handles.add_file(node, fd, oflags & ~os.O_TRUNC, node.layer)
+        h = self.fs.handles.add_file(node, fd, oflags & ~os.O_TRUNC, layer)
         h.setid_caller = setid_caller
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=True)
 

@@ -143,6 +143,10 @@ class Dialect:
             os.close(sub)
 
     @property
+    def metacopy_xattr(self) -> str:
+        return self.prefix + "metacopy"
+
+    @property
     def redirect_xattr(self) -> str:
         return self.prefix + "redirect"
 

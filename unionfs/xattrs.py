@@ -88,7 +88,7 @@ async def setxattr(fs: State, node: Inode, name: str, value: bytes, flags: int =
     fs.check_writable()
     real = _real_name(fs, name)
     if not node.gone:
-        await copy_up(fs, node)
+        await copy_up(fs, node, meta=True)
     target = real_path(fs, node)
     # An access ACL also sets the mode: the upper filesystem does that part itself.
     os.setxattr(target, real, value, flags, follow_symlinks=not _nofollow(target))
@@ -106,6 +106,6 @@ async def removexattr(fs: State, node: Inode, name: str) -> None:
         target = real_path(fs, node)
         if real not in os.listxattr(target, follow_symlinks=False):
             raise oserror(errno.ENODATA)
-        await copy_up(fs, node)
+        await copy_up(fs, node, meta=True)
     target = real_path(fs, node)
     os.removexattr(target, real, follow_symlinks=not _nofollow(target))
