@@ -65,6 +65,20 @@ TestConformanceRedirectDir.runTest = pytest.mark.timeout(0 if PROFILE == "long" 
     TestConformanceRedirectDir.runTest)
 
 
+class MetacopyMachine(ConformanceMachine):
+    """metacopy=on (and with it redirect_dir=on): metadata-only copy-ups, data on write."""
+
+    OPTIONS = "metacopy=on"
+
+
+TestConformanceMetacopy = MetacopyMachine.TestCase
+TestConformanceMetacopy.settings = settings(
+    settings.get_profile(f"conformance-{PROFILE}"),
+    max_examples=40 if PROFILE == "ci" else settings.get_profile("conformance-long").max_examples)
+TestConformanceMetacopy.runTest = pytest.mark.timeout(0 if PROFILE == "long" else 300)(
+    TestConformanceMetacopy.runTest)
+
+
 def test_profile_counts_examples_and_operations():
     """The CI profile (when it ran before this test, in file order) counted what it did."""
     if STATS["examples"] == 0:
