@@ -94,8 +94,8 @@ def is_impure(fs: State, node: Inode) -> bool:
 
 def mark_impure(fs: State, node: Inode, udfd: int) -> None:
     """Directory ``node`` (upper copy ``udfd``) now holds a copy with an origin, or a
-    merged directory (the kernel's ovl_set_impure)."""
-    if node.impure:
+    merged directory (the kernel's ovl_set_impure: once, not at every copy-up into it)."""
+    if is_impure(fs, node):
         return
     try:
         os.setxattr(sysio.proc_fd(udfd), fs.dialect.prefix + "impure", b"y")

@@ -52,9 +52,11 @@ def identify(fs: State, parent: Inode, paths: list[str], name: str, res: Resolut
             _fix_origin(fs, parent, paths[0], name, res)
         return
     impure = is_impure(fs, parent)
-    # A metacopy has no data blocks; its directory is impure unless a tool other than
-    # an overlay made it: so a file with its data needs no look (the kernel always looks).
-    if stat.S_ISREG(res.st.st_mode) and (impure or res.st.st_blocks * 512 < res.st.st_size):
+    # A metacopy has no data blocks, and its directory is impure unless a tool other than
+    # an overlay made it: a file with its data needs no look (the kernel always looks),
+    # except where metacopies are ours to finish (an empty one has no blocks either).
+    if stat.S_ISREG(res.st.st_mode) and (impure and fs.features.metacopy
+                                         or res.st.st_blocks * 512 < res.st.st_size):
         udfd = fs.stack.dirfd(fs.upper, paths[0])
         dialect = fs.dialect
         if sysio.getxattr_or_none(udfd, name, dialect.metacopy_xattr) is not None:
