@@ -34,6 +34,16 @@ per workload (round r: kernel, fuse-overlayfs, pyunionfs for workload w, then w+
                 written to UPPER (st_blocks*512 of UPPER and all below, after the mv and a sync,
                 minus before) and the entries under UPPER; MERGED/big-moved must list 1 000
                 names and MERGED/big be gone
+  chown_r       chown -R 1234:1234 MERGED/tree (the chown command) of a tree of 1 MiB files of
+                random data, 16 per directory, 256 MiB in all (--chown-mib; 8 MiB with --quick),
+                in a layer of its own built once per run (the only lower of these mounts); issue
+                10. The kernel and pyunionfs run with -o metacopy=on (a copy of the metadata
+                only; it implies redirect_dir=on); fuse-overlayfs has no metacopy and copies the
+                data. Reported like mv_dir: the bytes written to UPPER and the entries under it.
+                Every entry under MERGED/tree must show 1234:1234 afterwards, a sample of files
+                the lower's size and sha256, and the lower must be unchanged
+  chown_r_full  the same with -o metacopy=off for the kernel and pyunionfs (a full copy-up of
+                every file, as fuse-overlayfs)
 
 Then "layers": N = 1, 16, 128, 500 lowers sharing a common/ directory of the same 100 names:
 mount_ready, ls -l common/ on a cold mount, lookup of 100 present and 50 missing names. And "rss":
@@ -41,13 +51,13 @@ the FUSE daemons' VmRSS after mount, after lstat of every entry of /usr, and aft
 drop_caches (the kernel forgets the inodes).
 
 Tables: medians of N rounds, ratios py/fuse-overlayfs and py/kernel, a target per row (pass or
-FAIL; a miss is not an error), the append workloads' operations per second, and mv_dir's bytes
-and entries in UPPER (with the same ratios). A filesystem that is unavailable shows n/a; a
-failure or timeout shows ERR/timeout and the script exits 1 (also if pyunionfs was asked for
-but is unavailable).
+FAIL; a miss is not an error), the append workloads' operations per second, and the bytes and
+entries in UPPER of mv_dir and chown_r[_full] (with the same ratios). A filesystem that is
+unavailable shows n/a; a failure or timeout shows ERR/timeout and the script exits 1 (also if
+pyunionfs was asked for but is unavailable).
 
   scripts/bench.py [--quick] [-n N] [--json FILE] [--fs kernel,fuse-overlayfs,pyunionfs]
-                   [--workloads KEY,...|layers|rss]
+                   [--workloads KEY,...|layers|rss] [--chown-mib N]
 """
 
 from __future__ import annotations
@@ -57,6 +67,7 @@ import contextlib
 import ctypes
 import datetime
 import fnmatch
+import hashlib
 import json
 import os
 import platform
@@ -93,6 +104,11 @@ RSS_BACK_FRACTION = 0.2  # after drop_caches: at most base + 20% of the growth
 MV_FILES = 1000  # mv_dir: files in the moved directory
 MV_FILE_SIZE = 4 * KIB  # ... of this size each
 MV_OPTIONS = "redirect_dir=on"  # mv_dir: extra options of the kernel and pyunionfs mounts
+CHOWN_OWNER = 1234  # chown_r: the new uid and gid
+CHOWN_PER_DIR = 16  # chown_r: files of 1 MiB per directory of the tree
+CHOWN_SAMPLE = 8  # chown_r: files whose content is compared with the lower's afterwards
+CHOWN_OPTIONS = "metacopy=on"  # chown_r: extra options of the kernel and pyunionfs mounts
+CHOWN_FULL_OPTIONS = "metacopy=off"  # chown_r_full: the same, without metacopy
 IMPORTS = (
     "json", "email.parser", "email.message", "email.policy", "http.client", "http.cookies",
     "asyncio", "argparse", "logging", "logging.handlers", "unittest", "unittest.mock",
@@ -113,6 +129,7 @@ class Profile:
     appends: int  # append_small: writes of 100 bytes
     appends_8: int  # append_8: writes of 8 bytes
     chmod_entries: int  # chmod_R: about this many entries (the closest /usr/include subtree)
+    chown_mib: int  # chown_r: MiB of the tree (files of 1 MiB)
     layer_counts: list[int]  # "layers": numbers of lowers
     rss_usr: bool  # "rss": /usr as the lower (else the main layers)
     rounds: int  # default N
@@ -129,6 +146,7 @@ FULL = Profile(
     appends=20000,
     appends_8=200000,
     chmod_entries=3000,
+    chown_mib=256,
     layer_counts=[1, 16, 128, 500],
     rss_usr=True,
     rounds=3,
@@ -141,6 +159,7 @@ QUICK = Profile(
     appends=5000,
     appends_8=20000,
     chmod_entries=300,
+    chown_mib=8,
     layer_counts=[1, 16],
     rss_usr=False,
     rounds=1,
@@ -733,6 +752,9 @@ class MainLayers:
     chmod_target: str
     big_expected: int  # visible entries of big/
     mv_layer: Path  # mv_dir's own (only) lower: big/ with MV_FILES files
+    # chown_r's own (only) lower: tree/dNN/fNN of 1 MiB each (None: not built, not selected)
+    chown_layer: Path | None = None
+    chown_files: list[str] = field(default_factory=list)  # the files, relative to the layer
     entries: int | None = None  # visible entries of the merged tree (None: not counted)
     stdlib_entries: int = 0  # ... under <stdlib>
     chmod_entries: int = 0  # ... under chmod_target
@@ -806,6 +828,18 @@ def make_mv_layer(layer: Path) -> Path:
     for i in range(MV_FILES):
         (layer / "big" / f"f{i:04d}").write_bytes(blob[i : i + MV_FILE_SIZE])
     return layer
+
+
+def make_chown_layer(layer: Path, mib: int) -> list[str]:
+    """chown_r's lower: tree/ holding mib files of 1 MiB of random data (none alike, so that
+    nothing dedups or compresses them), CHOWN_PER_DIR per directory; returns their paths."""
+    files = []
+    for i in range(mib):
+        rel = f"tree/d{i // CHOWN_PER_DIR:03d}/f{i % CHOWN_PER_DIR:02d}"
+        (layer / rel).parent.mkdir(parents=True, exist_ok=True)
+        (layer / rel).write_bytes(os.urandom(MIB))
+        files.append(rel)
+    return files
 
 
 class KernelChanges:
@@ -1001,7 +1035,9 @@ def stdlib_source() -> tuple[Path, str]:
     return src, dyn
 
 
-def make_main_layers(scratch: Path, p: Profile, by_hand: bool = False) -> MainLayers:
+def make_main_layers(
+    scratch: Path, p: Profile, by_hand: bool = False, chown: bool = False
+) -> MainLayers:
     root = scratch / "L"
     ch, py, inc = root / "ch", root / "py", root / "inc"
     for d in (ch, py, inc):
@@ -1050,6 +1086,9 @@ def make_main_layers(scratch: Path, p: Profile, by_hand: bool = False) -> MainLa
         mv_layer=mv_layer,
         notes=notes,
     )
+    if chown:  # only when a chown_r workload runs: p.chown_mib MiB to write
+        layers.chown_layer = root / "chown"
+        layers.chown_files = make_chown_layer(layers.chown_layer, p.chown_mib)
     build_change_layer(layers, p, by_hand)
     os.sync()
     return layers
@@ -1307,6 +1346,66 @@ def check_mv_dir(c: Ctx) -> None:
     c.figures["upper_entries"] = entries
 
 
+def chown_lowers(layers: MainLayers) -> tuple[str, str]:
+    assert layers.chown_layer is not None
+    return str(layers.chown_layer).replace(":", "\\:"), "tree"
+
+
+def sha256_of(path: Path) -> str:
+    h, buf = hashlib.sha256(), bytearray(MIB)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(memoryview(buf)[:n])
+    return h.hexdigest()
+
+
+def prep_chown_r(c: Ctx) -> None:
+    assert c.layers.chown_layer is not None
+    for rel in c.layers.chown_files:  # a warm lower, read directly (the copy-ups read it)
+        read_file(c.layers.chown_layer / rel)
+    os.sync()
+    c.before = upper_usage(c.upper)
+
+
+def w_chown_r(c: Ctx) -> None:
+    owner = f"{CHOWN_OWNER}:{CHOWN_OWNER}"
+    run_cmd(["chown", "-R", owner, str(c.m / "tree")], c.timeout, "chown -R")
+
+
+def check_chown_r(c: Ctx) -> None:
+    """UPPER is measured first (nothing read through MERGED yet), then every entry's owner, a
+    sample of files' size and sha256 against the lower's, and the lower's owners."""
+    lower, files = c.layers.chown_layer, c.layers.chown_files
+    assert lower is not None
+    os.sync()  # delayed allocation: the copied files' blocks are counted once written
+    used, entries = upper_usage(c.upper)
+    c.figures["upper_bytes"] = used - c.before[0]
+    c.figures["upper_entries"] = entries
+    wrong, n = [], 0
+    for dirpath, _dirnames, filenames in os.walk(c.m / "tree"):
+        for name in ["", *filenames]:  # every directory once, as its walk's dirpath
+            path = os.path.join(dirpath, name) if name else dirpath
+            st = os.lstat(path)
+            n += 1
+            if (st.st_uid, st.st_gid) != (CHOWN_OWNER, CHOWN_OWNER):
+                wrong.append(f"{path} {st.st_uid}:{st.st_gid}")
+    want = 1 + len({os.path.dirname(f) for f in files}) + len(files)
+    if n != want:
+        raise BenchError(f"MERGED/tree holds {n} entries after chown -R, expected {want}")
+    if wrong:
+        raise BenchError(f"{len(wrong)} entries not {CHOWN_OWNER}:{CHOWN_OWNER}: {wrong[0]}")
+    step = max(1, len(files) // CHOWN_SAMPLE)
+    for rel in [*files[::step][: CHOWN_SAMPLE - 1], files[-1]]:
+        size = os.stat(c.m / rel).st_size
+        if size != MIB:
+            raise BenchError(f"MERGED/{rel}: size {size} after chown -R, expected {MIB}")
+        if sha256_of(c.m / rel) != sha256_of(lower / rel):
+            raise BenchError(f"MERGED/{rel}: content differs from the lower's after chown -R")
+    for rel in ["tree", *files[::step]]:
+        if os.lstat(lower / rel).st_uid == CHOWN_OWNER:
+            raise BenchError(f"the lower's {rel} was chowned")
+
+
 @dataclass
 class Target:
     kind: str  # "ratio": pyunionfs / fuse-overlayfs ≤ value; "abs": pyunionfs ≤ value seconds
@@ -1393,7 +1492,17 @@ WORKLOADS = [
              f"{MV_FILE_SIZE // KIB} KiB, one lower only); kernel, pyunionfs: -o {MV_OPTIONS}, "
              "fuse-overlayfs: EXDEV, mv copies + deletes", w_mv_dir, prepare=prep_mv_dir,
              check=check_mv_dir, lowers=mv_lowers, options=MV_OPTIONS),
+    Workload("chown_r", lambda L, p: f"chown -R {CHOWN_OWNER}:{CHOWN_OWNER} MERGED/tree "
+             f"({p.chown_mib} files of 1 MiB, {CHOWN_PER_DIR} per dir, one lower only); kernel, "
+             f"pyunionfs: -o {CHOWN_OPTIONS}, fuse-overlayfs: copies the data", w_chown_r,
+             prepare=prep_chown_r, check=check_chown_r, lowers=chown_lowers,
+             options=CHOWN_OPTIONS),
+    Workload("chown_r_full", lambda L, p: f"the same as chown_r with -o {CHOWN_FULL_OPTIONS} "
+             "(kernel, pyunionfs: a full copy-up of every file)", w_chown_r,
+             prepare=prep_chown_r, check=check_chown_r, lowers=chown_lowers,
+             options=CHOWN_FULL_OPTIONS),
 ]  # fmt: skip
+CHOWN_KEYS = ("chown_r", "chown_r_full")  # the workloads that need MainLayers.chown_layer
 # The figures that workloads measure besides the time (Ctx.figures): label, unit
 FIGURES = {
     "upper_bytes": ("bytes written to UPPER", "bytes"),
@@ -2015,11 +2124,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--untar-files", type=int, help="files in the untar tarball")
     ap.add_argument("--appends", type=int, help="append_small: number of writes")
     ap.add_argument("--appends-8", type=int, help="append_8: number of writes")
+    ap.add_argument(
+        "--chown-mib", type=int, help="chown_r: MiB of the tree, in files of 1 MiB (default 256)"
+    )
     ap.add_argument("--layer-counts", help="comma-separated numbers of lowers (max 500)")
     args = ap.parse_args(argv)
 
     p = Profile(**(QUICK if args.quick else FULL).__dict__)
-    for name in ("mib", "bigdir", "untar_files", "appends", "appends_8"):
+    for name in ("mib", "bigdir", "untar_files", "appends", "appends_8", "chown_mib"):
         if getattr(args, name):
             setattr(p, name, getattr(args, name))
     if args.layer_counts:
@@ -2080,7 +2192,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"generating the main layers in {scratch} ({p.mib} MiB file, {p.bigdir}-entry big/)"
             )
             t0 = time.perf_counter()
-            layers = make_main_layers(scratch, p, by_hand=args.change_layer == "hand")
+            chown = any(w.key in CHOWN_KEYS for w in workloads)
+            if chown:
+                log(f"and chown_r's layer ({p.chown_mib} files of 1 MiB)")
+            by_hand = args.change_layer == "hand"
+            layers = make_main_layers(scratch, p, by_hand=by_hand, chown=chown)
             log(
                 f"main layers ready in {time.perf_counter() - t0:.1f} s: {_ents(layers.entries)}, "
                 f"change layer {layers.changes}; {rounds} round(s) of {', '.join(active)}"
@@ -2212,6 +2328,7 @@ def main(argv: list[str] | None = None) -> int:
                 "chmod_target": layers.chmod_target,
                 "chmod_entries": layers.chmod_entries,
                 "big_entries": layers.big_expected,
+                "chown_files": len(layers.chown_files),
                 "change_layer": layers.changes,
                 "notes": layers.notes,
             },
