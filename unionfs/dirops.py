@@ -43,8 +43,10 @@ def resolve_in(fs: State, parent: Inode, name: str) -> Resolution | None:
 
 
 def identify(fs: State, parent: Inode, paths: list[str], name: str, res: Resolution) -> None:
-    """The number a copy shows: its origin's, as the kernel's (only directories that
-    hold such copies are marked impure, so only there is it worth asking)."""
+    """What an upper object's own marks add to its lookup, as in the kernel's: the
+    number a copy shows (its origin's; only directories holding such copies are marked
+    impure, so only there is it worth asking), where a metacopy's data lies, and the
+    origin a merged directory made elsewhere still lacks."""
     if not res.layer.upper:
         return
     if res.is_dir:

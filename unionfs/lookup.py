@@ -92,13 +92,11 @@ def resolve(stack: LayerStack, parent_paths: Sequence[str], parent_dirs: list[La
             break  # a non-directory hides everything below; only directories merge
         if found is None:
             found = Resolution(layer, st, [layer], [real])
-        elif found.is_dir:
+        else:  # a directory (a non-directory ended the loop)
             found.dirs.append(layer)
             found.paths.append(real)
             if found.shown is None and found.layer.upper:
                 found.shown = (st.st_dev, st.st_ino)
-        else:
-            break
         if last:
             stop = True
         elif dialect.is_opaque(dfd, leaf) or dialect.whited_out_by_file(dfd, leaf):
