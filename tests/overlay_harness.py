@@ -8,6 +8,10 @@ normalised upper directories are compared.
 Environment knobs:
   UNIONFS_TEST_IMPL=kernel   mount the "ours" side with kernel overlayfs too; every differential test
                              must then pass, which proves the harness and the tests' premises.
+  UNIONFS_TEST_OPTIONS=...   mount options added on both sides of every pair (the kernel's features:
+                             ``redirect_dir=on``, ``metacopy=on``, ``xino=on``...), to run a differential
+                             file with them; a test whose premise the option changes says so ("test
+                             premise: kernel gave ...") rather than reporting a divergence.
   UNIONFS_TEST_USERNS=1      the rootless dialect: pytest runs as root of a user namespace (uids
                              0..65535 mapped, no capability in the initial namespace, so trusted.*
                              xattrs give EPERM). The kernel side mounts with ``-o userxattr``; layer
@@ -52,6 +56,7 @@ CMD_TIMEOUT = 30.0  # any other helper command
 DEFAULT_TIME_NS = 1_600_000_000 * 10**9
 
 IMPL = os.environ.get("UNIONFS_TEST_IMPL", "pyunionfs")
+EXTRA_OPTIONS = os.environ.get("UNIONFS_TEST_OPTIONS", "")
 USERNS = os.environ.get("UNIONFS_TEST_USERNS", "") not in ("", "0")
 
 # The overlay's private xattr prefix ("xattr P" in overlay-semantics.md): trusted.overlay. by default,
@@ -840,6 +845,7 @@ class Pair:
 
     def __init__(self, spec: StackSpec, base: Path, ours: str = IMPL, options: str = ""):
         self.spec = spec
+        options = ",".join(o for o in (EXTRA_OPTIONS, options) if o)
         self.k = Side(spec, base / "kernel", "kernel", options)
         try:
             self.o = Side(spec, base / "ours", ours, options)
