@@ -49,8 +49,13 @@ def identify(fs: State, parent: Inode, paths: list[str], name: str, res: Resolut
     origin a merged directory made elsewhere still lacks."""
     if not res.layer.upper:
         return
+    node = fs.inodes.live(res)
+    if node is not None:
+        # Held already: what it has is what the disk says (only we change upper).
+        res.data = node.data
+        return
     if res.is_dir:
-        if len(res.dirs) > 1 and fs.inodes.live(res) is None:
+        if len(res.dirs) > 1:
             _fix_origin(fs, parent, paths[0], name, res)
         return
     impure = is_impure(fs, parent)
@@ -336,10 +341,18 @@ async def link(fs: State, node: Inode, new_parent: Inode, new_name: str) -> Reso
         sysio.link(sdfd, node.name, udfd, new_name)
     fs.dialect.drop_file_whiteout(udfd, new_name)
     res = Resolution(fs.upper, sysio.lstat(udfd, new_name), data=node.data)
-    if node.ino != fs.inodes.natural_of(res):
+    if _shows_other(fs, node, res):
         mark_impure(fs, new_parent, udfd)  # it shows its origin's number: say so here
         fs.inodes.same_number(res, node)
     return res
+
+
+def _shows_other(fs: State, node: Inode | None, res: Resolution) -> bool:
+    """Does the object show another one's number (a merged directory, a copy with its
+    origin)?  Then a directory it moves into must say so (overlay.impure)."""
+    if res.shown is not None:
+        return True
+    return node is not None and node.ino != fs.inodes.natural_of(res)
 
 
 async def settle(fs: State, parent: Inode, name: str,
@@ -522,9 +535,9 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
         _set_redirect(fs, new_parent, new_name, _needs_absolute(fs, dst, samedir))
     if not samedir:
         # A copy with an origin, or a merged directory, now lives here too.
-        if src.shown is not None:
+        if _shows_other(fs, src_node, src):
             mark_impure(fs, new_parent, new_udfd)
-        if exchange and dst is not None and dst.shown is not None:
+        if exchange and dst is not None and _shows_other(fs, dst_node, dst):
             mark_impure(fs, old_parent, old_udfd)
     if exchange:
         sysio.renameat2(old_udfd, old_name, new_udfd, new_name, sysio.RENAME_EXCHANGE)

@@ -204,6 +204,10 @@ class InodeTable:
         self._next = TOP_INO  # numbers handed out for the exceptions, downwards
         self._peak = 0  # most inodes held since the last compact()
         self._recall: dict[int, str] = {}  # forgotten number -> its path then, oldest first
+        # Live inodes whose number comes from another object (Resolution.shown: a merged
+        # directory's lower, a copy's origin), by key: what a lookup learned once holds
+        # while the kernel keeps the inode, so it isn't asked of the disk again.
+        self._shown: dict[Key, int] = {}
         self.root = Inode(ROOT_INO, None, "", root, self.key_of(root))
         self._natural(self.root.key, root.st.st_dev)  # the root's device is the first
         self.root.lookups = 1  # the kernel never forgets the root
@@ -241,7 +245,7 @@ class InodeTable:
     def number(self, res: Resolution) -> tuple[Key, int, Inode | None]:
         """(key, number, live inode or None) for a resolved object."""
         key = self.key_of(res)
-        ino = self.ino_of.get(key)
+        ino = self.ino_of.get(key) or self._shown.get(key)
         if ino is None:
             ino = self.natural_of(res)
         node = self.inodes.get(ino) if ino else None
@@ -267,7 +271,7 @@ class InodeTable:
     def live(self, res: Resolution) -> Inode | None:
         """The inode the kernel holds for this resolved object, if any."""
         key = self.key_of(res)
-        ino = self.ino_of.get(key) or self.natural_of(res)
+        ino = self.ino_of.get(key) or self._shown.get(key) or self.natural_of(res)
         node = self.inodes.get(ino) if ino else None
         return node if node is not None and node.key == key else None
 
@@ -289,6 +293,8 @@ class InodeTable:
             node = Inode(ino, parent, name, res, key)
             parent.kids += 1
             self.inodes[ino] = node
+            if res.shown is not None:
+                self._shown[key] = ino
             if self._recall:
                 self._recall.pop(ino, None)
             return node
@@ -363,6 +369,8 @@ class InodeTable:
         if last_link:
             if self.ino_of.get(node.key) == node.ino:
                 del self.ino_of[node.key]
+            if self._shown.get(node.key) == node.ino:
+                del self._shown[node.key]
             if node.gone:
                 # The real inode may be reused by a new object: that one is not this.
                 node.key = -node.ino
@@ -401,6 +409,8 @@ class InodeTable:
         while node.lookups <= 0 and node.kids <= 0 and not node.handles \
                 and node.ino != ROOT_INO:
             del self.inodes[node.ino]
+            if self._shown and self._shown.get(node.key) == node.ino:
+                del self._shown[node.key]
             parent = node.parent
             if not node.gone and parent is not None:
                 self._remember(node)
