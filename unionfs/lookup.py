@@ -99,11 +99,11 @@ def resolve(stack: LayerStack, parent_paths: Sequence[str], parent_dirs: list[La
                 found.shown = (st.st_dev, st.st_ino)
         if last:
             stop = True
-        elif dialect.is_opaque(dfd, leaf) or dialect.whited_out_by_file(dfd, leaf):
-            stop = True  # the object in this layer stays; what lies below is hidden
         else:
-            target = dialect.redirect(dfd, leaf)
-            if target is not None:
+            opaque, target = dialect.dir_marks(dfd, leaf)
+            if opaque or dialect.whited_out_by_file(dfd, leaf):
+                stop = True  # the object in this layer stays; what lies below is hidden
+            elif target is not None:
                 if not follow and (target.startswith("/") or i < len(layers)):
                     # Following would be like a symlink into a lower layer without the
                     # permission checks: refused unless asked for (the kernel's EPERM,

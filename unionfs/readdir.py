@@ -140,9 +140,12 @@ def resolve_entry(stack: LayerStack, paths: Sequence[str], dirs: list[Layer], e:
     bottom = stack.layers[-1]
     layer, ldfd = e.layer, dfd
     for k in range(len(chain) + 1):
-        if layer is bottom or (chain and dialect.is_opaque(ldfd, e.name)):
+        if layer is bottom:
             break
-        if dialect.redirect(ldfd, e.name) is not None:
+        opaque, target = dialect.dir_marks(ldfd, e.name)
+        if opaque and chain:
+            break
+        if target is not None:
             return False  # the layers below keep it elsewhere: the long way
         if k == len(chain):
             break
@@ -196,9 +199,10 @@ def resolve_indexed(stack: LayerStack, paths: list[str], dirs: list[Layer],
                 if not stat.S_ISDIR(st.st_mode):
                     return Resolution(top, st)
                 found = Resolution(top, st, [top], [join(paths[0], name)])
-                if dialect.is_opaque(dfd, name) or dialect.whited_out_by_file(dfd, name):
+                opaque, target = dialect.dir_marks(dfd, name)
+                if opaque or dialect.whited_out_by_file(dfd, name):
                     return found
-                if dialect.redirect(dfd, name) is not None:
+                if target is not None:
                     return resolve(stack, paths, dirs, name)  # below, it is elsewhere
     e = index.entries.get(name)
     if e is None or e.hidden:

@@ -168,6 +168,17 @@ class Dialect:
             raise oserror(errno.EACCES)  # lookup_one() refuses them so
         return os.fsdecode(raw)
 
+    def dir_marks(self, dirfd: int, name: str) -> tuple[bool, str | None]:
+        """(is it opaque, its redirect) for directory ``name``: one listxattr where both
+        are absent (nearly always), instead of a getxattr for each."""
+        if self.oci:
+            opaque = self.is_opaque(dirfd, name)
+            return opaque, None if opaque else self.redirect(dirfd, name)
+        names = sysio.listxattr(dirfd, name)
+        if self.opaque in names and self.is_opaque(dirfd, name):
+            return True, None
+        return False, self.redirect(dirfd, name) if self.redirect_xattr in names else None
+
     def set_redirect(self, dirfd: int, name: str, value: str) -> None:
         sysio.setxattr(dirfd, name, self.redirect_xattr, os.fsencode(value))
 
