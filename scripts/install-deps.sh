@@ -6,11 +6,12 @@
 #   scripts/install-deps.sh            # system packages + .venv with pip install -e '.[test]'
 #   PYUNIONFS_NO_APT=1 scripts/...     # skip the system package step (e.g. not Debian)
 #   VENV=/path/to/venv scripts/...     # another venv location (default: .venv in the repo)
-#   PYUNIONFS_STOCK_PYFUSE3=1 scripts/...  # keep PyPI's pyfuse3: no fallocate (EOPNOTSUPP), umask always applied
+#   PYUNIONFS_STOCK_PYFUSE3=1 scripts/...  # keep PyPI's pyfuse3: see docs/differences.md
 #
 # pyfuse3 is built from its PyPI sdist with scripts/pyfuse3-unionfs.patch applied (a
-# fallocate handler, which pyfuse3 3.5.0 lacks, and FUSE_CAP_DONT_MASK for POSIX ACLs), as
-# version 3.5.0+unionfs.2; skipped when the installed pyfuse3 already has both.
+# fallocate handler, which pyfuse3 3.5.0 lacks, FUSE_CAP_DONT_MASK for POSIX ACLs, setxattr's
+# flags passed through, node ids apart from st_ino), as version 3.5.0+unionfs.3; skipped when
+# the installed pyfuse3 already has all of them.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -88,17 +89,18 @@ venv_ok() {
     [[ -x $VENV/bin/ruff && -x $VENV/bin/mypy ]]
 }
 
-# --- pyfuse3 with a fallocate handler and DONT_MASK --------------------------------------------------------
+# --- pyfuse3 with fallocate, DONT_MASK, setxattr flags, node ids -------------------------------------------------
 PYFUSE3_VERSION=3.5.0
 PYFUSE3_SDIST_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-PYFUSE3_LOCAL=unionfs.2
+PYFUSE3_LOCAL=unionfs.3
 PYFUSE3_PATCH=scripts/pyfuse3-unionfs.patch
 
 pyfuse3_is_patched() {
     # the Python method and the compiled handler that calls it; the DONT_MASK switch
     "$VENV/bin/python" -c 'import sys, pyfuse3
 sys.exit(not (hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3, "fuse_fallocate_async")
-         and hasattr(pyfuse3.Operations, "enable_dont_mask")))' \
+         and hasattr(pyfuse3.Operations, "enable_dont_mask")
+         and hasattr(pyfuse3.Operations, "setxattr_flags") and hasattr(pyfuse3.EntryAttributes, "nodeid")))' \
         >/dev/null 2>&1
 }
 

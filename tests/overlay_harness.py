@@ -846,6 +846,7 @@ class Pair:
     def __init__(self, spec: StackSpec, base: Path, ours: str = IMPL, options: str = ""):
         self.spec = spec
         options = ",".join(o for o in (EXTRA_OPTIONS, options) if o)
+        self.options = options
         self.k = Side(spec, base / "kernel", "kernel", options)
         try:
             self.o = Side(spec, base / "ours", ours, options)

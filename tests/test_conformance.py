@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import stat
 
+import pyfuse3
 import pytest
 from conformance import STATS, ConformanceMachine, Divergence, replay
 from hypothesis import HealthCheck, Phase, settings
@@ -162,11 +163,27 @@ def test_found_noop_chown_of_lower_object_copies_it_up(ent):
     replay(StackSpec(lowers=[{"b": ent}], upper={}), [("chown", {"path": "b", "uid": -1, "gid": -1})])
 
 
-@pytest.mark.skipif(IMPL == "kernel", reason="a difference of pyunionfs's")
+FLAGS_PASSED = hasattr(pyfuse3.Operations, "setxattr_flags")
+REFUSED_SETXATTRS = [(os.XATTR_REPLACE, {}), (os.XATTR_CREATE, {"user.k1": b"there"})]
+
+
+@pytest.mark.skipif(not FLAGS_PASSED, reason="a stock pyfuse3 checks setxattr's flags itself")
+@pytest.mark.parametrize("flags,xattrs", REFUSED_SETXATTRS, ids=["replace-missing", "create-existing"])
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_found_refused_setxattr_copies_up_first(kind, flags, xattrs):
+    # found by the model (the CREATE case with metacopy=on): the kernel copies the object up
+    # before setxattr fails (EEXIST, ENODATA); ours refused first, pyfuse3 checking the flags
+    ent = File("x", xattrs=xattrs) if kind == "file" else Dir(xattrs=xattrs)
+    replay(StackSpec(lowers=[{"d/b": ent}], upper={}),
+           [("setxattr", {"path": "d/b", "name": "user.k1", "value": b"", "flags": flags})])
+
+
+@pytest.mark.skipif(IMPL == "kernel" or FLAGS_PASSED, reason="a difference of a stock pyfuse3's")
 @pytest.mark.parametrize("ent", [File("x"), Dir()], ids=["file", "dir"])
 def test_found_setxattr_replace_missing_copies_up_first(ent, monkeypatch):
-    # Deliberate (conformance.DELIBERATE, docs/differences.md): pyfuse3 answers a refused
-    # XATTR_REPLACE before we are called, so nothing is copied up; the kernel copies up first.
+    # Deliberate (conformance.DELIBERATE, docs/differences.md): a stock pyfuse3 answers a
+    # refused XATTR_REPLACE before we are called, so nothing is copied up; the kernel copies
+    # up first.
     monkeypatch.setattr("conformance.DELIBERATE", {})
     with pytest.raises(Divergence, match="upper"):
         replay(StackSpec(lowers=[{"d/b": ent}], upper={}),

@@ -50,7 +50,7 @@ def identify(fs: State, parent: Inode, paths: list[str], name: str, res: Resolut
     if not res.layer.upper:
         return
     node = fs.inodes.live(res)
-    if node is not None:
+    if node is not None and node.ino not in fs.inodes.unsettled:
         # Held already: what it has is what the disk says (only we change upper).
         res.data = node.data
         return

@@ -208,6 +208,9 @@ class InodeTable:
         # directory's lower, a copy's origin), by key: what a lookup learned once holds
         # while the kernel keeps the inode, so it isn't asked of the disk again.
         self._shown: dict[Key, int] = {}
+        # Bound by a listing although their lookup failed (ops.readdirplus): the next lookup
+        # must read their marks again instead of trusting what the inode holds.
+        self.unsettled: set[int] = set()
         self.root = Inode(ROOT_INO, None, "", root, self.key_of(root))
         self._natural(self.root.key, root.st.st_dev)  # the root's device is the first
         self.root.lookups = 1  # the kernel never forgets the root
@@ -298,6 +301,8 @@ class InodeTable:
             if self._recall:
                 self._recall.pop(ino, None)
             return node
+        if self.unsettled:
+            self.unsettled.discard(ino)
         # Refresh what may have changed since (copy-up, a new layer below a dir).
         node.layer, node.dirs, node.mode = res.layer, res.dirs or _NO_DIRS, res.st.st_mode
         node.lpaths = lower_paths(res)
@@ -409,6 +414,8 @@ class InodeTable:
         while node.lookups <= 0 and node.kids <= 0 and not node.handles \
                 and node.ino != ROOT_INO:
             del self.inodes[node.ino]
+            if self.unsettled:
+                self.unsettled.discard(node.ino)
             if self._shown and self._shown.get(node.key) == node.ino:
                 del self._shown[node.key]
             parent = node.parent

@@ -18,7 +18,7 @@ import pyfuse3
 import trio
 
 from unionfs import attrs, dirops, lookup, sysio, xattrs
-from unionfs.copyup import copy_up
+from unionfs.copyup import copy_up, is_impure
 from unionfs.handles import DirHandle
 from unionfs.idmap import Caller
 from unionfs.inodes import Inode
@@ -95,6 +95,10 @@ class Operations(pyfuse3.Operations):
     # unsupported (FUSE_NO_EXPORT_SUPPORT), as kernel overlayfs does without nfs_export=on,
     # and without this lookup they would give ESTALE for files that exist.
     supports_dot_lookup = True
+    # XATTR_CREATE/XATTR_REPLACE reach setxattr (scripts/pyfuse3-unionfs.patch), which
+    # applies them after the copy-up, as the kernel does; a stock pyfuse3 checks them with
+    # a getxattr before calling us, and a refused call then copies nothing up.
+    setxattr_flags = True
 
     def __init__(self, fs: State, debug: bool = False) -> None:
         super().__init__()
@@ -306,27 +310,32 @@ class Operations(pyfuse3.Operations):
                     if fresh else False
                 if res is False:
                     res = lookup.resolve(stack, node.layer_paths(), node.dirs, e.name)
+                if res is not None:
+                    dirops.identify(self.fs, node, node.layer_paths(), e.name, res)
             except OSError:
-                # Listed, but a lookup fails (a redirect not followed, a bad one): the name
-                # shows, as in the kernel's listing, and the kernel asks again for it at
-                # once (no caching), to get the lookup's error.
-                res = self._listed_only(h, e)
+                # Listed, but a lookup fails (a redirect not followed, a bad one, a metacopy
+                # without metacopy=on): the name shows, as in the kernel's listing, and the
+                # kernel asks again for it at once (no caching), to get the lookup's error.
+                res = self._listed_only(node, h, e)
                 refused = True
             if res is None:
                 continue
-            if not refused:
-                dirops.identify(self.fs, node, node.layer_paths(), e.name, res)
             child = self.fs.inodes.bind(node, e.name, res)
             attrs_out = self._attrs(child, res.st)
             if refused:
                 attrs_out.entry_timeout = attrs_out.attr_timeout = 0
+                self.fs.inodes.unsettled.add(child.ino)
             if not pyfuse3.readdir_reply(token, os.fsencode(e.name), attrs_out, pos):
                 self.fs.inodes.drop_if_unused(child)
                 return
             child.lookups += 1
 
-    def _listed_only(self, h: DirHandle, e: Entry) -> Resolution | None:
-        """The object a listing saw, alone, for a name whose lookup fails."""
+    def _listed_only(self, node: Inode, h: DirHandle, e: Entry) -> Resolution | None:
+        """The object a listing saw, alone, for a name whose lookup fails; None where the
+        kernel leaves the name out: it looks up an upper entry of an impure merged directory
+        to compute its d_ino (ovl_calc_d_ino), and drops it as stale when that fails."""
+        if e.layer.upper and node.merged and is_impure(self.fs, node):
+            return None
         dfd = self.fs.stack.dirfd_or_none(e.layer, h.paths[e.pos])
         st = sysio.lstat_or_none(dfd, e.name) if dfd is not None else None
         if st is None:
@@ -494,8 +503,8 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def setxattr(self, inode: int, name: bytes, value: bytes,
-                       ctx: pyfuse3.RequestContext) -> None:
-        await xattrs.setxattr(self.fs, self._node(inode), _name(name), value,
+                       ctx: pyfuse3.RequestContext, flags: int = 0) -> None:
+        await xattrs.setxattr(self.fs, self._node(inode), _name(name), value, flags,
                               caller=Caller(ctx.pid, ctx.uid, ctx.gid))
 
     @_guard
