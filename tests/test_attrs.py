@@ -9,7 +9,7 @@ import os
 import stat
 from pathlib import Path
 
-from overlay_harness import IMPL, Dir, Fifo, File, Hardlink, Symlink, snapshot_merged
+from overlay_harness import IMPL, Dir, Fifo, File, Hardlink, Symlink, ls_op, snapshot_merged
 
 
 def _ino(m: Path, rel: str) -> int:
@@ -259,20 +259,47 @@ def test_snapshot_of_lower_hardlinks_after_partial_copy_up(make_pair):
 
 
 def test_lower_hardlink_copy_up_with_several_names_seen(make_pair):
-    # FUSE names only the node on open/chmod, so when the kernel has seen several names of one
-    # lower file we can't tell which is changed: the copy is linked into all the names it has seen
-    # (the kernel without index breaks the link).  Deliberate difference, docs/differences.md.
-    pair = make_pair(lowers=[{"a": File("same"), "sub/b": Hardlink("a"), "c": Hardlink("a")}])
-    m = pair.o.root
-    assert os.lstat(m / "a").st_ino == os.lstat(m / "sub/b").st_ino  # both names now known
-    os.chmod(m / "sub/b", 0o600)
-    with open(m / "sub/b", "a") as f:
-        f.write("+")
-    a, b = os.lstat(m / "a"), os.lstat(m / "sub/b")
-    assert (a.st_ino, a.st_mode & 0o777, a.st_nlink) == (b.st_ino, 0o600, 2)
-    assert (m / "a").read_text() == "same+"
-    # the name the kernel had not seen keeps the old data, under a number of its own
-    c = os.lstat(m / "c")
-    assert c.st_ino != a.st_ino and (m / "c").read_text() == "same"
-    up = pair.o.upper
-    assert os.lstat(up / "a").st_ino == os.lstat(up / "sub/b").st_ino
+    # The kernel without index keeps one inode per name of a lower hard link: a change through
+    # one name copies up that name alone, whatever names were looked up before.  FUSE names only
+    # the node on open/chmod, so each name is a node of its own (EntryAttributes.nodeid); ours
+    # linked the copy into every name the kernel had seen, once.
+    pair = make_pair(lowers=[{"a": File("same"), "sub/b": Hardlink("a"), "c": Hardlink("a"),
+                              "d": File("d")}])
+
+    def numbers(m: Path) -> tuple[object, ...]:
+        st = {n: os.lstat(m / n) for n in ("a", "sub/b", "c")}
+        return (st["a"].st_ino == st["sub/b"].st_ino == st["c"].st_ino,
+                tuple(s.st_nlink for s in st.values()))
+
+    assert pair.same(numbers) == (True, (3, 3, 3))  # every name known to the kernel
+    pair.same(lambda m: os.chmod(m / "sub/b", 0o600), expect="ok")
+    pair.same(lambda m: open(m / "sub/b", "a").write("+"), expect="ok")
+
+    def after(m: Path) -> tuple[object, ...]:
+        a, b, c = (os.lstat(m / n) for n in ("a", "sub/b", "c"))
+        return (a.st_ino == c.st_ino, a.st_ino != b.st_ino, (a.st_nlink, b.st_nlink, c.st_nlink),
+                b.st_mode & 0o777, a.st_mode & 0o777,
+                [(m / n).read_text() for n in ("a", "sub/b", "c")])
+
+    assert pair.same(after) == (True, True, (3, 1, 3), 0o600, 0o644, ["same", "same+", "same"])
+    # the other names break away in turn, each its own copy
+    pair.same(lambda m: os.utime(m / "c", ns=(10**9, 10**9)), expect="ok")
+    pair.same(lambda m: open(m / "a", "w").write("new a"), expect="ok")
+    pair.same(after)
+    # a new link to one of them shares that copy, and the rest stay apart
+    pair.same(lambda m: os.link(m / "a", m / "a2"), expect="ok")
+    pair.same(lambda m: (os.lstat(m / "a2").st_ino == os.lstat(m / "a").st_ino,
+                         os.lstat(m / "a").st_nlink, (m / "a2").read_text()))
+    pair.check_all()
+
+
+def test_rename_between_names_of_a_lower_hard_link(make_pair):
+    # Two nodes for the two names, as the kernel's two overlay inodes: rename(a, b) removes a
+    # (ours did nothing, the kernel's VFS seeing one inode on both sides, when they shared one).
+    pair = make_pair(lowers=[{"a": File("same"), "b": Hardlink("a"), "c": Hardlink("a")}])
+    pair.same(lambda m: [os.lstat(m / n).st_nlink for n in ("a", "b", "c")], expect="ok")
+    pair.same(lambda m: os.rename(m / "a", m / "b"), expect="ok")
+    assert pair.same(ls_op()) == ["b", "c"]
+    pair.same(lambda m: ((m / "b").read_text(), os.lstat(m / "b").st_nlink,
+                         os.lstat(m / "c").st_nlink), expect="ok")
+    pair.check_all()

@@ -145,7 +145,11 @@ def prepare(cfg: MountConfig) -> State:
     acl = cfg.acl and supports_acl(stack)
     if cfg.acl and not acl:
         log.info("no POSIX ACLs: the upper filesystem has none")
-    return State(stack, InodeTable(root_resolution(stack)), owners=cfg.owners,
+    inodes = InodeTable(root_resolution(stack))
+    # Each name of a lower hard link its own node, as the kernel without index keeps them;
+    # a stock pyfuse3 can't send a node id apart from the number (docs/differences.md).
+    inodes.split = not features.index and hasattr(pyfuse3.EntryAttributes, "nodeid")
+    return State(stack, inodes, owners=cfg.owners,
                  volatile=cfg.volatile, acl=acl, noatime=cfg.noatime, override_xattr=override,
                  timeout=cfg.timeout, features=features)
 

@@ -133,7 +133,7 @@ async def upper_dir(fs: State, parent: Inode) -> int:
 
 
 def live_inode(fs: State, parent: Inode, name: str, res: Resolution) -> Inode | None:
-    return fs.inodes.live(res)
+    return fs.inodes.live(res, parent, name)
 
 
 def is_empty(fs: State, path: str, res: Resolution) -> bool:

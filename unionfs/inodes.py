@@ -10,9 +10,14 @@ copied-up object keeps its lower number, and two layers sharing a real inode
 (`cp -al`) or a number still held by a removed object get a number of their own.
 What the kernel forgets is forgotten here too, so memory follows the kernel's cache.
 
-All names of one real file share one inode, as under the kernel.  FUSE names
-only the node on open/setattr, so when a lower file with several names the
-kernel knows of is copied up, copyup.py links the copy into all those names.
+All names of one real file share one inode, as under the kernel, except the names
+of a lower file with several links when there is no index: the kernel keeps one
+inode per name for those, all showing the lower number, and a copy-up breaks the
+one name it came through away from the others.  FUSE names only the node on
+open/setattr, so each such name gets a node id of its own (``split``), and the
+number shown is kept apart from it (EntryAttributes.nodeid, scripts/pyfuse3-unionfs
+.patch).  Without that (a stock pyfuse3, or index=on, where the kernel keeps the
+names together) copyup.py links a copy into every name of its inode.
 """
 
 from __future__ import annotations
@@ -211,6 +216,12 @@ class InodeTable:
         # Bound by a listing although their lookup failed (ops.readdirplus): the next lookup
         # must read their marks again instead of trusting what the inode holds.
         self.unsettled: set[int] = set()
+        # One node per name for the names of a lower file with several links (see the module
+        # docstring), when set: node id -> (number shown, its entry in _names or None once
+        # copied up); (key, parent node id, name) -> node id.
+        self.split = False
+        self.shown_as: dict[int, tuple[int, tuple[Key, int, str] | None]] = {}
+        self._names: dict[tuple[Key, int, str], int] = {}
         self.root = Inode(ROOT_INO, None, "", root, self.key_of(root))
         self._natural(self.root.key, root.st.st_dev)  # the root's device is the first
         self.root.lookups = 1  # the kernel never forgets the root
@@ -271,9 +282,16 @@ class InodeTable:
         sid = self._sources.get((layer.index, st.st_dev))
         return sid is not None and self._held(sid << 64 | st.st_ino, st.st_dev) is not None
 
-    def live(self, res: Resolution) -> Inode | None:
-        """The inode the kernel holds for this resolved object, if any."""
+    def live(self, res: Resolution, parent: Inode | None = None, name: str = ""
+             ) -> Inode | None:
+        """The inode the kernel holds for this resolved object, if any (for a name of a lower
+        file with several links, the one of ``name`` in ``parent``)."""
         key = self.key_of(res)
+        if self._names and parent is not None:
+            nid = self._names.get((key, parent.ino, name))
+            if nid is not None:
+                node = self.inodes.get(nid)
+                return node if node is not None and node.key == key else None
         ino = self.ino_of.get(key) or self._shown.get(key) or self.natural_of(res)
         node = self.inodes.get(ino) if ino else None
         return node if node is not None and node.key == key else None
@@ -289,8 +307,37 @@ class InodeTable:
     def get(self, ino: int) -> Inode | None:
         return self.inodes.get(ino)
 
+    def number_of(self, node: Inode) -> int:
+        """The st_ino a node shows: its node id, unless it is one of several names."""
+        if self.shown_as:
+            shown = self.shown_as.get(node.ino)
+            if shown is not None:
+                return shown[0]
+        return node.ino
+
+    def _bind_name(self, parent: Inode, name: str, res: Resolution) -> Inode:
+        """A name of a lower file with several links: a node of its own, kept for the name."""
+        key = self.key_of(res)
+        entry = (key, parent.ino, name)
+        nid = self._names.get(entry)
+        node = self.inodes.get(nid) if nid else None
+        if node is not None and node.key == key:
+            node.layer, node.mode, node.data = res.layer, res.st.st_mode, res.data
+            node.gone = False
+            return node
+        nid = self._next
+        self._next -= 1
+        node = Inode(nid, parent, name, res, key)
+        parent.kids += 1
+        self.inodes[nid] = node
+        self._names[entry] = nid
+        self.shown_as[nid] = (self.natural_of(res) or nid, entry)
+        return node
+
     def bind(self, parent: Inode, name: str, res: Resolution) -> Inode:
         """The inode for ``name`` in ``parent`` as just resolved (no lookup counted)."""
+        if self.split and res.st.st_nlink > 1 and not res.layer.upper and not res.is_dir:
+            return self._bind_name(parent, name, res)
         key, ino, node = self.number(res)
         if node is None:
             node = Inode(ino, parent, name, res, key)
@@ -341,6 +388,15 @@ class InodeTable:
         if old != node.key:
             if self.ino_of.get(old) == node.ino:
                 del self.ino_of[old]
+            shown = self.shown_as.get(node.ino) if self.shown_as else None
+            if shown is not None:
+                # One name broken away from the others: the copy's own number, the kernel
+                # writing no origin for a file with several links (nor using one).
+                if shown[1] is not None and self._names.get(shown[1]) == node.ino:
+                    del self._names[shown[1]]
+                self.shown_as[node.ino] = (self.natural_of(res) or node.ino, None)
+                self.ino_of[node.key] = node.ino
+                return
             # Remembered also when the copy names its origin: a lookup that can't follow the
             # origin (renamed since, not ours to open) must still find this number.
             if res.shown is not None or self.natural_of(res) != node.ino:
@@ -416,6 +472,8 @@ class InodeTable:
             del self.inodes[node.ino]
             if self.unsettled:
                 self.unsettled.discard(node.ino)
+            if self.shown_as:
+                self._drop_name(node)
             if self._shown and self._shown.get(node.key) == node.ino:
                 del self._shown[node.key]
             parent = node.parent
@@ -428,6 +486,16 @@ class InodeTable:
                 return
             parent.kids -= 1
             node = parent
+
+    def _drop_name(self, node: Inode) -> None:
+        shown = self.shown_as.pop(node.ino, None)
+        if shown is None:
+            return
+        entry = shown[1]
+        if entry is not None and self._names.get(entry) == node.ino:
+            del self._names[entry]
+        if self.ino_of.get(node.key) == node.ino:
+            del self.ino_of[node.key]
 
     def drop_if_unused(self, node: Inode) -> None:
         self._maybe_drop(node)

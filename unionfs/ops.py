@@ -127,7 +127,10 @@ class Operations(pyfuse3.Operations):
 
     def _attrs(self, node: Inode, st: os.stat_result) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
-        e.st_ino = node.ino
+        number = self.fs.inodes.number_of(node)
+        e.st_ino = number
+        if number != node.ino:
+            e.nodeid = node.ino  # one of several names of a lower file (inodes.py)
         e.generation = 0
         e.entry_timeout = self.timeout
         e.attr_timeout = self.timeout
