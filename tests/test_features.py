@@ -31,7 +31,7 @@ CASES = [
     "userxattr", "userxattr,redirect_dir=on", "userxattr,redirect_dir=follow",
     "userxattr,redirect_dir=off", "userxattr,redirect_dir=nofollow", "userxattr,metacopy=on",
     "userxattr,metacopy=off", "userxattr,index=on", "redirect_dir=bogus", "index=yes",
-    "uuid=null", "uuid=off",
+    "uuid=null", "uuid=off", "index=on,redirect_dir=on", "index=on,uuid=off",
 ]
 
 
@@ -98,7 +98,7 @@ def test_option_sets_accepted_and_refused_like_kernel(tmp_path, options):
 @pytest.mark.skipif(not USERNS, reason="runs in the userns suite (test_rootless)")
 @pytest.mark.parametrize("options", ["", "redirect_dir=on", "redirect_dir=follow",
                                      "redirect_dir=off", "redirect_dir=nofollow", "metacopy=on",
-                                     "metacopy=off", "xino=on"])
+                                     "metacopy=off", "xino=on", "index=on"])
 def test_rootless_dialect_resolves_like_kernel_userxattr(tmp_path, options):
     # Root of a user namespace gets the user.overlay.* dialect by itself, as the kernel's
     # userxattr: the same options are refused, with the kernel's words.

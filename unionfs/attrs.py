@@ -8,7 +8,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from unionfs import sysio
+from unionfs import index, sysio
 from unionfs.copyup import copy_up
 from unionfs.errors import oserror
 from unionfs.idmap import Caller
@@ -32,7 +32,8 @@ def real_stat(fs: State, node: Inode) -> os.stat_result:
         raise oserror(errno.ENOENT)
     if node.parent is None:
         return os.fstat(node.layer.fd)
-    return sysio.lstat(fs.stack.dirfd(node.layer, node.real_parent_path), node.name)
+    layer, where, name = node.real_entry()
+    return sysio.lstat(fs.stack.dirfd(layer, where), name)
 
 
 def data_blocks(fs: State, node: Inode) -> int:
@@ -44,11 +45,21 @@ def data_blocks(fs: State, node: Inode) -> int:
     return st.st_blocks if st is not None else 0
 
 
-def nlink_of(node: Inode, st: os.stat_result) -> int:
+def nlink_of(fs: State, node: Inode, st: os.stat_result) -> int:
     if node.gone and not node.handles:
         return 0  # removed, and only its remembered attributes are left
     # A merged directory's link count means nothing: the kernel reports 1.
-    return 1 if node.is_dir and node.merged else st.st_nlink
+    if node.is_dir:
+        return 1 if node.merged else st.st_nlink
+    if fs.index is not None and not node.gone and \
+            (node.layer.entries or node.in_upper and st.st_nlink > 1):
+        # An indexed file: the overlay's count, kept relative to the upper one
+        layer, where, name = node.real_entry()
+        value = sysio.getxattr_or_none(fs.stack.dirfd(layer, where), name,
+                                       fs.dialect.prefix + "nlink")
+        if value is not None:
+            return index.parse_nlink(value, st.st_nlink, st.st_nlink) or st.st_nlink
+    return st.st_nlink
 
 
 def real_path(fs: State, node: Inode) -> str | int:
@@ -58,7 +69,8 @@ def real_path(fs: State, node: Inode) -> str | int:
         return open_fd(node)
     if node.parent is None:
         return sysio.at_path(node.layer.fd, ".")
-    return sysio.at_path(fs.stack.dirfd(node.layer, node.real_parent_path), node.name)
+    layer, where, name = node.real_entry()
+    return sysio.at_path(fs.stack.dirfd(layer, where), name)
 
 
 # -- owners and modes as shown (uidmapping=, squash_to_*, xattr_permissions=) ----------

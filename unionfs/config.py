@@ -332,9 +332,8 @@ def resolve_features(given: dict[str, str], userxattr: bool, upper: bool,
 
 # Features the kernel has that we don't do yet: refused rather than accepted and ignored.
 NOT_YET = {
-    "index": "index=on is not supported yet (a lower hard link copied up is broken apart, "
-             "as the kernel does with index=off)",
-    "nfs_export": "nfs_export=on is not supported yet (it needs index=on)",
+    "nfs_export": "nfs_export=on is not supported yet (it needs every object indexed and "
+                  "decodable file handles of directories)",
 }
 
 

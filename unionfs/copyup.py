@@ -14,7 +14,7 @@ import stat
 
 import trio
 
-from unionfs import origin, sysio
+from unionfs import index, origin, sysio
 from unionfs.errors import oserror
 from unionfs.inodes import Inode
 from unionfs.lookup import Resolution
@@ -139,15 +139,28 @@ async def copy_up(fs: State, node: Inode, data: bool = True, meta: bool = False)
 
 async def _copy_one(fs: State, node: Inode, data: bool, metacopy: bool = False) -> None:
     stack, upper = fs.stack, fs.upper
+    if node.layer.entries:
+        _link_up(fs, node, str(node.lpaths))  # another name of an indexed file
+        return
     ppath, name = node.parent_path, node.name
     lppath = node.real_parent_path  # elsewhere when a moved directory took it along
     ldfd = stack.dirfd(node.layer, lppath)
     udfd = stack.dirfd(upper, ppath)
     wfd = stack.work_fd
     st = sysio.lstat(ldfd, name)
+    kind = stat.S_IFMT(st.st_mode)
+    # index=on: a file with several names is copied to WORK/index, once, and each name
+    # that changes is linked to that entry (the kernel's ovl_need_index)
+    indexed = fs.index is not None and kind != stat.S_IFDIR and st.st_nlink > 1
+    if indexed:
+        assert fs.index is not None
+        found = index.find(fs.index, ldfd, name, fs.features.uuid != "off")
+        if found is not None:
+            _link_up(fs, node, found[0])
+            return
+        metacopy = False
     pst = os.fstat(udfd)
     tmp = temp_name()
-    kind = stat.S_IFMT(st.st_mode)
     try:
         if kind == stat.S_IFDIR:
             sysio.mkdir(wfd, tmp, 0o700)
@@ -185,14 +198,20 @@ async def _copy_one(fs: State, node: Inode, data: bool, metacopy: bool = False) 
         copy_metadata(fs.dialect, ldfd, name, wfd, tmp, st, mode_and_times=not late)
         # Where it came from, as the kernel records it: not for a file with other names,
         # whose link is broken here (it is a new file, with a number of its own).
-        keeps_number = kind == stat.S_IFDIR or st.st_nlink == 1
+        keeps_number = kind == stat.S_IFDIR or st.st_nlink == 1 or indexed
         if keeps_number:
             _set_origin(fs, ldfd, name, wfd, tmp)
         if metacopy:
             sysio.setxattr(wfd, tmp, fs.dialect.metacopy_xattr, b"")
         if node.parent is not None:
             mark_impure(fs, node.parent, udfd)
-        rename_into(wfd, tmp, udfd, name)
+        if indexed:
+            # the overlay's names (the lower's count) against the entry and this name
+            sysio.setxattr(wfd, tmp, fs.dialect.prefix + "nlink",
+                           index.nlink_value(st.st_nlink, 2))
+            entry = _into_index(fs, wfd, tmp, udfd, name)
+        else:
+            rename_into(wfd, tmp, udfd, name)
     except BaseException:
         _discard(wfd, tmp)
         raise
@@ -208,10 +227,53 @@ async def _copy_one(fs: State, node: Inode, data: bool, metacopy: bool = False) 
         res.shown = (st.st_dev, st.st_ino)
     if metacopy:
         res.data = (node.layer, lppath, name)
+    old_key = node.key
     fs.inodes.rekey(node, res)
     fs.attrs_changed(node.ino)
     if kind == stat.S_IFREG and not metacopy:  # (readers of a metacopy read below still)
         _switch_handles(node, udfd)
+    if indexed:
+        assert fs.index is not None
+        shown = Resolution(fs.index, new_st, [], [entry])
+        for other in fs.inodes.repoint(old_key, shown):
+            fs.attrs_changed(other.ino)
+
+
+def _into_index(fs: State, wfd: int, tmp: str, udfd: int, name: str) -> str:
+    """The finished copy ``tmp`` becomes the index entry, then the name's upper link."""
+    assert fs.index is not None
+    value = sysio.getxattr_or_none(wfd, tmp, fs.dialect.prefix + "origin")
+    entry = index.entry_name(value or b"")
+    sysio.renameat2(wfd, tmp, fs.index.fd, entry, sysio.RENAME_NOREPLACE)
+    try:
+        sysio.as_owner(udfd, ".", lambda: sysio.link(fs.index.fd, entry, udfd, name))  # type: ignore[union-attr]
+    except BaseException:
+        sysio.unlink(fs.index.fd, entry)
+        raise
+    return entry
+
+
+def _link_up(fs: State, node: Inode, entry: str) -> None:
+    """A name of an indexed file changes: its index entry is linked into the name
+    (ovl_link_up), one more upper link for the same overlay count."""
+    idx = fs.index
+    assert idx is not None and node.parent is not None
+    stack = fs.stack
+    udfd = stack.dirfd(fs.upper, node.parent_path)
+    pst = os.fstat(udfd)
+    ist = sysio.lstat(idx.fd, entry)
+    attr = fs.dialect.prefix + "nlink"
+    count = index.parse_nlink(sysio.getxattr_or_none(idx.fd, entry, attr), ist.st_nlink,
+                              ist.st_nlink) or ist.st_nlink
+    mark_impure(fs, node.parent, udfd)
+    sysio.as_owner(udfd, ".", lambda: sysio.link(idx.fd, entry, udfd, node.name))
+    sysio.setxattr(udfd, node.name, attr, index.nlink_value(count, ist.st_nlink + 1))
+    restore_times(udfd, pst)
+    res = Resolution(fs.upper, sysio.lstat(udfd, node.name))
+    fs.inodes.rekey(node, res, keep_number=True)
+    fs.attrs_changed(node.ino)
+    for other in fs.inodes.siblings(node):
+        fs.attrs_changed(other.ino)  # their nlink xattr changed
 
 
 async def _copy_data(fs: State, node: Inode, data: bool) -> None:

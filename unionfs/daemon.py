@@ -7,6 +7,7 @@ exits 0 only once the child's event loop is serving the mount.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -19,8 +20,8 @@ from collections.abc import Iterator
 import pyfuse3
 import trio
 
+from unionfs import index, remount
 from unionfs import log as logsetup
-from unionfs import remount
 from unionfs.attrs import OVERRIDE_XATTRS
 from unionfs.config import MountConfig, check_supported, resolve_features, validate
 from unionfs.errors import MountError
@@ -145,13 +146,25 @@ def prepare(cfg: MountConfig) -> State:
     acl = cfg.acl and supports_acl(stack)
     if cfg.acl and not acl:
         log.info("no POSIX ACLs: the upper filesystem has none")
+    index_layer = None
+    if features.index and cfg.upper is not None:
+        try:
+            index_layer = index.prepare(stack, features.uuid != "off")
+        except BaseException:
+            cleanup_workdir(stack)
+            stack.close()
+            raise
+        if index_layer is None:
+            features = dataclasses.replace(features, index=False)
     inodes = InodeTable(root_resolution(stack))
-    # Each name of a lower hard link its own node, as the kernel without index keeps them;
-    # a stock pyfuse3 can't send a node id apart from the number (docs/differences.md).
-    inodes.split = not features.index and hasattr(pyfuse3.EntryAttributes, "nodeid")
+    # Each name of a lower hard link its own node, as the kernel without index keeps them
+    # and as a copy-up through one name needs with index (the names of an index entry
+    # share its data); a stock pyfuse3 can't send a node id apart from the number
+    # (docs/differences.md).
+    inodes.split = hasattr(pyfuse3.EntryAttributes, "nodeid")
     return State(stack, inodes, owners=cfg.owners,
                  volatile=cfg.volatile, acl=acl, noatime=cfg.noatime, override_xattr=override,
-                 timeout=cfg.timeout, features=features)
+                 timeout=cfg.timeout, features=features, index=index_layer)
 
 
 def mount(cfg: MountConfig) -> int:

@@ -14,7 +14,7 @@ import stat
 from collections.abc import Callable
 from typing import Literal
 
-from unionfs import acl, lookup, origin, sysio
+from unionfs import acl, index, lookup, origin, sysio
 from unionfs.copyup import copy_up, is_impure, mark_impure, temp_name
 from unionfs.errors import oserror
 from unionfs.inodes import Inode
@@ -48,6 +48,8 @@ def identify(fs: State, parent: Inode, paths: list[str], name: str, res: Resolut
     impure, so only there is it worth asking), where a metacopy's data lies, and the
     origin a merged directory made elsewhere still lacks."""
     if not res.layer.upper:
+        if fs.index is not None and res.st.st_nlink > 1 and not res.is_dir:
+            _show_index(fs, parent, paths, name, res)
         return
     node = fs.inodes.live(res)
     if node is not None and node.ino not in fs.inodes.unsettled:
@@ -77,6 +79,29 @@ def identify(fs: State, parent: Inode, paths: list[str], name: str, res: Resolut
                 raise oserror(errno.EIO)  # a metacopy whose data is gone
     if impure:
         res.shown = lookup.origin_of(fs.stack, paths, parent.dirs, name, res.st, res.data)
+        if res.shown is None and fs.index is not None and res.st.st_nlink > 1:
+            # a name linked to an index entry shows the lower file's number, as all its
+            # names do (the kernel's OVL_INDEX)
+            value = sysio.getxattr_or_none(fs.stack.dirfd(fs.upper, paths[0]), name,
+                                           fs.dialect.prefix + "origin")
+            if value and index.is_entry_of(fs.index, value, res.st):
+                res.shown = index.origin_number(fs.stack, value)
+
+
+def _show_index(fs: State, parent: Inode, paths: list[str], name: str,
+                res: Resolution) -> None:
+    """A lower file with several names whose index entry exists (index=on): the name shows
+    the entry, under the lower file's number, until it is linked to it."""
+    assert fs.index is not None
+    try:
+        where = paths[parent.dirs.index(res.layer)]
+    except ValueError:
+        return
+    found = index.find(fs.index, fs.stack.dirfd(res.layer, where), name,
+                       fs.features.uuid != "off")
+    if found is not None:
+        res.shown = (res.st.st_dev, res.st.st_ino)
+        res.layer, res.st, res.paths = fs.index, found[1], [found[0]]
 
 
 def _fix_origin(fs: State, parent: Inode, upath: str, name: str, res: Resolution) -> None:
@@ -400,8 +425,13 @@ async def _remove(fs: State, parent: Inode, name: str, is_dir: bool) -> None:
     if waited:
         # Checked again with no await left before the change: the awaits let others run.
         res = _check_remove(fs, parent, name, is_dir)
-    udfd = fs.stack.dirfd(fs.upper, parent.path)
     node = live_inode(fs, parent, name, res)
+    if node is not None and _index_first(fs, res):
+        await copy_up(fs, node)
+        res = _check_remove(fs, parent, name, is_dir)
+        node = live_inode(fs, parent, name, res)
+    entry = _index_entry(fs, parent, name, res)
+    udfd = fs.stack.dirfd(fs.upper, parent.path)
     # A name found in a lower layer obviously needs hiding; one found in upper only if
     # a lower layer has it too.
     needs_whiteout = not res.layer.upper or lower_has(fs, parent, name)
@@ -412,9 +442,41 @@ async def _remove(fs: State, parent: Inode, name: str, is_dir: bool) -> None:
             sysio.unlink(udfd, name)
     else:
         fs.dialect.make_whiteout(udfd, name, fs.stack.work_fd, temp_name())
+    if entry is not None:
+        _release_entry(fs, entry)
     if node is not None:
         last = res.layer.upper and (res.is_dir or res.st.st_nlink <= 1)
         fs.inodes.unlinked(node, parent, name, last, res.st)
+
+
+def _index_first(fs: State, res: Resolution) -> bool:
+    """index=on: a name of a lower file with several links is linked to the file's index
+    entry before it goes, so that the entry holds the overlay's count (ovl_nlink_start)."""
+    return fs.index is not None and not res.is_dir and not res.layer.upper and \
+        (res.layer.entries or res.st.st_nlink > 1)
+
+
+def _index_entry(fs: State, parent: Inode, name: str, res: Resolution) -> str | None:
+    """The index entry an upper name is linked to, if any."""
+    if fs.index is None or res.is_dir or not res.layer.upper or res.st.st_nlink < 2:
+        return None
+    value = sysio.getxattr_or_none(fs.stack.dirfd(fs.upper, parent.path), name,
+                                   fs.dialect.prefix + "origin")
+    if not value or not index.is_entry_of(fs.index, value, res.st):
+        return None
+    return index.entry_name(value)
+
+
+def _release_entry(fs: State, entry: str) -> None:
+    """After a name of an indexed file went: the last one takes the entry along
+    (ovl_cleanup_index)."""
+    assert fs.index is not None
+    st = sysio.lstat_or_none(fs.index.fd, entry)
+    if st is None:
+        return
+    value = sysio.getxattr_or_none(fs.index.fd, entry, fs.dialect.prefix + "nlink")
+    if index.parse_nlink(value, st.st_nlink, st.st_nlink) is None and value is not None:
+        sysio.unlink(fs.index.fd, entry)
 
 
 def _retire(fs: State, udfd: int, name: str, leave_whiteout: bool, is_dir: bool) -> None:
@@ -510,6 +572,8 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
             await copy_up(fs, dst_node, meta=True)
         elif not dst.layer.upper:
             raise oserror(errno.ESTALE)
+    elif dst is not None and dst_node is not None and _index_first(fs, dst):
+        await copy_up(fs, dst_node)  # replaced: its entry keeps the count (ovl_nlink_start)
     await upper_dir(fs, old_parent)
     await upper_dir(fs, new_parent)
     # Checked again with no await left before the change: the awaits let others run.
@@ -519,6 +583,8 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
     src, dst = checked
     src_node = live_inode(fs, old_parent, old_name, src)
     dst_node = live_inode(fs, new_parent, new_name, dst) if dst is not None else None
+    replaced = _index_entry(fs, new_parent, new_name, dst) \
+        if dst is not None and not exchange else None
     old_udfd = fs.stack.dirfd(fs.upper, old_parent.path)
     new_udfd = fs.stack.dirfd(fs.upper, new_parent.path)
     old_path = old_parent.child_path(old_name)
@@ -578,6 +644,8 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
         if dst_node is not None:
             fs.inodes.renamed(dst_node, new_parent, new_name, old_parent, old_name)
         return
+    if replaced is not None:
+        _release_entry(fs, replaced)
     if dst_node is not None and dst_node is not src_node:
         fs.inodes.unlinked(dst_node, new_parent, new_name,
                            dst is not None and dst.layer.upper

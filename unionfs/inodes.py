@@ -179,6 +179,13 @@ class Inode:
         copy there (its lower path, when a moved directory took us along)."""
         return self.parent.path_in(self.layer) if self.parent is not None else ""
 
+    def real_entry(self) -> tuple[Layer, str, str]:
+        """Where the topmost real object behind us lives: (layer, directory there, name).
+        An index entry (index=on) has a name of its own there, kept in ``lpaths``."""
+        if self.layer.entries:
+            return self.layer, "", str(self.lpaths)
+        return self.layer, self.real_parent_path, self.name
+
     def __repr__(self) -> str:
         return f"<Inode {self.ino} /{self.path} {self.layer}>"
 
@@ -187,7 +194,7 @@ def lower_paths(res: Resolution) -> str | tuple[str, ...]:
     """Inode.lpaths for a resolution: upper's entry is never read (the merged path)."""
     paths, dirs = res.paths, res.dirs
     if not dirs:
-        return ""
+        return paths[0] if res.layer.entries else ""
     first = 1 if dirs[0].upper else 0
     if first >= len(dirs):
         return ""  # upper alone
@@ -222,6 +229,7 @@ class InodeTable:
         self.split = False
         self.shown_as: dict[int, tuple[int, tuple[Key, int, str] | None]] = {}
         self._names: dict[tuple[Key, int, str], int] = {}
+        self._by_key: dict[Key, set[int]] = {}  # such nodes, by the real object they show
         self.root = Inode(ROOT_INO, None, "", root, self.key_of(root))
         self._natural(self.root.key, root.st.st_dev)  # the root's device is the first
         self.root.lookups = 1  # the kernel never forgets the root
@@ -323,6 +331,7 @@ class InodeTable:
         node = self.inodes.get(nid) if nid else None
         if node is not None and node.key == key:
             node.layer, node.mode, node.data = res.layer, res.st.st_mode, res.data
+            node.lpaths = lower_paths(res)
             node.gone = False
             return node
         nid = self._next
@@ -332,7 +341,42 @@ class InodeTable:
         self.inodes[nid] = node
         self._names[entry] = nid
         self.shown_as[nid] = (self.natural_of(res) or nid, entry)
+        self._by_key.setdefault(key, set()).add(nid)
         return node
+
+    def siblings(self, node: Inode) -> list[Inode]:
+        """The other nodes showing the same real object as ``node`` (names of an indexed
+        hard link not linked up yet): what changes through one changes for them."""
+        nids = set(self._by_key.get(node.key, ())) if self._by_key else set()
+        for held in (self.ino_of.get(node.key), self._shown.get(node.key)):
+            if held is not None:
+                nids.add(held)
+        nids.discard(node.ino)
+        return [self.inodes[n] for n in nids if n in self.inodes]
+
+    def repoint(self, old: Key, res: Resolution) -> list[Inode]:
+        """The lower file behind ``old`` got an index entry (``res``): the nodes of its
+        other names show that now (index=on)."""
+        nids = self._by_key.pop(old, None) if self._by_key else None
+        if not nids:
+            return []
+        key = self.key_of(res)
+        moved = []
+        for nid in nids:
+            node = self.inodes.get(nid)
+            shown = self.shown_as.get(nid)
+            if node is None or shown is None or shown[1] is None:
+                continue
+            node.key, node.layer, node.mode = key, res.layer, res.st.st_mode
+            node.lpaths = lower_paths(res)
+            if self._names.get(shown[1]) == nid:
+                del self._names[shown[1]]
+            entry = (key, shown[1][1], shown[1][2])
+            self._names[entry] = nid
+            self.shown_as[nid] = (shown[0], entry)
+            self._by_key.setdefault(key, set()).add(nid)
+            moved.append(node)
+        return moved
 
     def bind(self, parent: Inode, name: str, res: Resolution) -> Inode:
         """The inode for ``name`` in ``parent`` as just resolved (no lookup counted)."""
@@ -376,8 +420,9 @@ class InodeTable:
         if node.is_dir:
             _MOVES[0] += 1  # every remembered path below it is wrong now
 
-    def rekey(self, node: Inode, res: Resolution) -> None:
-        """The object now lives elsewhere (copy-up): same number, new real object."""
+    def rekey(self, node: Inode, res: Resolution, keep_number: bool = False) -> None:
+        """The object now lives elsewhere (copy-up): same number, new real object
+        (``keep_number``: also for one of several names, an index entry linked up)."""
         old = node.key
         node.key = self.key_of(res)
         node.layer, node.mode = res.layer, res.st.st_mode
@@ -394,7 +439,11 @@ class InodeTable:
                 # writing no origin for a file with several links (nor using one).
                 if shown[1] is not None and self._names.get(shown[1]) == node.ino:
                     del self._names[shown[1]]
-                self.shown_as[node.ino] = (self.natural_of(res) or node.ino, None)
+                self._unlist(old, node.ino)
+                # still listed by what it shows: other names may show it too (index=on)
+                self._by_key.setdefault(node.key, set()).add(node.ino)
+                number = shown[0] if keep_number else self.natural_of(res) or node.ino
+                self.shown_as[node.ino] = (number, None)
                 self.ino_of[node.key] = node.ino
                 return
             # Remembered also when the copy names its origin: a lookup that can't follow the
@@ -487,10 +536,18 @@ class InodeTable:
             parent.kids -= 1
             node = parent
 
+    def _unlist(self, key: Key, nid: int) -> None:
+        nids = self._by_key.get(key)
+        if nids is not None:
+            nids.discard(nid)
+            if not nids:
+                del self._by_key[key]
+
     def _drop_name(self, node: Inode) -> None:
         shown = self.shown_as.pop(node.ino, None)
         if shown is None:
             return
+        self._unlist(node.key, node.ino)
         entry = shown[1]
         if entry is not None and self._names.get(entry) == node.ino:
             del self._names[entry]

@@ -41,6 +41,9 @@ class Layer:
     fd: int  # O_PATH fd of the layer root
     dev: int
     upper: bool
+    # WORK/index (index=on): entries named by their origin, each an upper inode shown
+    # for the lower names not linked to it yet; the upper's index, for one identity.
+    entries: bool = False
 
     def __repr__(self) -> str:
         return f"<Layer {self.index} {'upper' if self.upper else 'lower'} {self.path}>"

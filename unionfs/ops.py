@@ -134,7 +134,7 @@ class Operations(pyfuse3.Operations):
         e.generation = 0
         e.entry_timeout = self.timeout
         e.attr_timeout = self.timeout
-        e.st_nlink = attrs.nlink_of(node, st)
+        e.st_nlink = attrs.nlink_of(self.fs, node, st)
         e.st_mode, e.st_uid, e.st_gid = attrs.shown_owner(self.fs, node, st)
         e.st_rdev = st.st_rdev
         e.st_size = st.st_size
@@ -239,13 +239,15 @@ class Operations(pyfuse3.Operations):
             if kept is not None:
                 ch.mode = kept
         await attrs.setattr(self.fs, node, ch)
+        if self.fs.index is not None:
+            self._siblings_changed(node)
         return self._attrs(node, attrs.real_stat(self.fs, node))
 
     @_guard
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._named(inode)
-        return os.fsencode(sysio.readlink(self.fs.stack.dirfd(node.layer, node.real_parent_path),
-                                          node.name))
+        layer, where, name = node.real_entry()
+        return os.fsencode(sysio.readlink(self.fs.stack.dirfd(layer, where), name))
 
     # Not async, unlike the stub: pyfuse3 calls forget without awaiting when it returns
     # None, so the counts drop at once instead of in a task scheduled for later.
@@ -410,7 +412,7 @@ class Operations(pyfuse3.Operations):
             self.fs.check_writable()
             await copy_up(self.fs, node, data=not flags & os.O_TRUNC)
         oflags = flags & OPEN_FLAGS
-        layer, where, name = node.data or (node.layer, node.real_parent_path, node.name)
+        layer, where, name = node.data or node.real_entry()
         dfd = self.fs.stack.dirfd(layer, where)
         setid_caller = None
         if node.in_upper and node.data is None:
@@ -428,7 +430,10 @@ class Operations(pyfuse3.Operations):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         h = self.fs.handles.add_file(node, fd, oflags & ~os.O_TRUNC, layer)
         h.setid_caller = setid_caller
-        return pyfuse3.FileInfo(fh=h.fh, keep_cache=True)
+        # The names of an index entry are nodes of their own, each with its page cache:
+        # one written through another is read afresh from the next open on.
+        keep = self.fs.index is None or not self.fs.inodes.siblings(node)
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=keep)
 
     async def _setid_after_open(self, node: Inode, fd: int, oflags: int,
                                 ctx: pyfuse3.RequestContext) -> Caller | None:
@@ -470,7 +475,15 @@ class Operations(pyfuse3.Operations):
             view = memoryview(buf)
             while done < len(buf):
                 done += os.pwrite(fd, view[done:], off + done)
+        if self.fs.index is not None:
+            self._siblings_changed(h.inode)
         return done
+
+    def _siblings_changed(self, node: Inode) -> None:
+        """Other nodes of the same real file (the names of an index entry) cache its
+        attributes too: the kernel must ask again."""
+        for other in self.fs.inodes.siblings(node):
+            self.fs.attrs_changed(other.ino)
 
     @_guard
     async def flush(self, fh: int) -> None:

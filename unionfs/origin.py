@@ -43,10 +43,11 @@ def decodes() -> bool:
     return _decodes[0]
 
 
-def encode(dirfd: int, name: str, with_uuid: bool = True) -> bytes:
+def encode(dirfd: int, name: str, with_uuid: bool = True, flags: int = 0) -> bytes:
     """The origin value for ``name`` in ``dirfd``: empty where the filesystem can't
     make file handles or we may not open them, as the kernel stores it then.
-    ``with_uuid``: not with uuid=off."""
+    ``with_uuid``: not with uuid=off.  ``flags``: FLAG_PATH_UPPER for an upper object's
+    handle (the index directory's ``overlay.upper``)."""
     if not decodes():
         return b""
     try:
@@ -56,7 +57,7 @@ def encode(dirfd: int, name: str, with_uuid: bool = True) -> bytes:
             return b""
         raise
     uuid = fs_uuid(dirfd) if with_uuid else NULL_UUID
-    return bytes([VERSION, MAGIC, HEADER + len(fid), CPU_ENDIAN, kind]) + uuid + fid
+    return bytes([VERSION, MAGIC, HEADER + len(fid), CPU_ENDIAN | flags, kind]) + uuid + fid
 
 
 def parse(value: bytes) -> tuple[int, bytes, bytes] | None:

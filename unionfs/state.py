@@ -28,6 +28,7 @@ class State:
     noatime: bool = False  # -o noatime: upper files are opened O_NOATIME too (lowers always)
     override_xattr: str | None = None  # owner/mode kept in this xattr (xattr_permissions)
     features: Features = field(default_factory=Features)  # redirect_dir=, index=, ...
+    index: Layer | None = None  # WORK/index with index=on (unionfs/index.py)
     epoch: int = 0  # moved on by every request that may change the layers (ops._guard)
     # Seconds the kernel may trust names and attributes (-o timeout=).  What changes
     # through the mount reaches the kernel in our replies; what changes behind a reply

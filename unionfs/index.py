@@ -1,0 +1,149 @@
+"""index=on: the names of a lower hard link stay one file across copy-up (kernel
+fs/overlayfs/namei.c ovl_lookup_index, copy_up.c ovl_link_up, util.c ovl_set_nlink_*,
+super.c ovl_get_indexdir; semantics §6.6).
+
+The first copy-up of a lower file with several links goes to ``WORK/index/<hex of its
+origin>`` and is linked into the changed name.  Every other name of the file finds that
+entry when it is looked up and shows it (its data and metadata, the lower's number), and
+is linked to it in turn when it changes.  ``overlay.nlink`` on the entry keeps the
+overlay's link count relative to the upper one ("U+1": one name more than upper links,
+the index entry counted among those), which the kernel reads back.  The upper root
+records the lowest layer's root (``overlay.origin``) and the index directory the upper
+root (``overlay.upper``): mounting the upper over other lowers is refused, as the kernel
+refuses it, since the index names handles of those lowers.
+
+Index entries need file handles that we may open (CAP_DAC_READ_SEARCH): without them,
+as the kernel does, index=on falls back to off.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+
+from unionfs import origin, sysio
+from unionfs.errors import MountError
+from unionfs.layers import Layer, LayerStack
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index"
+
+
+def prepare(stack: LayerStack, with_uuid: bool) -> Layer | None:
+    """At mount: WORK/index and the marks tying the upper to its lowers; the index as a
+    layer of entries (None: handles can't be opened, index falls back to off)."""
+    upper = stack.upper
+    assert upper is not None and stack.workroot_fd >= 0
+    if not origin.decodes():
+        log.warning("index=on: file handles can't be opened here (no CAP_DAC_READ_SEARCH), "
+                    "falling back to index=off, as the kernel does")
+        return None
+    prefix = stack.dialect.prefix
+    try:
+        if sysio.lstat_or_none(stack.workroot_fd, INDEX_NAME) is None:
+            sysio.mkdir(stack.workroot_fd, INDEX_NAME, 0 if os.geteuid() == 0 else 0o700)
+        fd = sysio.open_dir_beneath(stack.workroot_fd, INDEX_NAME)
+    except OSError as e:
+        raise MountError(f"cannot prepare index directory '{stack.work_path}/{INDEX_NAME}': "
+                         f"{e.strerror}", e.errno or errno.EIO) from None
+    try:
+        root_origin = origin.encode(stack.lowers[0].fd, "", with_uuid=with_uuid)
+        _verify_or_set(upper.fd, prefix + "origin", root_origin,
+                       "failed to verify upper root origin (the upper was made over other "
+                       "lower layers; mount it with those, or with index=off)")
+        upper_fh = origin.encode(upper.fd, "", with_uuid=with_uuid, flags=origin.FLAG_PATH_UPPER)
+        _verify_or_set(fd, prefix + "upper", upper_fh,
+                       "failed to verify index dir 'upper' xattr (the work directory belongs "
+                       "to another upper directory)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return Layer(upper.index, f"{stack.work_path}/{INDEX_NAME}", fd, upper.dev, upper=False,
+                 entries=True)
+
+
+def _verify_or_set(fd: int, attr: str, value: bytes, why: str) -> None:
+    try:
+        have = sysio.fd_getxattr_or_none(fd, attr)
+        if have is None:
+            os.setxattr(sysio.proc_fd(fd), attr, value)
+            return
+    except OSError as e:
+        raise MountError(f"index=on: cannot record {attr}: {e.strerror}",
+                         e.errno or errno.EIO) from None
+    if have != value:
+        raise MountError(f"index=on: {why}", errno.ESTALE)
+
+
+def entry_name(origin_value: bytes) -> str:
+    """An index entry is named by its origin, in hex (ovl_get_index_name_fh)."""
+    return origin_value.hex()
+
+
+def find(index: Layer, ldfd: int, name: str, with_uuid: bool
+         ) -> tuple[str, os.stat_result] | None:
+    """The index entry of lower file ``name`` (in ``ldfd``), if its names were copied up."""
+    try:
+        value = origin.encode(ldfd, name, with_uuid=with_uuid)
+    except OSError:
+        return None
+    if not value:
+        return None
+    hexname = entry_name(value)
+    st = sysio.lstat_or_none(index.fd, hexname)
+    if st is None or stat.S_ISDIR(st.st_mode):
+        return None
+    return hexname, st
+
+
+def origin_number(stack: LayerStack, value: bytes) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the lower object an origin names, found by its handle."""
+    parsed = origin.parse(value)
+    if parsed is None:
+        return None
+    tried: set[int] = set()
+    for layer in stack.lowers:
+        if layer.dev in tried:
+            continue
+        tried.add(layer.dev)
+        fd = origin.open_origin(parsed, layer.fd)
+        if fd is None:
+            continue
+        try:
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return st.st_dev, st.st_ino
+    return None
+
+
+def is_entry_of(index: Layer, origin_value: bytes | None, st: os.stat_result) -> bool:
+    """Is the upper file ``st``, with this origin, the index entry of its lower file?"""
+    if not origin_value:
+        return False
+    got = sysio.lstat_or_none(index.fd, entry_name(origin_value))
+    return got is not None and (got.st_dev, got.st_ino) == (st.st_dev, st.st_ino)
+
+
+def parse_nlink(value: bytes | None, upper_nlink: int, lower_nlink: int) -> int | None:
+    """The overlay's link count from ``overlay.nlink`` ("U+1", "L-1"; ovl_get_nlink):
+    relative to the upper inode's links (U) or to the lower's (L, written by the kernel
+    while a link or unlink is under way).  None if absent or broken (the kernel then
+    falls back to the real count)."""
+    if not value or len(value) < 3 or value[:1] not in (b"U", b"L") or \
+            value[1:2] not in (b"+", b"-"):
+        return None
+    try:
+        diff = int(value[1:])
+    except ValueError:
+        return None
+    n = (upper_nlink if value[:1] == b"U" else lower_nlink) + diff
+    return n if n > 0 else None
+
+
+def nlink_value(overlay_nlink: int, upper_nlink: int) -> bytes:
+    """``overlay.nlink`` as the kernel writes it (ovl_set_nlink_upper: "U%+i")."""
+    return b"U%+d" % (overlay_nlink - upper_nlink)
