@@ -4,10 +4,12 @@ defaults as this host's overlay module, the same refusals with the same words (o
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
 from overlay_harness import (
+    PRIVATE_PREFIX,
     PYTHON,
     REPO,
     USERNS,
@@ -141,3 +143,24 @@ def test_module_parameters_resolve_like_kernel(params, given, userxattr, want):
             resolve_features(given, userxattr, upper=True, defaults=defaults)
         return
     assert resolve_features(given, userxattr, upper=True, defaults=defaults) == want
+
+
+@pytest.mark.parametrize("options", ["", "uuid=on", "uuid=off", "uuid=null"])
+@pytest.mark.parametrize("old", [False, True], ids=["new", "old"])
+def test_upper_root_uuid_like_kernel(tmp_path, options, old):
+    # The overlay's own uuid (overlay.uuid on the upper root): made at the first mount of a new
+    # overlay with uuid=auto (an upper whose root is impure already stays without), always
+    # with uuid=on, never with off/null (the kernel's ovl_init_uuid_xattr).
+    upper = {"d/x": File("x")}
+    spec = StackSpec(lowers=[{"a": File("a")}], upper=upper)
+    got = {}
+    for impl in ("kernel", "pyunionfs"):
+        paths = build_stack(spec, tmp_path / impl)
+        if old:
+            os.setxattr(paths.upper, PRIVATE_PREFIX + "impure", b"y")
+        mount_stack(paths, impl, options=options).stop()
+        try:
+            got[impl] = len(os.getxattr(paths.upper, PRIVATE_PREFIX + "uuid"))
+        except OSError:
+            got[impl] = None
+    assert got["pyunionfs"] == got["kernel"], got

@@ -29,7 +29,7 @@ from unionfs.inodes import InodeTable
 from unionfs.layers import LayerStack
 from unionfs.lookup import root_resolution
 from unionfs.ops import Operations
-from unionfs.probe import cleanup_workdir, prepare_workdir, supports_acl
+from unionfs.probe import cleanup_workdir, init_uuid, prepare_workdir, supports_acl
 from unionfs.state import State
 from unionfs.whiteout import USER, drop_shared_whiteout
 
@@ -146,6 +146,7 @@ def prepare(cfg: MountConfig) -> State:
     acl = cfg.acl and supports_acl(stack)
     if cfg.acl and not acl:
         log.info("no POSIX ACLs: the upper filesystem has none")
+    init_uuid(stack, features.uuid)
     index_layer = None
     if features.index and cfg.upper is not None:
         try:

@@ -172,3 +172,22 @@ def _whiteouts_allowed(wfd: int, name: str) -> bool:
             return False
         raise
     return True
+
+
+def init_uuid(stack: LayerStack, mode: str) -> None:
+    """The overlay's own uuid on the upper root (``overlay.uuid``; the kernel's
+    ovl_init_uuid_xattr): kept once there; with uuid=auto made only for a new overlay,
+    one whose root is not impure yet (an old one stays without, as under the kernel)."""
+    upper = stack.upper
+    if upper is None or stack.workroot_fd < 0 or mode not in ("on", "auto"):
+        return
+    prefix = stack.dialect.prefix
+    have = sysio.fd_getxattr_or_none(upper.fd, prefix + "uuid")
+    if have is not None and len(have) == 16:
+        return
+    if mode == "auto" and sysio.fd_getxattr_or_none(upper.fd, prefix + "impure") is not None:
+        return
+    try:
+        os.setxattr(sysio.proc_fd(upper.fd), prefix + "uuid", os.urandom(16))
+    except OSError:
+        pass  # the kernel goes on without it too (a filesystem that takes no such xattr)
