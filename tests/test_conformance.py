@@ -80,6 +80,20 @@ TestConformanceMetacopy.runTest = pytest.mark.timeout(0 if PROFILE == "long" els
     TestConformanceMetacopy.runTest)
 
 
+class IndexMachine(ConformanceMachine):
+    """index=on: lower hard links copied up through WORK/index, their names kept together."""
+
+    OPTIONS = "index=on"
+
+
+TestConformanceIndex = IndexMachine.TestCase
+TestConformanceIndex.settings = settings(
+    settings.get_profile(f"conformance-{PROFILE}"),
+    max_examples=40 if PROFILE == "ci" else settings.get_profile("conformance-long").max_examples)
+TestConformanceIndex.runTest = pytest.mark.timeout(0 if PROFILE == "long" else 300)(
+    TestConformanceIndex.runTest)
+
+
 def test_profile_counts_examples_and_operations():
     """The CI profile (when it ran before this test, in file order) counted what it did."""
     if STATS["examples"] == 0:

@@ -86,8 +86,9 @@ def check_crossed(pair: Pair, options: str = ON) -> None:
 
 
 @kernel_index
-def test_names_stay_one_file_across_copy_up(make_pair):
-    pair = make_pair(**IMAGE, options=ON)
+@pytest.mark.parametrize("options", [ON, ON + ",metacopy=on"])
+def test_names_stay_one_file_across_copy_up(make_pair, options):
+    pair = make_pair(**IMAGE, options=options)
     assert pair.same(_view()) == (((3, 0o100644, "data"),) * 3, 1)
     pair.same(lambda m: os.chmod(m / "d/a", 0o600), expect="ok")
     assert pair.same(_view()) == (((3, 0o100600, "data"),) * 3, 1)
@@ -97,12 +98,13 @@ def test_names_stay_one_file_across_copy_up(make_pair):
     same_index(pair)
     pair.same(lambda m: os.lstat(m / "s").st_ino == os.lstat(m / "d/a").st_ino, expect="ok")
     pair.check_all()
-    check_crossed(pair)
+    check_crossed(pair, options)
 
 
 @kernel_index
-def test_unlink_keeps_count_and_last_name_takes_the_entry(make_pair):
-    pair = make_pair(**IMAGE, options=ON)
+@pytest.mark.parametrize("options", [ON, ON + ",metacopy=on"])
+def test_unlink_keeps_count_and_last_name_takes_the_entry(make_pair, options):
+    pair = make_pair(**IMAGE, options=options)
     pair.same(lambda m: open(m / "c", "w").write("new"), expect="ok")
     pair.same(lambda m: os.unlink(m / "d/a"), expect="ok")
     assert pair.same(_view()) == ((None, (2, 0o100644, "new"), (2, 0o100644, "new")), 1)
@@ -116,12 +118,13 @@ def test_unlink_keeps_count_and_last_name_takes_the_entry(make_pair):
     assert pair.same(_view(("g/p1", "g/p2")))[0][1][0] == 1
     same_index(pair)
     pair.check_all()
-    check_crossed(pair)
+    check_crossed(pair, options)
 
 
 @kernel_index
-def test_link_rename_and_replace(make_pair):
-    pair = make_pair(**IMAGE, options=ON)
+@pytest.mark.parametrize("options", [ON, ON + ",metacopy=on"])
+def test_link_rename_and_replace(make_pair, options):
+    pair = make_pair(**IMAGE, options=options)
     pair.same(lambda m: os.link(m / "d/a", m / "d/new"), expect="ok")
     assert pair.same(_view(NAMES + ("d/new",)))[0][0][0] == 4
     same_index(pair)
@@ -134,7 +137,7 @@ def test_link_rename_and_replace(make_pair):
                          for n in ("l/x", "l/y")], expect="ok")
     same_index(pair)
     pair.check_all()
-    check_crossed(pair)
+    check_crossed(pair, options)
 
 
 @kernel_index

@@ -135,6 +135,11 @@ async def copy_up(fs: State, node: Inode, data: bool = True, meta: bool = False)
             await _copy_one(fs, n, data or n is not node, metacopy and n is node)
             if n.aliases:
                 await _link_aliases(fs, n)
+    if node.data is not None and not meta:
+        # linked to an indexed metacopy: its data comes now
+        async with node.lock:
+            if node.data is not None:
+                await _copy_data(fs, node, data)
 
 
 async def _copy_one(fs: State, node: Inode, data: bool, metacopy: bool = False) -> None:
@@ -158,7 +163,6 @@ async def _copy_one(fs: State, node: Inode, data: bool, metacopy: bool = False) 
         if found is not None:
             _link_up(fs, node, found[0])
             return
-        metacopy = False
     pst = os.fstat(udfd)
     tmp = temp_name()
     try:
@@ -234,7 +238,7 @@ async def _copy_one(fs: State, node: Inode, data: bool, metacopy: bool = False) 
         _switch_handles(node, udfd)
     if indexed:
         assert fs.index is not None
-        shown = Resolution(fs.index, new_st, [], [entry])
+        shown = Resolution(fs.index, new_st, [], [entry], data=res.data)
         for other in fs.inodes.repoint(old_key, shown):
             fs.attrs_changed(other.ino)
 
@@ -269,7 +273,7 @@ def _link_up(fs: State, node: Inode, entry: str) -> None:
     sysio.as_owner(udfd, ".", lambda: sysio.link(idx.fd, entry, udfd, node.name))
     sysio.setxattr(udfd, node.name, attr, index.nlink_value(count, ist.st_nlink + 1))
     restore_times(udfd, pst)
-    res = Resolution(fs.upper, sysio.lstat(udfd, node.name))
+    res = Resolution(fs.upper, sysio.lstat(udfd, node.name), data=node.data)
     fs.inodes.rekey(node, res, keep_number=True)
     fs.attrs_changed(node.ino)
     for other in fs.inodes.siblings(node):
@@ -308,6 +312,10 @@ async def _copy_data(fs: State, node: Inode, data: bool) -> None:
     node.data = None
     fs.attrs_changed(node.ino)
     _switch_handles(node, udfd)
+    for other in fs.inodes.siblings(node):
+        # the other names of an indexed metacopy: the same upper inode has the data now
+        other.data = None
+        fs.attrs_changed(other.ino)
 
 
 async def _link_aliases(fs: State, node: Inode) -> None:

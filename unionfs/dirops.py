@@ -101,6 +101,9 @@ def _show_index(fs: State, parent: Inode, paths: list[str], name: str,
                        fs.features.uuid != "off")
     if found is not None:
         res.shown = (res.st.st_dev, res.st.st_ino)
+        if fs.features.metacopy and sysio.getxattr_or_none(
+                fs.index.fd, found[0], fs.dialect.metacopy_xattr) is not None:
+            res.data = (res.layer, where, name)  # an indexed metacopy: the data is here
         res.layer, res.st, res.paths = fs.index, found[1], [found[0]]
 
 
@@ -427,7 +430,7 @@ async def _remove(fs: State, parent: Inode, name: str, is_dir: bool) -> None:
         res = _check_remove(fs, parent, name, is_dir)
     node = live_inode(fs, parent, name, res)
     if node is not None and _index_first(fs, res):
-        await copy_up(fs, node)
+        await copy_up(fs, node, meta=True)
         res = _check_remove(fs, parent, name, is_dir)
         node = live_inode(fs, parent, name, res)
     entry = _index_entry(fs, parent, name, res)
@@ -573,7 +576,7 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
         elif not dst.layer.upper:
             raise oserror(errno.ESTALE)
     elif dst is not None and dst_node is not None and _index_first(fs, dst):
-        await copy_up(fs, dst_node)  # replaced: its entry keeps the count (ovl_nlink_start)
+        await copy_up(fs, dst_node, meta=True)  # replaced: its entry keeps the count (ovl_nlink_start)
     await upper_dir(fs, old_parent)
     await upper_dir(fs, new_parent)
     # Checked again with no await left before the change: the awaits let others run.

@@ -368,7 +368,7 @@ class InodeTable:
             if node is None or shown is None or shown[1] is None:
                 continue
             node.key, node.layer, node.mode = key, res.layer, res.st.st_mode
-            node.lpaths = lower_paths(res)
+            node.lpaths, node.data = lower_paths(res), res.data
             if self._names.get(shown[1]) == nid:
                 del self._names[shown[1]]
             entry = (key, shown[1][1], shown[1][2])
