@@ -148,6 +148,11 @@ def prepare(cfg: MountConfig) -> State:
         log.info("no POSIX ACLs: the upper filesystem has none")
     init_uuid(stack, features.uuid)
     index_layer = None
+    if features.index and not hasattr(pyfuse3.EntryAttributes, "nodeid"):
+        # each name of an indexed file must be a node of its own (inodes.py)
+        log.warning("index=on needs the patched pyfuse3 (scripts/install-deps.sh): "
+                    "falling back to index=off")
+        features = dataclasses.replace(features, index=False)
     if features.index and cfg.upper is not None:
         try:
             index_layer = index.prepare(stack, features.uuid != "off")
