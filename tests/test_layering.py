@@ -13,7 +13,7 @@ LEVELS = {
     "errors": 0, "config": 0, "idmap": 0, "acl": 0,
     "sysio": 1,
     "layers": 2, "whiteout": 2, "probe": 2, "origin": 2,
-    "lookup": 3, "inodes": 3, "handles": 3, "readdir": 3, "state": 3,
+    "lookup": 3, "inodes": 3, "handles": 3, "readdir": 3, "state": 3, "index": 3,
     "copyup": 4, "dirops": 4, "attrs": 4, "xattrs": 4,
     "ops": 5,
     "daemon": 6, "log": 6, "cli": 6, "remount": 6, "__main__": 7, "__init__": 0,
@@ -67,4 +67,20 @@ def test_imports_point_downward() -> None:
                     LEVELS[other] == LEVELS[me] and other != me
                     and (me, other) not in SAME_LEVEL_OK):
                 bad.append(f"{me} (level {LEVELS[me]}) imports {other} (level {LEVELS[other]})")
+    assert not bad, "\n".join(bad)
+
+
+# unionfs/oci (container images) is a second subsystem: it stands on the filesystem's on-disk
+# rules (sysio, the whiteout dialect, probe's choice of it) and nothing above them.
+OCI_MAY_USE = {"errors", "sysio", "whiteout", "probe", "oci"}
+
+
+def test_oci_stays_beside_the_filesystem() -> None:
+    bad = []
+    for path in (PKG / "oci").glob("*.py"):
+        for imp in _imports(path):
+            if imp.split(".")[0] in ("pyfuse3", "trio"):
+                bad.append(f"oci.{path.stem} imports {imp}")
+            if imp.startswith("unionfs.") and imp.split(".")[1] not in OCI_MAY_USE:
+                bad.append(f"oci.{path.stem} imports {imp}")
     assert not bad, "\n".join(bad)
