@@ -7,7 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from unionfs import __version__
 from unionfs.config import MountConfig, apply_options, parse_options, split_lowerdir, split_options
@@ -54,7 +54,49 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Unmount MERGED; the daemon exits by itself.")
     u.add_argument("-z", "--lazy", action="store_true", help="lazy unmount (detach now)")
     u.add_argument("merged", metavar="MERGED")
+    _add_image_commands(sub)
     return p
+
+
+def _add_image_commands(sub: Any) -> None:
+    lay = sub.add_parser("layer", help="apply or export a layer tar (Docker/OCI)",
+                         description="Layer tars: .wh.NAME whiteouts and .wh..wh..opq opaque "
+                         "marks in, overlay whiteouts and opaque xattrs out, and back.")
+    lsub = lay.add_subparsers(dest="layer_cmd", required=True, parser_class=_Parser)
+    a = lsub.add_parser("apply", help="unpack a layer tar into a new layer directory",
+                        description="Unpack LAYER (tar, tar.gz or tar.zst) into DIR, a new or "
+                        "empty directory, as an overlay layer; refuses absolute names, '..', "
+                        "writes through symlinks, links to names outside the layer, duplicate "
+                        "entries.  Prints the layer's diff_id.")
+    a.add_argument("tar", metavar="LAYER")
+    a.add_argument("dir", metavar="DIR")
+    a.add_argument("--userxattr", action="store_true",
+                   help="marks in user.overlay.* even where trusted.overlay.* would work")
+    a.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e = lsub.add_parser("export", help="write an upper directory as a layer tar",
+                        description="Write UPPER as a layer tar (docker commit): whiteouts as "
+                        ".wh.NAME, opaque directories with .wh..wh..opq, in a stable order.  "
+                        "Prints the diff_id (sha256 of the tar) and the digest of the file.")
+    e.add_argument("upper", metavar="UPPER")
+    e.add_argument("-o", "--output", required=True, metavar="LAYER.tar[.gz|.zst]")
+    e.add_argument("--compression", choices=("gzip", "zstd", "none"),
+                   help="default: from the output's name (.gz, .zst), else none")
+    e.add_argument("--mtime", type=int, metavar="SECONDS",
+                   help="this time on every entry, for reproducible output")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    d = sub.add_parser("diff", help="list the changes an upper directory holds",
+                       description="List what UPPER changes in the layers below, as docker "
+                       "diff does: 'A path' added, 'C path' changed, 'D path' deleted.")
+    d.add_argument("upper", metavar="UPPER")
+    d.add_argument("--lowers", metavar="LOWER1[:LOWER2...]",
+                   help="the lower layers (leftmost on top), to tell added from changed; "
+                   "without them a name with overlay.origin or a directory is changed")
+
+
+def _image_command(args: argparse.Namespace) -> int:
+    from unionfs.oci import cli as oci_cli  # tar and digests: not needed to mount
+
+    return oci_cli.run(args)
 
 
 def _helper_parser() -> argparse.ArgumentParser:
@@ -153,7 +195,8 @@ def _remounting(options: list[str], merged: str) -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] not in ("mount", "umount", "--version", "-h", "--help"):
+        if argv and argv[0] not in ("mount", "umount", "layer", "diff", "image", "--version",
+                                    "-h", "--help"):
             # "pyunionfs -o OPTS MERGED" (a mount_program), or mount(8) -> mount.fuse3 ->
             # "pyunionfs SOURCE MOUNTPOINT -o OPTS"
             args = _helper_parser().parse_args(argv)
@@ -166,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
                                    strict=False)
             return _mount(cfg)
         args = build_parser().parse_args(argv)
+        if args.cmd in ("layer", "diff", "image"):
+            return _image_command(args)
         if args.cmd == "umount":
             return _umount(args.merged, args.lazy)
         if len(args.paths) == 1 and _remounting(args.options, args.paths[0]):

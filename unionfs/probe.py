@@ -115,6 +115,11 @@ def cleanup_workdir(stack: LayerStack) -> None:
             pass
 
 
+def probe_dialect(dirfd: int, userxattr: bool = False, oci: bool = False) -> Dialect:
+    """The markers this process can write in directory ``dirfd`` (a layer being built)."""
+    return _probe_dialect(dirfd, userxattr, oci)
+
+
 def _probe_dialect(wfd: int, userxattr: bool, oci: bool) -> Dialect:
     """trusted.overlay.* where we may (real root), else user.overlay.* (the kernel's
     userxattr format); whiteouts as 0/0 char devices with RENAME_WHITEOUT where

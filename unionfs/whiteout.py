@@ -202,6 +202,17 @@ class Dialect:
         else:
             self._oci_whiteout(dirfd, name)
 
+    def write_whiteout(self, dirfd: int, name: str) -> None:
+        """A whiteout at ``name`` in a layer being built, which nothing reads yet: made in
+        place, with no work directory (oci.layer)."""
+        if self.form == CHARDEV:
+            sysio.mknod(dirfd, name, stat.S_IFCHR, 0)
+        elif self.form == XATTR:
+            self._xattr_whiteout_in(dirfd, name)
+            self._mark_xattr_whiteouts(dirfd)
+        else:
+            self._oci_whiteout(dirfd, name)
+
     def replace_with_whiteout(self, dirfd: int, name: str, workfd: int, tmp: str) -> None:
         """Move the object at ``name`` to ``tmp`` in work, leaving a whiteout at ``name``
         with no moment where the layers below show through."""

@@ -1,0 +1,79 @@
+"""The image verbs of the command line (``pyunionfs layer|diff|image``): one line naming the
+problem and a non-zero exit for bad input, as the mount verbs."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from unionfs.oci import layer
+from unionfs.oci.diff import changes
+
+PROG = "pyunionfs"
+
+
+def _compression(args: argparse.Namespace) -> str | None:
+    if args.compression:
+        return None if args.compression == "none" else args.compression
+    out = args.output
+    if out.endswith((".gz", ".tgz")):
+        return "gzip"
+    if out.endswith((".zst", ".zstd")):
+        return "zstd"
+    return None
+
+
+def _size_under(path: str) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        if args.cmd == "layer" and args.layer_cmd == "apply":
+            update, close = layer.terminal_progress(os.path.getsize(args.tar), "apply",
+                                                    args.quiet)
+            try:
+                done = layer.apply(args.tar, args.dir, userxattr=args.userxattr,
+                                   progress=update)
+            finally:
+                close()
+            print(done.diff_id)
+            if not done.owners_kept:
+                print(f"{PROG}: note: owners not kept (only root may give files away)",
+                      file=sys.stderr)
+            return 0
+        if args.cmd == "layer" and args.layer_cmd == "export":
+            update, close = layer.terminal_progress(_size_under(args.upper), "export",
+                                                    args.quiet)
+            try:
+                out = layer.export(args.upper, args.output, _compression(args), args.mtime,
+                                   progress=update)
+            finally:
+                close()
+            print(f"diff_id {out.diff_id}")
+            print(f"digest {out.digest}")
+            return 0
+        if args.cmd == "diff":
+            lowers = args.lowers.split(":") if args.lowers else None
+            for kind, path in changes(args.upper, lowers):
+                print(kind, path)
+            return 0
+    except layer.LayerError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except FileNotFoundError as e:
+        print(f"{PROG}: error: '{e.filename}': {e.strerror}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{PROG}: error: {e.strerror or e}" + (f": '{e.filename}'" if e.filename else ""),
+              file=sys.stderr)
+        return 1
+    raise AssertionError(args)

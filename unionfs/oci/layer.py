@@ -1,0 +1,626 @@
+"""Layer tars (OCI image-spec layer.md, Docker's overlay2 driver): apply one into an overlay
+layer directory, and export an upper directory as one.
+
+In a tar a deleted name is an empty file ``.wh.NAME`` and an opaque directory holds a
+``.wh..wh..opq`` entry; in an overlay layer they are a whiteout and an opaque mark, written
+in the dialect the directory's filesystem allows (``probe.probe_dialect``: 0/0 devices and
+``trusted.overlay.*`` as root, ``user.overlay.*`` and xattr whiteouts rootless).
+
+A layer tar is untrusted.  Every name is resolved below the layer's root by directory fds
+with no symlink followed (``sysio.open_dir_beneath``), so an entry can't write through a
+symlink an earlier entry made; absolute names, ``..``, links to names outside the layer,
+duplicate entries and overlay marks smuggled in as xattrs are refused or dropped; the layer
+is built beside its final place and renamed there only when complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import stat
+import sys
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import IO, Any, BinaryIO
+
+from unionfs import sysio
+from unionfs.whiteout import (
+    FUSE_OVERLAYFS,
+    TRUSTED,
+    USER,
+    WH_OPAQUE,
+    WH_PREFIX,
+    Dialect,
+    is_whiteout_stat,
+)
+
+CHUNK = 1 << 20
+GZIP_MAGIC, ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
+# Marks of an overlay (ours, the kernel's, fuse-overlayfs's): never taken from a tar, where
+# anyone could forge a redirect, an opaque mark or a metacopy, nor written into one.
+PRIVATE_XATTRS = (TRUSTED, USER, FUSE_OVERLAYFS)
+PAX_XATTR = "SCHILY.xattr."
+
+
+class LayerError(Exception):
+    """A layer that can't be applied or exported, in one line naming the problem."""
+
+
+# -- streams -----------------------------------------------------------------------
+
+
+class _HashingReader(io.RawIOBase):
+    """Reads through, hashing every byte (a layer's digest while it streams)."""
+
+    def __init__(self, raw: IO[bytes], progress: Callable[[int], object] | None = None):
+        self.raw, self.hash, self.progress = raw, hashlib.sha256(), progress
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = self.raw.readinto(b)  # type: ignore[attr-defined]
+        if n:
+            self.hash.update(memoryview(b)[:n])
+            if self.progress is not None:
+                self.progress(n)
+        return n or 0
+
+    def drain(self) -> None:
+        """Read to the end: the digest covers the whole stream (a tar's zero padding)."""
+        while self.read(CHUNK):
+            pass
+
+
+class _HashingWriter(io.RawIOBase):
+    def __init__(self, raw: IO[bytes]):
+        self.raw, self.hash, self.size = raw, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        view = memoryview(b)
+        self.raw.write(view)
+        self.hash.update(view)
+        self.size += len(view)
+        return len(view)
+
+
+def digest_of(value: str) -> str:
+    return value if value.startswith("sha256:") else "sha256:" + value
+
+
+# -- names ---------------------------------------------------------------------------
+
+
+def clean_name(name: str, what: str = "entry") -> str:
+    """A member name as a path below the layer root ("" for the root itself); refused:
+    absolute names and ``..`` (the classic tar escapes), NUL."""
+    if "\0" in name:
+        raise LayerError(f"{what} {name!r}: a NUL in the name")
+    if name.startswith("/"):
+        raise LayerError(f"{what} {name!r}: an absolute path")
+    parts = []
+    for part in name.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            raise LayerError(f"{what} {name!r}: a '..' component leaves the layer")
+        parts.append(part)
+    return "/".join(parts)
+
+
+def _split(path: str) -> tuple[str, str]:
+    parent, _, leaf = path.rpartition("/")
+    return parent, leaf
+
+
+# -- apply -----------------------------------------------------------------------------
+
+
+@dataclass
+class Applied:
+    diff_id: str  # sha256 of the uncompressed tar
+    digest: str  # sha256 of the file as given (the blob digest)
+    entries: int
+    owners_kept: bool  # False: ids could not be given away (unprivileged)
+    size: int  # bytes read
+
+
+class _Dirs:
+    """O_PATH fds of the layer's directories, by path, made as needed: every open goes
+    below the root with no symlink followed."""
+
+    def __init__(self, rootfd: int) -> None:
+        self.rootfd = rootfd
+        self.fds: dict[str, int] = {"": rootfd}
+        self.made: set[str] = set()  # made for a child before (or without) their own entry
+
+    def get(self, path: str, entry: str) -> int:
+        fd = self.fds.get(path)
+        if fd is not None:
+            return fd
+        try:
+            fd = sysio.open_dir_beneath(self.rootfd, path)
+        except FileNotFoundError:
+            parent, leaf = _split(path)
+            pfd = self.get(parent, entry)
+            try:
+                sysio.mkdir(pfd, leaf, 0o755)
+            except FileExistsError:
+                pass
+            self.made.add(path)
+            return self.get(path, entry)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
+                raise LayerError(f"entry {entry!r}: '{path}' is not a directory of the "
+                                 "layer (a symlink or a file): refused, it would write "
+                                 "through it") from None
+            raise
+        if len(self.fds) > 512:
+            for k in [k for k in self.fds if k][:256]:
+                os.close(self.fds.pop(k))
+        self.fds[path] = fd
+        return fd
+
+    def close(self) -> None:
+        for k, fd in self.fds.items():
+            if k:
+                os.close(fd)
+        self.fds = {"": self.rootfd}
+
+
+def _xattrs_of(member: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+    out = []
+    for key, value in member.pax_headers.items():
+        if key.startswith(PAX_XATTR):
+            name = key[len(PAX_XATTR):]
+            if not name.startswith(PRIVATE_XATTRS):
+                out.append((name, value.encode("utf-8", "surrogateescape")))
+    return out
+
+
+class _Applier:
+    def __init__(self, rootfd: int, dialect: Dialect) -> None:
+        self.rootfd, self.dialect = rootfd, dialect
+        self.dirs = _Dirs(rootfd)
+        self.seen: set[str] = set()  # names this layer has an entry for
+        self.dir_meta: dict[str, tarfile.TarInfo] = {}
+        self.opaque: set[str] = set()
+        self.owners = os.geteuid() == 0
+        self.owners_kept = True
+        self.entries = 0
+
+    def _claim(self, path: str, kind: str) -> None:
+        if path in self.seen and not (kind == "dir" and path in self.dir_meta):
+            raise LayerError(f"entry {path!r}: a second entry for the same name")
+        self.seen.add(path)
+
+    def add(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        path = clean_name(m.name)
+        self.entries += 1
+        if not path:
+            if m.isdir():
+                self.dir_meta[""] = m
+                return
+            raise LayerError(f"entry {m.name!r}: the layer root must be a directory")
+        parent, leaf = _split(path)
+        if leaf == WH_OPAQUE:
+            self.dirs.get(parent, m.name)
+            self.opaque.add(parent)
+            return
+        if leaf.startswith(WH_PREFIX + WH_PREFIX):
+            return  # AUFS bookkeeping (.wh..wh.plnk, .wh..wh.aufs): not content
+        pfd = self.dirs.get(parent, m.name)
+        if leaf.startswith(WH_PREFIX):
+            target = leaf[len(WH_PREFIX):]
+            if target in ("", ".", ".."):
+                raise LayerError(f"entry {m.name!r}: a whiteout of no name")
+            self._claim(f"{parent}/{target}" if parent else target, "whiteout")
+            self._whiteout(pfd, target, m.name)
+            return
+        if m.isdir():
+            self._claim(path, "dir")
+            st = sysio.lstat_or_none(pfd, leaf)
+            if st is None:
+                sysio.mkdir(pfd, leaf, 0o700)
+            elif not stat.S_ISDIR(st.st_mode):
+                raise LayerError(f"entry {m.name!r}: a directory where the layer has "
+                                 "another entry")
+            self.dir_meta[path] = m
+            return
+        self._claim(path, "file")
+        if sysio.lstat_or_none(pfd, leaf) is not None:
+            if path in self.dirs.made:
+                raise LayerError(f"entry {m.name!r}: not a directory, but an earlier entry "
+                                 "lies below it")
+            raise LayerError(f"entry {m.name!r}: a second entry for the same name")
+        if m.isreg():
+            self._file(tar, m, pfd, leaf)
+        elif m.issym():
+            sysio.symlink(m.linkname, pfd, leaf)  # data: never followed
+        elif m.islnk():
+            self._hardlink(m, pfd, leaf)
+            return  # the target's metadata is the file's
+        elif m.ischr() or m.isblk():
+            if m.ischr() and (m.devmajor, m.devminor) == (0, 0):
+                self._whiteout(pfd, leaf, m.name)  # a whiteout stored as such
+                return
+            kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+            try:
+                sysio.mknod(pfd, leaf, kind | 0o600, os.makedev(m.devmajor, m.devminor))
+            except PermissionError:
+                raise LayerError(f"entry {m.name!r}: a device node ({m.devmajor}:{m.devminor}), "
+                                 "which only root may make: refused") from None
+        elif m.isfifo():
+            sysio.mknod(pfd, leaf, stat.S_IFIFO | 0o600)
+        else:
+            raise LayerError(f"entry {m.name!r}: an entry of unknown type {m.type!r}")
+        self._meta(pfd, leaf, m, symlink=m.issym())
+
+    def _whiteout(self, pfd: int, name: str, entry: str) -> None:
+        if sysio.lstat_or_none(pfd, name) is not None:
+            raise LayerError(f"entry {entry!r}: a whiteout of a name the layer has")
+        self.dialect.write_whiteout(pfd, name)
+
+    def _file(self, tar: tarfile.TarFile, m: tarfile.TarInfo, pfd: int, leaf: str) -> None:
+        fd = sysio.open_at(pfd, leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            src = tar.extractfile(m)
+            if src is not None:
+                with os.fdopen(os.dup(fd), "wb", buffering=0) as out:
+                    shutil.copyfileobj(src, out, CHUNK)
+        finally:
+            os.close(fd)
+
+    def _hardlink(self, m: tarfile.TarInfo, pfd: int, leaf: str) -> None:
+        target = clean_name(m.linkname, "hard link target of")
+        tparent, tleaf = _split(target)
+        if not tleaf or target not in self.seen:
+            raise LayerError(f"entry {m.name!r}: a hard link to {m.linkname!r}, which is not "
+                             "an earlier entry of the layer")
+        tfd = self.dirs.get(tparent, m.name)
+        st = sysio.lstat_or_none(tfd, tleaf)
+        if st is None or stat.S_ISDIR(st.st_mode) or is_whiteout_stat(st):
+            raise LayerError(f"entry {m.name!r}: a hard link to {m.linkname!r}, which is "
+                             "not a file of the layer")
+        sysio.link(tfd, tleaf, pfd, leaf)
+
+    def _meta(self, pfd: int, leaf: str, m: tarfile.TarInfo, symlink: bool = False,
+              is_dir: bool = False) -> None:
+        """Owner first (a chown drops set-id bits and capabilities), then xattrs, the
+        mode, the times."""
+        if self.owners:
+            try:
+                sysio.chown(pfd, leaf, m.uid, m.gid)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EINVAL):
+                    raise
+                self.owners_kept = False  # an id this user namespace doesn't map
+        else:
+            self.owners_kept = False
+        for name, value in _xattrs_of(m):
+            try:
+                sysio.setxattr(pfd, leaf, name, value)
+            except OSError as e:
+                # security.* or trusted.* need privileges; user.* can't go on a symlink
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
+                    raise
+        if not symlink:
+            sysio.chmod(pfd, leaf, m.mode & 0o7777)
+        sysio.utimens(pfd, leaf, int(m.mtime * 1e9), int(m.mtime * 1e9))
+
+    def finish(self) -> None:
+        """Directories last, deepest first: their modes might refuse the entries inside,
+        and each entry made in them changed their times."""
+        for path in sorted(set(self.dir_meta) | self.opaque | self.dirs.made,
+                           key=lambda p: (-p.count("/"), p), reverse=False):
+            parent, leaf = _split(path)
+            if not path:
+                fd, name = self.rootfd, "."
+            else:
+                fd, name = self.dirs.get(parent, path), leaf
+            if path in self.opaque:
+                if path:
+                    self.dialect.set_opaque(fd, name)
+                else:
+                    os.setxattr(sysio.proc_fd(fd), self.dialect.opaque, b"y")
+            m = self.dir_meta.get(path)
+            if m is not None:
+                self._meta(fd, name, m, is_dir=True)
+        if "" not in self.dir_meta:
+            os.chmod(sysio.proc_fd(self.rootfd), 0o755)  # no entry for it: as a fresh dir
+        self.dirs.close()
+
+
+def _choose_dialect(fd: int, userxattr: bool) -> Dialect:
+    from unionfs.probe import probe_dialect  # the filesystem's own choice of markers
+
+    return probe_dialect(fd, userxattr)
+
+
+def apply(src: str, dest: str, userxattr: bool = False,
+          progress: Callable[[int], object] | None = None) -> Applied:
+    """Unpack layer tar ``src`` (plain, gzip or zstd) into a new layer directory ``dest``."""
+    dest = os.path.abspath(dest)
+    parent, name = os.path.split(dest)
+    try:
+        if os.path.lexists(dest):
+            if not os.path.isdir(dest) or os.listdir(dest):
+                raise LayerError(f"'{dest}' exists and is not an empty directory")
+            os.rmdir(dest)
+        pfd = sysio.open_root(parent)
+    except OSError as e:
+        raise LayerError(f"'{dest}': {e.strerror}") from None
+    stage = f".{name}.partial-{os.getpid()}"
+    try:
+        sysio.mkdir(pfd, stage, 0o700)
+        rootfd = sysio.open_dir_beneath(pfd, stage)
+        try:
+            applier = _Applier(rootfd, _choose_dialect(rootfd, userxattr))
+            with open(src, "rb", buffering=0) as f:
+                raw = _HashingReader(io.BufferedReader(f, CHUNK), progress)
+                buffered = io.BufferedReader(raw, CHUNK)
+                stream = _decompressor_for(buffered)  # type: ignore[arg-type]
+                plain = _HashingReader(stream)
+                try:
+                    with tarfile.open(fileobj=plain, mode="r|") as tar:
+                        for m in tar:
+                            applier.add(tar, m)
+                except tarfile.TarError as e:
+                    raise LayerError(f"'{src}': not a layer tar ({e})") from None
+                except (EOFError, gzip.BadGzipFile, OSError) as e:
+                    if isinstance(e, OSError) and e.errno is not None:
+                        raise
+                    raise LayerError(f"'{src}': truncated or corrupt ({e})") from None
+                plain.drain()
+                raw.drain()
+            applier.finish()
+        finally:
+            os.close(rootfd)
+        sysio.renameat2(pfd, stage, pfd, name, sysio.RENAME_NOREPLACE)
+    except BaseException:
+        _remove_quietly(pfd, stage)
+        raise
+    finally:
+        os.close(pfd)
+    return Applied("sha256:" + plain.hash.hexdigest(), "sha256:" + raw.hash.hexdigest(),
+                   applier.entries, applier.owners_kept, os.path.getsize(src))
+
+
+def _decompressor_for(buffered: io.BufferedReader) -> IO[bytes]:
+    head = buffered.peek(4)[:4]
+    if head.startswith(GZIP_MAGIC):
+        return gzip.GzipFile(fileobj=buffered, mode="rb")  # type: ignore[return-value]
+    if head.startswith(ZSTD_MAGIC):
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(
+            buffered, read_across_frames=True)
+    return buffered
+
+
+def _remove_quietly(pfd: int, name: str) -> None:
+    from unionfs.probe import remove_tree_at
+
+    try:
+        remove_tree_at(pfd, name)
+    except OSError:
+        pass
+
+
+# -- export ----------------------------------------------------------------------------
+
+
+@dataclass
+class Exported:
+    diff_id: str
+    digest: str
+    size: int  # bytes written
+    entries: int
+
+
+def _foreign_whiteout(dfd: int, name: str, st: os.stat_result) -> bool:
+    if is_whiteout_stat(st):
+        return True
+    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+        return any(sysio.getxattr_or_none(dfd, name, p + "whiteout") is not None
+                   for p in (TRUSTED, USER))
+    return False
+
+
+def _opaque(dfd: int, name: str) -> bool:
+    return any(sysio.getxattr_or_none(dfd, name, p + "opaque") == b"y"
+               for p in (TRUSTED, USER)) or \
+        sysio.getxattr_or_none(dfd, name, FUSE_OVERLAYFS + "opaque") is not None
+
+
+def _visible_xattrs(dfd: int, name: str) -> dict[str, str]:
+    out = {}
+    for attr in sysio.listxattr(dfd, name):
+        shown = attr
+        for p in (TRUSTED, USER):
+            if attr.startswith(p + "overlay."):  # a user's name escaped under the prefix
+                shown = p + attr[len(p + "overlay."):]
+                break
+        else:
+            if attr.startswith(PRIVATE_XATTRS):
+                continue
+        if attr.startswith(("system.posix_acl",)):
+            pass  # ACLs travel as xattrs, as Docker's archive writes them
+        value = sysio.getxattr_or_none(dfd, name, attr)
+        if value is not None:
+            out[PAX_XATTR + shown] = value.decode("utf-8", "surrogateescape")
+    return out
+
+
+def _walk(rootfd: int) -> Iterator[tuple[str, int, str, os.stat_result]]:
+    """(path, parent fd, name, lstat) of every entry below the root, sorted, parents
+    first; by directory fds, never following a symlink."""
+    stack: list[tuple[str, int]] = [("", os.dup(rootfd))]
+    try:
+        while stack:
+            path, dfd = stack.pop()
+            try:
+                lfd = sysio.open_dir_for_listing(dfd, ".")
+                try:
+                    names = sorted(os.listdir(lfd), key=os.fsencode)
+                finally:
+                    os.close(lfd)
+                subdirs = []
+                for name in names:
+                    st = sysio.lstat(dfd, name)
+                    child = f"{path}/{name}" if path else name
+                    yield child, dfd, name, st
+                    if stat.S_ISDIR(st.st_mode):
+                        subdirs.append((child, name))
+                for child, name in reversed(subdirs):
+                    stack.append((child, sysio.open_dir_beneath(dfd, name)))
+            finally:
+                os.close(dfd)
+    finally:
+        for _, fd in stack:
+            os.close(fd)
+
+
+def export(upper: str, out: str, compression: str | None = "gzip",
+           mtime: int | None = None,
+           progress: Callable[[int], object] | None = None) -> Exported:
+    """Write upper directory ``upper`` as a layer tar at ``out`` (docker commit): whiteouts
+    as ``.wh.NAME``, opaque directories with ``.wh..wh..opq``; sorted, numeric owners,
+    ``mtime`` (when given) on every entry, so the same upper gives the same bytes."""
+    try:
+        rootfd = sysio.open_root(upper)
+    except OSError as e:
+        raise LayerError(f"'{upper}': {e.strerror}") from None
+    out = os.path.abspath(out)
+    tmp = f"{out}.partial-{os.getpid()}"
+    entries = 0
+    try:
+        with open(tmp, "xb") as f:
+            packed = _HashingWriter(f)
+            comp: BinaryIO
+            if compression == "gzip":
+                comp = gzip.GzipFile(fileobj=packed, mode="wb", mtime=0,  # type: ignore[assignment]
+                                     compresslevel=6)
+            elif compression == "zstd":
+                import zstandard
+
+                comp = zstandard.ZstdCompressor(level=3).stream_writer(
+                    packed, closefd=False)  # type: ignore[arg-type]
+            else:
+                comp = packed  # type: ignore[assignment]
+            plain = _HashingWriter(comp)
+            with tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT,
+                              bufsize=CHUNK) as tar:
+                links: dict[tuple[int, int], str] = {}
+                for path, dfd, name, st in _walk(rootfd):
+                    entries += 1
+                    for info, data in _entries(path, dfd, name, st, links, mtime):
+                        if data is not None:
+                            with os.fdopen(data, "rb", buffering=CHUNK) as fobj:
+                                tar.addfile(info, fobj)
+                                if progress is not None:
+                                    progress(info.size)
+                        else:
+                            tar.addfile(info)
+            if comp is not packed:
+                comp.close()
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, out)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        os.close(rootfd)
+    return Exported("sha256:" + plain.hash.hexdigest(), "sha256:" + packed.hash.hexdigest(),
+                    packed.size, entries)
+
+
+def _info(path: str, st: os.stat_result, mtime: int | None, kind: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(path)
+    info.type = kind
+    info.mode = stat.S_IMODE(st.st_mode)
+    info.uid, info.gid = st.st_uid, st.st_gid
+    info.uname = info.gname = ""
+    info.mtime = mtime if mtime is not None else st.st_mtime_ns // 10**9
+    return info
+
+
+def _entries(path: str, dfd: int, name: str, st: os.stat_result,
+             links: dict[tuple[int, int], str], mtime: int | None
+             ) -> Iterator[tuple[tarfile.TarInfo, int | None]]:
+    parent = path.rpartition("/")[0]
+    if _foreign_whiteout(dfd, name, st):
+        info = _info(f"{parent}/{WH_PREFIX}{name}" if parent else WH_PREFIX + name, st, mtime,
+                     tarfile.REGTYPE)
+        info.mode, info.size = 0o644, 0
+        yield info, None
+        return
+    for marker in ("metacopy", "redirect"):
+        if any(sysio.getxattr_or_none(dfd, name, p + marker) is not None
+               for p in (TRUSTED, USER)):
+            raise LayerError(f"'{path}' carries overlay.{marker} (a mount with "
+                             f"{'metacopy' if marker == 'metacopy' else 'redirect_dir'}=on): "
+                             "its content lies in the lower layers, which export does not "
+                             "read yet")
+    xattrs = _visible_xattrs(dfd, name) if not stat.S_ISLNK(st.st_mode) else {}
+    if stat.S_ISDIR(st.st_mode):
+        info = _info(path, st, mtime, tarfile.DIRTYPE)
+        info.pax_headers = xattrs
+        yield info, None
+        if _opaque(dfd, name):
+            opq = _info(f"{path}/{WH_OPAQUE}", st, mtime, tarfile.REGTYPE)
+            opq.mode, opq.size = 0o644, 0
+            yield opq, None
+        return
+    if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
+        first = links.get((st.st_dev, st.st_ino))
+        if first is not None:
+            info = _info(path, st, mtime, tarfile.LNKTYPE)
+            info.linkname = first
+            yield info, None
+            return
+        links[(st.st_dev, st.st_ino)] = path
+    if stat.S_ISREG(st.st_mode):
+        info = _info(path, st, mtime, tarfile.REGTYPE)
+        info.size = st.st_size
+        info.pax_headers = xattrs
+        yield info, sysio.open_at(dfd, name, os.O_RDONLY)
+    elif stat.S_ISLNK(st.st_mode):
+        info = _info(path, st, mtime, tarfile.SYMTYPE)
+        info.linkname = sysio.readlink(dfd, name)
+        yield info, None
+    elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        info = _info(path, st, mtime, tarfile.CHRTYPE if stat.S_ISCHR(st.st_mode)
+                     else tarfile.BLKTYPE)
+        info.devmajor, info.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+        info.pax_headers = xattrs
+        yield info, None
+    elif stat.S_ISFIFO(st.st_mode):
+        info = _info(path, st, mtime, tarfile.FIFOTYPE)
+        info.pax_headers = xattrs
+        yield info, None
+    # sockets: not content (tar can't hold them either)
+
+
+def terminal_progress(total: int, what: str, quiet: bool = False
+                      ) -> tuple[Callable[[int], object] | None, Callable[[], None]]:
+    """A progress bar on a terminal (tqdm), nothing in a pipe or with ``quiet``."""
+    if quiet or not sys.stderr.isatty():
+        return None, lambda: None
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=what, leave=False)
+    return bar.update, bar.close
+
