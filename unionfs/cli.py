@@ -93,10 +93,94 @@ def _add_image_commands(sub: Any) -> None:
                    "without them a name with overlay.origin or a directory is changed")
 
 
-def _image_command(args: argparse.Namespace) -> int:
-    from unionfs.oci import cli as oci_cli  # tar and digests: not needed to mount
+    img = sub.add_parser("image", help="mount a container image archive, commit changes",
+                         description="Images from 'docker save' archives and OCI layouts, "
+                         "their layers applied once into a shared store.")
+    isub = img.add_subparsers(dest="image_cmd", required=True, parser_class=_Parser)
+    im = isub.add_parser("mount", help="mount an image archive",
+                         description="Apply the layers of ARCHIVE (a docker save tar, or an "
+                         "OCI image layout, a directory or a tar) into the store, those it "
+                         "lacks only, each checked against its digests, and mount them at "
+                         "MERGED; with no --upper, a throwaway upper in the store.")
+    im.add_argument("archive", metavar="ARCHIVE")
+    im.add_argument("merged", metavar="MERGED")
+    im.add_argument("--upper", metavar="DIR")
+    im.add_argument("--work", metavar="DIR")
+    _store_args(im)
+    _add_mount_options(im)
+    ic = isub.add_parser("commit", help="write a mounted image with its changes as an archive",
+                         description="Write the image mounted at MERGED, with its upper as a "
+                         "new layer on top, as an archive that docker load, podman load and "
+                         "skopeo read (docker save's manifest.json and an OCI layout).")
+    ic.add_argument("merged", metavar="MERGED")
+    ic.add_argument("-o", "--output", required=True, metavar="NEW.tar")
+    ic.add_argument("--tag", metavar="NAME:TAG")
+    _store_args(ic)
+    iu = isub.add_parser("umount", help="unmount an image and drop its throwaway upper")
+    iu.add_argument("merged", metavar="MERGED")
+    _store_args(iu)
 
-    return oci_cli.run(args)
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", metavar="DIR",
+                   help="the layer store (default: $XDG_DATA_HOME/pyunionfs)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, no layer lines")
+
+
+def _escape_lower(path: str) -> str:
+    return path.replace(":", "\\:")
+
+
+def _image_command(args: argparse.Namespace) -> int:
+    # tar, digests and the store: not needed to mount a plain overlay
+    from unionfs.oci import cli as oci_cli
+    from unionfs.oci.image import Store
+    from unionfs.oci.layer import LayerError
+
+    if args.cmd != "image":
+        return oci_cli.run(args)
+    try:
+        store = Store(args.store)
+        if args.image_cmd == "commit":
+            digest = store.commit(args.merged, args.output, args.tag, quiet=args.quiet)
+            print(f"config {digest}")
+            return 0
+        if args.image_cmd == "umount":
+            rc = _umount(args.merged, lazy=False)
+            if rc == 0:
+                store.forget_mount(args.merged)
+            return rc
+        say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
+        imported = store.import_archive(args.archive, say=say, quiet=args.quiet)
+        throwaway = None
+        upper, work = args.upper, args.work
+        if upper is None:
+            if work is not None:
+                raise MountError("--work needs --upper")
+            throwaway, upper, work = store.new_container()
+        elif work is None:
+            raise MountError("--upper needs --work")
+        lowers = ":".join(_escape_lower(p) for p in imported.lowers)
+        try:
+            rc = _mount(config_from_args([lowers, upper, work, args.merged], args.options, args))
+        except BaseException:
+            if throwaway:
+                shutil.rmtree(throwaway, ignore_errors=True)
+            raise
+        if rc == 0:
+            store.record_mount(args.merged, imported, upper, work, throwaway)
+            say(f"mounted {len(imported.lowers)} layers at {args.merged} "
+                f"({imported.applied} applied, {imported.shared} from the store)")
+        elif throwaway:
+            shutil.rmtree(throwaway, ignore_errors=True)
+        return rc
+    except LayerError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{PROG}: error: {e.strerror or e}" + (f": '{e.filename}'" if e.filename else ""),
+              file=sys.stderr)
+        return 1
 
 
 def _helper_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,8 @@
 # System packages for `make test-containers` / `make bench-podman`: podman and buildah with the
 # runc runtime, busybox-static (the base image is built from /bin/busybox), uidmap
 # (newuidmap/newgidmap for the rootless tests), acl (setfacl/getfacl: the rootless tests grant
-# the test user /dev/fuse for their duration), fuse-overlayfs (reference mount_program).
+# the test user /dev/fuse for their duration), fuse-overlayfs (reference mount_program),
+# skopeo and umoci (independent readers and writers of image archives, for the image tests).
 # Idempotent: apt is only called when a package is missing; `apt-get update` only then.
 #
 #   scripts/containers/install-deps.sh
@@ -10,7 +11,7 @@
 set -euo pipefail
 
 pkgs=(podman buildah runc conmon golang-github-containers-common busybox-static uidmap acl
-    fuse-overlayfs fuse3)
+    fuse-overlayfs fuse3 skopeo umoci)
 
 die() {
     echo "containers/install-deps: error: $*" >&2
