@@ -63,8 +63,11 @@ class _Source:
             return
         try:
             self.tar = tarfile.open(path, "r:*")
-        except (OSError, tarfile.TarError) as e:
-            raise LayerError(f"'{path}': not an image archive ({e})") from None
+        except FileNotFoundError:
+            raise LayerError(f"'{path}': no such file or directory") from None
+        except (OSError, tarfile.TarError):
+            raise LayerError(f"'{path}': not an image archive (neither a directory nor a "
+                             "tar)") from None
         self.members = {layer.clean_name(m.name, "archive entry"): m
                         for m in self.tar.getmembers()}
 

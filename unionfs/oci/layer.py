@@ -374,7 +374,8 @@ def apply(src: str, dest: str, userxattr: bool = False,
                         for m in tar:
                             applier.add(tar, m)
                 except tarfile.TarError as e:
-                    raise LayerError(f"'{src}': not a layer tar ({e})") from None
+                    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise LayerError(f"'{src}': not a layer tar ({first})") from None
                 except (EOFError, gzip.BadGzipFile, OSError) as e:
                     if isinstance(e, OSError) and e.errno is not None:
                         raise
