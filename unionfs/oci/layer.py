@@ -236,14 +236,20 @@ class _Applier:
             self.dir_meta[path] = m
             return
         self._claim(path, "file")
-        if sysio.lstat_or_none(pfd, leaf) is not None:
-            if path in self.dirs.made:
-                raise LayerError(f"entry {m.name!r}: not a directory, but an earlier entry "
-                                 "lies below it")
-            raise LayerError(f"entry {m.name!r}: a second entry for the same name")
         if m.isreg():
-            self._file(tar, m, pfd, leaf)
-        elif m.issym():
+            try:
+                fd = sysio.open_at(pfd, leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                raise self._taken(m, path) from None
+            try:
+                self._file(tar, m, fd)
+                self._meta(fd, None, m)
+            finally:
+                os.close(fd)
+            return
+        if sysio.lstat_or_none(pfd, leaf) is not None:
+            raise self._taken(m, path)
+        if m.issym():
             sysio.symlink(m.linkname, pfd, leaf)  # data: never followed
         elif m.islnk():
             self._hardlink(m, pfd, leaf)
@@ -269,15 +275,25 @@ class _Applier:
             raise LayerError(f"entry {entry!r}: a whiteout of a name the layer has")
         self.dialect.write_whiteout(pfd, name)
 
-    def _file(self, tar: tarfile.TarFile, m: tarfile.TarInfo, pfd: int, leaf: str) -> None:
-        fd = sysio.open_at(pfd, leaf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            src = tar.extractfile(m)
-            if src is not None:
-                with os.fdopen(os.dup(fd), "wb", buffering=0) as out:
-                    shutil.copyfileobj(src, out, CHUNK)
-        finally:
-            os.close(fd)
+    def _taken(self, m: tarfile.TarInfo, path: str) -> LayerError:
+        if path in self.dirs.made:
+            return LayerError(f"entry {m.name!r}: not a directory, but an earlier entry lies "
+                              "below it")
+        return LayerError(f"entry {m.name!r}: a second entry for the same name")
+
+    @staticmethod
+    def _file(tar: tarfile.TarFile, m: tarfile.TarInfo, fd: int) -> None:
+        if not m.size:
+            return
+        src = tar.extractfile(m)
+        assert src is not None
+        if m.size <= CHUNK:
+            data = memoryview(src.read())  # most files: one read, one write
+            while data:
+                data = data[os.write(fd, data):]
+            return
+        with os.fdopen(os.dup(fd), "wb", buffering=0) as out:
+            shutil.copyfileobj(src, out, CHUNK)
 
     def _hardlink(self, m: tarfile.TarInfo, pfd: int, leaf: str) -> None:
         target = clean_name(m.linkname, "hard link target of")
@@ -292,29 +308,41 @@ class _Applier:
                              "not a file of the layer")
         sysio.link(tfd, tleaf, pfd, leaf)
 
-    def _meta(self, pfd: int, leaf: str, m: tarfile.TarInfo, symlink: bool = False,
+    def _meta(self, dfd: int, leaf: str | None, m: tarfile.TarInfo, symlink: bool = False,
               is_dir: bool = False) -> None:
         """Owner first (a chown drops set-id bits and capabilities), then xattrs, the
-        mode, the times."""
+        mode, the times.  ``leaf`` None: ``dfd`` is the object itself, open (a file)."""
         if self.owners:
             try:
-                sysio.chown(pfd, leaf, m.uid, m.gid)
+                if leaf is None:
+                    os.fchown(dfd, m.uid, m.gid)
+                else:
+                    sysio.chown(dfd, leaf, m.uid, m.gid)
             except OSError as e:
                 if e.errno not in (errno.EPERM, errno.EINVAL):
                     raise
                 self.owners_kept = False  # an id this user namespace doesn't map
         else:
             self.owners_kept = False
-        for name, value in _xattrs_of(m):
-            try:
-                sysio.setxattr(pfd, leaf, name, value)
-            except OSError as e:
-                # security.* or trusted.* need privileges; user.* can't go on a symlink
-                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
-                    raise
+        if m.pax_headers:
+            for name, value in _xattrs_of(m):
+                try:
+                    if leaf is None:
+                        os.setxattr(dfd, name, value)
+                    else:
+                        sysio.setxattr(dfd, leaf, name, value)
+                except OSError as e:
+                    # security.* or trusted.* need privileges; user.* can't go on a symlink
+                    if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
+                        raise
+        ns = int(m.mtime * 1e9)
+        if leaf is None:
+            os.fchmod(dfd, m.mode & 0o7777)
+            os.utime(dfd, ns=(ns, ns))
+            return
         if not symlink:
-            sysio.chmod(pfd, leaf, m.mode & 0o7777)
-        sysio.utimens(pfd, leaf, int(m.mtime * 1e9), int(m.mtime * 1e9))
+            sysio.chmod(dfd, leaf, m.mode & 0o7777)
+        sysio.utimens(dfd, leaf, ns, ns)
 
     def finish(self) -> None:
         """Directories last, deepest first: their modes might refuse the entries inside,
@@ -368,9 +396,11 @@ def apply(src: str, dest: str, userxattr: bool = False,
                 raw = _HashingReader(io.BufferedReader(f, CHUNK), progress)
                 buffered = io.BufferedReader(raw, CHUNK)
                 stream = _decompressor_for(buffered)  # type: ignore[arg-type]
-                plain = _HashingReader(stream)
+                # uncompressed, the two digests are one: hashed once
+                plain = _HashingReader(stream) if stream is not buffered else raw
                 try:
-                    with tarfile.open(fileobj=plain, mode="r|") as tar:
+                    with tarfile.open(fileobj=plain if plain is not raw else buffered,
+                                      mode="r|") as tar:
                         for m in tar:
                             applier.add(tar, m)
                 except tarfile.TarError as e:
@@ -380,7 +410,10 @@ def apply(src: str, dest: str, userxattr: bool = False,
                     if isinstance(e, OSError) and e.errno is not None:
                         raise
                     raise LayerError(f"'{src}': truncated or corrupt ({e})") from None
-                plain.drain()
+                if plain is not raw:
+                    plain.drain()
+                while buffered.read(CHUNK):  # to the end: the digest covers the whole file
+                    pass
                 raw.drain()
             applier.finish()
         finally:
@@ -442,9 +475,9 @@ def _opaque(dfd: int, name: str) -> bool:
         sysio.getxattr_or_none(dfd, name, FUSE_OVERLAYFS + "opaque") is not None
 
 
-def _visible_xattrs(dfd: int, name: str) -> dict[str, str]:
+def _visible_xattrs(dfd: int, name: str, names: list[str]) -> dict[str, str]:
     out = {}
-    for attr in sysio.listxattr(dfd, name):
+    for attr in names:
         shown = attr
         for p in (TRUSTED, USER):
             if attr.startswith(p + "overlay."):  # a user's name escaped under the prefix
@@ -568,19 +601,20 @@ def _entries(path: str, dfd: int, name: str, st: os.stat_result,
         info.mode, info.size = 0o644, 0
         yield info, None
         return
+    names = sysio.listxattr(dfd, name)  # one call answers every mark below
     for marker in ("metacopy", "redirect"):
-        if any(sysio.getxattr_or_none(dfd, name, p + marker) is not None
-               for p in (TRUSTED, USER)):
+        if TRUSTED + marker in names or USER + marker in names:
             raise LayerError(f"'{path}' carries overlay.{marker} (a mount with "
                              f"{'metacopy' if marker == 'metacopy' else 'redirect_dir'}=on): "
                              "its content lies in the lower layers, which export does not "
                              "read yet")
-    xattrs = _visible_xattrs(dfd, name) if not stat.S_ISLNK(st.st_mode) else {}
+    xattrs = _visible_xattrs(dfd, name, names) if names and not stat.S_ISLNK(st.st_mode) \
+        else {}
     if stat.S_ISDIR(st.st_mode):
         info = _info(path, st, mtime, tarfile.DIRTYPE)
         info.pax_headers = xattrs
         yield info, None
-        if _opaque(dfd, name):
+        if names and _opaque(dfd, name):
             opq = _info(f"{path}/{WH_OPAQUE}", st, mtime, tarfile.REGTYPE)
             opq.mode, opq.size = 0o644, 0
             yield opq, None
