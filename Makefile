@@ -6,7 +6,8 @@
 #   make test    ruff + the pytest suite (needs root and /dev/fuse for the mount tests)
 #   make lint    ruff check, mypy, bash -n on the shell scripts
 #   make conformance  random stacks + ops vs kernel overlayfs (EXAMPLES=20000 STEPS=30 MINUTES=0 OPTIONS=)
-#   make bench   pyunionfs vs kernel overlayfs vs fuse-overlayfs (BENCH_ARGS=--quick for a smoke run)
+#   make bench   pyunionfs vs kernel overlayfs vs fuse-overlayfs (BENCH_ARGS=--quick for a smoke run),
+#                then layer tars: apply/export vs GNU tar (scripts/bench_layers.py, BENCH_LAYERS_ARGS=)
 #   make test-containers  podman/buildah with pyunionfs as mount_program, root + rootless
 #   make bench-podman  `podman run --rm IMG true`: kernel overlay vs fuse-overlayfs vs pyunionfs
 #   make stress  the stress suite's long profile (STRESS_MINUTES=10): kills, fsx, concurrency, fio
@@ -109,6 +110,7 @@ bench: deps
 	fi
 	@mkdir -p $(dir $(BENCH_JSON))
 	$(PY) scripts/bench.py --json $(BENCH_JSON) $(BENCH_ARGS)
+	$(PY) scripts/bench_layers.py $(BENCH_LAYERS_ARGS)
 
 # Only files this repo creates. demo.sh and bench.py unmount their own mounts in traps/finally;
 # if one of their output dirs still holds a mount (a killed run), clean leaves it alone.
