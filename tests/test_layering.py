@@ -71,8 +71,9 @@ def test_imports_point_downward() -> None:
 
 
 # unionfs/oci (container images) is a second subsystem: it stands on the filesystem's on-disk
-# rules (sysio, the whiteout dialect, probe's choice of it) and nothing above them.
-OCI_MAY_USE = {"errors", "sysio", "whiteout", "probe", "oci"}
+# rules (sysio, the whiteout dialect, probe's choice of it; lookup and readdir for the merged
+# view of what an upper only points to) and nothing above them.
+OCI_MAY_USE = {"errors", "sysio", "whiteout", "probe", "oci", "layers", "lookup", "readdir"}
 
 
 def test_oci_stays_beside_the_filesystem() -> None:

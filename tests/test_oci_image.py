@@ -14,7 +14,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from overlay_harness import PYTHON, REPO, environment_problem, is_mounted
+from overlay_harness import PYTHON, REPO, USERNS, environment_problem, is_mounted
 
 pytestmark = pytest.mark.skipif(environment_problem() is not None,
                                 reason=str(environment_problem()))
@@ -155,3 +155,21 @@ def test_bad_archives_in_one_line(tmp_path, mounted):
     r = _cli("image", "commit", "--store", str(tmp_path / "store"), "-o", str(tmp_path / "o.tar"),
              str(tmp_path))
     assert r.returncode == 1 and "not an image mounted" in r.stderr
+
+
+@pytest.mark.skipif(USERNS, reason="redirect_dir=on needs trusted.overlay.* (refused with "
+                    "userxattr, as by the kernel)")
+def test_commit_of_a_moved_directory(tmp_path, mounted):
+    # -o redirect_dir=on: the upper only points to the moved directory's content below; the
+    # committed layer holds all of it
+    img = oci_layout(tmp_path / "img", [BASE, APP])
+    r, m = mounted(img, "m", "-o", "redirect_dir=on")
+    assert r.returncode == 0, r.stderr
+    os.rename(m / "bin", m / "sbin")
+    out = tmp_path / "new.tar"
+    r = _cli("image", "commit", "-q", "--store", str(tmp_path / "store"), "-o", str(out), str(m))
+    assert r.returncode == 0, r.stderr
+    r, m2 = mounted(out, "m2")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(m2)) == ["app", "etc", "sbin"]
+    assert (m2 / "sbin/sh").read_text() == "sh"

@@ -282,6 +282,54 @@ def test_kernel_upper_exported_and_applied_gives_the_same_view(tmp_path, kernel_
         ("D", "/var/cache/a"), ("D", "/var/cache/b"), ("A", "/var/cache/new")]
 
 
+@pytest.mark.skipif(USERNS, reason="the kernel refuses redirect_dir=on and metacopy=on with "
+                    "userxattr")
+def test_moved_dirs_and_metacopies_exported_with_what_they_show(tmp_path, kernel_mount):
+    # redirect_dir=on/metacopy=on uppers point into the lowers; with --lowers, export writes
+    # a moved directory as an opaque one with everything it shows, a metacopy with its data
+    _apply(_tar(tmp_path / "base.tar", BASE + [
+        ("srv/www/index.html", "file", {"data": "<html>"}), ("srv/www/img/a.png", "file",
+                                                            {"data": "png"}),
+        ("srv/big", "file", {"data": "B" * 5000})]), tmp_path / "L0")
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    m = mount_stack(StackPaths(tmp_path, [tmp_path / "L0"], upper, _mk(tmp_path / "w"),
+                               _mk(tmp_path / "mnt")), "kernel",
+                    options="redirect_dir=on,metacopy=on")
+    try:
+        root = m.root
+        os.rename(root / "srv/www", root / "srv/site")  # relative redirect
+        os.rename(root / "var/cache", root / "cache")  # absolute redirect
+        (root / "srv/site/new.html").write_text("new")
+        os.unlink(root / "srv/site/img/a.png")
+        os.chmod(root / "srv/big", 0o600)  # metadata only
+        os.rename(root / "etc/motd", root / "srv/motd")  # a metacopy with a redirect
+        want = snapshot_merged(root)
+    finally:
+        m.stop()
+    r = subprocess.run([PYTHON, "-m", "unionfs", "layer", "export", str(upper), "-o",
+                        str(tmp_path / "x.tar")], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "--lowers" in r.stderr, r.stderr  # not without them
+    layer.export(str(upper), str(tmp_path / "new.tar"), None, mtime=0,
+                 lowers=[str(tmp_path / "L0")])
+    with tarfile.open(tmp_path / "new.tar") as t:
+        names = t.getnames()
+    assert "srv/site/.wh..wh..opq" in names and "srv/site/img/a.png" not in names
+    assert "srv/site/index.html" in names and "cache/a" in names
+    _apply(tmp_path / "new.tar", tmp_path / "L1")
+    got = snapshot_merged(kernel_mount([tmp_path / "L1", tmp_path / "L0"]).root)
+    assert got.nodes.keys() == want.nodes.keys()
+    for rel, node in want.nodes.items():
+        g = got.nodes[rel]
+        assert (g.type, g.mode, g.digest) == (node.type, node.mode, node.digest), rel
+
+
+def _mk(p: Path) -> Path:
+    p.mkdir()
+    return p
+
+
 def test_export_refuses_redirects_it_cannot_resolve(tmp_path):
     up = tmp_path / "up"
     (up / "d").mkdir(parents=True)

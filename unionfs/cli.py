@@ -83,6 +83,9 @@ def _add_image_commands(sub: Any) -> None:
                    help="default: from the output's name (.gz, .zst), else none")
     e.add_argument("--mtime", type=int, metavar="SECONDS",
                    help="this time on every entry, for reproducible output")
+    e.add_argument("--lowers", metavar="LOWER1[:LOWER2...]",
+                   help="the lower layers (leftmost on top): a directory moved with "
+                   "redirect_dir=on and a metacopy=on copy are written with what they show")
     e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     d = sub.add_parser("diff", help="list the changes an upper directory holds",
                        description="List what UPPER changes in the layers below, as docker "

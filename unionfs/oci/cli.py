@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
                                                     args.quiet)
             try:
                 out = layer.export(args.upper, args.output, _compression(args), args.mtime,
-                                   progress=update)
+                                   progress=update,
+                                   lowers=args.lowers.split(":") if args.lowers else None)
             finally:
                 close()
             print(f"diff_id {out.diff_id}")

@@ -310,8 +310,9 @@ class Store:
             new_layer = os.path.join(tmpdir, "layer.tar")
             update, close = layer.terminal_progress(0, "export", quiet)
             try:
+                lowers = [self.layer_dir(r["diff_id"]) for r in reversed(rec["layers"])]
                 exported = layer.export(rec["upper"], new_layer, compression=None,
-                                        progress=update)
+                                        progress=update, lowers=lowers)
             finally:
                 close()
             config = json.loads(json.dumps(rec["config"]))

@@ -494,9 +494,11 @@ def _visible_xattrs(dfd: int, name: str, names: list[str]) -> dict[str, str]:
     return out
 
 
-def _walk(rootfd: int) -> Iterator[tuple[str, int, str, os.stat_result]]:
+def _walk(rootfd: int, prune: set[str] | None = None
+          ) -> Iterator[tuple[str, int, str, os.stat_result]]:
     """(path, parent fd, name, lstat) of every entry below the root, sorted, parents
-    first; by directory fds, never following a symlink."""
+    first; by directory fds, never following a symlink.  Directories the consumer adds to
+    ``prune`` meanwhile are not entered."""
     stack: list[tuple[str, int]] = [("", os.dup(rootfd))]
     try:
         while stack:
@@ -515,7 +517,8 @@ def _walk(rootfd: int) -> Iterator[tuple[str, int, str, os.stat_result]]:
                     if stat.S_ISDIR(st.st_mode):
                         subdirs.append((child, name))
                 for child, name in reversed(subdirs):
-                    stack.append((child, sysio.open_dir_beneath(dfd, name)))
+                    if prune is None or child not in prune:
+                        stack.append((child, sysio.open_dir_beneath(dfd, name)))
             finally:
                 os.close(dfd)
     finally:
@@ -525,10 +528,14 @@ def _walk(rootfd: int) -> Iterator[tuple[str, int, str, os.stat_result]]:
 
 def export(upper: str, out: str, compression: str | None = "gzip",
            mtime: int | None = None,
-           progress: Callable[[int], object] | None = None) -> Exported:
+           progress: Callable[[int], object] | None = None,
+           lowers: list[str] | None = None) -> Exported:
     """Write upper directory ``upper`` as a layer tar at ``out`` (docker commit): whiteouts
     as ``.wh.NAME``, opaque directories with ``.wh..wh..opq``; sorted, numeric owners,
-    ``mtime`` (when given) on every entry, so the same upper gives the same bytes."""
+    ``mtime`` (when given) on every entry, so the same upper gives the same bytes.  With
+    the ``lowers`` (top first) what the upper only points to is written out: a moved
+    directory (redirect_dir=on) as an opaque one with all it shows, a metadata-only copy
+    (metacopy=on) with its data."""
     try:
         rootfd = sysio.open_root(upper)
     except OSError as e:
@@ -556,9 +563,12 @@ def export(upper: str, out: str, compression: str | None = "gzip",
             # costs a copy of the whole buffer per small write
             with tarfile.open(fileobj=plain, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                 links: dict[tuple[int, int], str] = {}
-                for path, dfd, name, st in _walk(rootfd):
+                resolver = _Resolver(upper, lowers) if lowers is not None else None
+                prune: set[str] = set()
+                for path, dfd, name, st in _walk(rootfd, prune):
                     entries += 1
-                    for info, data in _entries(path, dfd, name, st, links, mtime):
+                    for info, data in _entries(path, dfd, name, st, links, mtime, resolver,
+                                               prune):
                         if data is not None:
                             # unbuffered: a 1 MiB buffer per small file is 256 page faults
                             with os.fdopen(data, "rb", buffering=0) as fobj:
@@ -594,30 +604,75 @@ def _info(path: str, st: os.stat_result, mtime: int | None, kind: bytes) -> tarf
     return info
 
 
+class _Resolver:
+    """The merged view, for what an upper only points to (oci.merged)."""
+
+    def __init__(self, upper: str, lowers: list[str]) -> None:
+        from unionfs.oci import merged
+
+        self.merged = merged
+        self.stack = merged.open_stack(upper, lowers)
+
+    def data(self, path: str, dfd: int, name: str) -> tuple[int, str] | None:
+        parent = self.merged.resolve(self.stack, path.rpartition("/")[0])
+        res = self.merged.resolve(self.stack, path)
+        if parent is None or res is None:
+            raise LayerError(f"'{path}': not in the merged view")
+        return self.merged.data_of(self.stack, parent, name, res, dfd)
+
+    def tree(self, path: str) -> Iterator[tuple[str, int, str, tuple[int, str] | None]]:
+        res = self.merged.resolve(self.stack, path)
+        if res is None or not res.is_dir:
+            raise LayerError(f"'{path}': not a directory in the merged view")
+        return self.merged.walk(self.stack, res, path)
+
+
 def _entries(path: str, dfd: int, name: str, st: os.stat_result,
-             links: dict[tuple[int, int], str], mtime: int | None
+             links: dict[tuple[int, int], str], mtime: int | None,
+             resolver: _Resolver | None = None, prune: set[str] | None = None,
+             data_at: tuple[int, str] | None = None, flat: bool = False
              ) -> Iterator[tuple[tarfile.TarInfo, int | None]]:
     parent = path.rpartition("/")[0]
-    if _foreign_whiteout(dfd, name, st):
+    if not flat and _foreign_whiteout(dfd, name, st):
         info = _info(f"{parent}/{WH_PREFIX}{name}" if parent else WH_PREFIX + name, st, mtime,
                      tarfile.REGTYPE)
         info.mode, info.size = 0o644, 0
         yield info, None
         return
     names = sysio.listxattr(dfd, name)  # one call answers every mark below
+    moved = False
     for marker in ("metacopy", "redirect"):
-        if TRUSTED + marker in names or USER + marker in names:
-            raise LayerError(f"'{path}' carries overlay.{marker} (a mount with "
-                             f"{'metacopy' if marker == 'metacopy' else 'redirect_dir'}=on): "
-                             "its content lies in the lower layers, which export does not "
-                             "read yet")
+        if not flat and (TRUSTED + marker in names or USER + marker in names):
+            if resolver is None:
+                raise LayerError(f"'{path}' carries overlay.{marker} (a mount with "
+                                 f"{'metacopy' if marker == 'metacopy' else 'redirect_dir'}"
+                                 "=on): its content lies in the lower layers; give them "
+                                 "with --lowers")
+            if marker == "metacopy" and stat.S_ISREG(st.st_mode):
+                data_at = resolver.data(path, dfd, name)
+            elif marker == "redirect" and stat.S_ISDIR(st.st_mode):
+                moved = True
+    if moved:
+        assert resolver is not None and prune is not None
+        # a moved directory: opaque, with everything it shows, from wherever it lies
+        info = _info(path, st, mtime, tarfile.DIRTYPE)
+        info.pax_headers = _visible_xattrs(dfd, name, names) if names else {}
+        yield info, None
+        opq = _info(f"{path}/{WH_OPAQUE}", st, mtime, tarfile.REGTYPE)
+        opq.mode, opq.size = 0o644, 0
+        yield opq, None
+        prune.add(path)
+        for child, cdfd, cname, cdata in resolver.tree(path):
+            yield from _entries(child, cdfd, cname, sysio.lstat(cdfd, cname), links, mtime,
+                                data_at=cdata, flat=True)
+        return
     xattrs = _visible_xattrs(dfd, name, names) if names and not stat.S_ISLNK(st.st_mode) \
         else {}
     if stat.S_ISDIR(st.st_mode):
         info = _info(path, st, mtime, tarfile.DIRTYPE)
         info.pax_headers = xattrs
         yield info, None
-        if names and _opaque(dfd, name):
+        if not flat and names and _opaque(dfd, name):
             opq = _info(f"{path}/{WH_OPAQUE}", st, mtime, tarfile.REGTYPE)
             opq.mode, opq.size = 0o644, 0
             yield opq, None
@@ -634,7 +689,8 @@ def _entries(path: str, dfd: int, name: str, st: os.stat_result,
         info = _info(path, st, mtime, tarfile.REGTYPE)
         info.size = st.st_size
         info.pax_headers = xattrs
-        yield info, sysio.open_at(dfd, name, os.O_RDONLY)
+        src_dfd, src_name = data_at or (dfd, name)  # a metacopy's data lies below
+        yield info, sysio.open_at(src_dfd, src_name, os.O_RDONLY)
     elif stat.S_ISLNK(st.st_mode):
         info = _info(path, st, mtime, tarfile.SYMTYPE)
         info.linkname = sysio.readlink(dfd, name)
