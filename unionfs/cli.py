@@ -138,7 +138,7 @@ def _image_command(args: argparse.Namespace) -> int:
     # tar, digests and the store: not needed to mount a plain overlay
     from unionfs.oci import cli as oci_cli
     from unionfs.oci.image import Store
-    from unionfs.oci.layer import LayerError
+    from unionfs.oci.layer import LayerError, remove_tree
 
     if args.cmd != "image":
         return oci_cli.run(args)
@@ -168,14 +168,14 @@ def _image_command(args: argparse.Namespace) -> int:
             rc = _mount(config_from_args([lowers, upper, work, args.merged], args.options, args))
         except BaseException:
             if throwaway:
-                shutil.rmtree(throwaway, ignore_errors=True)
+                remove_tree(throwaway)
             raise
         if rc == 0:
             store.record_mount(args.merged, imported, upper, work, throwaway)
             say(f"mounted {len(imported.lowers)} layers at {args.merged} "
                 f"({imported.applied} applied, {imported.shared} from the store)")
         elif throwaway:
-            shutil.rmtree(throwaway, ignore_errors=True)
+            remove_tree(throwaway)
         return rc
     except LayerError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

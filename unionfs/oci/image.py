@@ -217,20 +217,26 @@ class Store:
                     blob = self._keep_blob(src, ref, n)
                     update, close = layer.terminal_progress(os.path.getsize(blob),
                                                             f"layer {n}", quiet)
+                    new = f"{dest}.new-{os.getpid()}"  # another import may apply it meanwhile
                     try:
-                        done = layer.apply(blob, dest + ".new", userxattr=userxattr,
-                                           progress=update)
+                        done = layer.apply(blob, new, userxattr=userxattr, progress=update)
                     finally:
                         close()
                     if done.diff_id != ref.diff_id:
-                        shutil.rmtree(dest + ".new", ignore_errors=True)
+                        layer.remove_tree(new)
                         raise LayerError(f"layer {n}: its content is {done.diff_id}, the config "
                                          f"says {ref.diff_id}: refused")
                     with open(dest + ".blob", "w") as f:
                         f.write(f"{ref.digest}\n")  # the blob it came from, for commits
-                    os.rename(dest + ".new", dest)
-                    applied += 1
-                    say(f"layer {n}/{len(img.layers)} {ref.diff_id[:19]}: applied")
+                    try:
+                        os.rename(new, dest)
+                        applied += 1
+                        say(f"layer {n}/{len(img.layers)} {ref.diff_id[:19]}: applied")
+                    except OSError:
+                        if not os.path.isdir(dest):
+                            raise
+                        layer.remove_tree(new)  # the other import's copy is the same
+                        shared += 1
                 lowers.insert(0, dest)
             self._keep_json(img)
             return Imported(img, lowers, applied, shared)
@@ -293,7 +299,7 @@ class Store:
     def forget_mount(self, merged: str) -> None:
         rec = self.mount_of(merged)
         if rec.get("throwaway"):
-            shutil.rmtree(rec["throwaway"], ignore_errors=True)
+            layer.remove_tree(rec["throwaway"])
         os.unlink(self._mount_record(merged))
 
     # -- commit -----------------------------------------------------------------------

@@ -440,6 +440,19 @@ def _decompressor_for(buffered: io.BufferedReader) -> IO[bytes]:
     return buffered
 
 
+def remove_tree(path: str) -> None:
+    """Remove a layer or upper of ours, whatever its modes (best effort)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    try:
+        pfd = sysio.open_root(parent)
+    except OSError:
+        return
+    try:
+        _remove_quietly(pfd, name)
+    finally:
+        os.close(pfd)
+
+
 def _remove_quietly(pfd: int, name: str) -> None:
     from unionfs.probe import remove_tree_at
 
