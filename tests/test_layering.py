@@ -17,6 +17,7 @@ LEVELS = {
     "copyup": 4, "dirops": 4, "attrs": 4, "xattrs": 4,
     "ops": 5,
     "daemon": 6, "log": 6, "cli": 6, "remount": 6, "__main__": 7, "__init__": 0,
+    "api": 6, "pytest_plugin": 7,
 }
 SAME_LEVEL_OK = {("probe", "layers"), ("probe", "whiteout"), ("inodes", "lookup"),
                  ("state", "handles"), ("state", "inodes"), ("readdir", "lookup"),

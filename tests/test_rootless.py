@@ -51,6 +51,7 @@ from overlay_harness import (
     force_unmount,
     in_user_namespace,
     is_mounted,
+    make_traversable,
     mount_table,
     read_xattrs,
     run_as,
@@ -78,7 +79,7 @@ USERNS_SUITE = ["tests/test_lookup.py", "tests/test_dirops.py", "tests/test_rena
                 "tests/test_setid.py", "tests/test_fallocate.py", "tests/test_acl.py",
                 "tests/test_posix_misc.py", "tests/test_remount.py", "tests/test_features.py",
                 "tests/test_inode_numbers.py", "tests/test_index.py", "tests/test_oci_layer.py",
-                "tests/test_oci_image.py"]
+                "tests/test_oci_image.py", "tests/test_api.py"]
 USERNS_SUITE_TIMEOUT = 600.0
 
 
@@ -771,3 +772,46 @@ def test_user_mount_atime_handles_remount(fuse_user, user_mounts, tmp_path: Path
     assert same_atime, "noatime: a read by the user's own mount moved the atime"
     assert refused and err.count("\n") == 1 and "only root" in err, err
     assert os.stat(up).st_atime == OLD
+
+
+# --------------------------------------------------------------------------------------------------
+# The Python API and the pytest plugin, as an ordinary user writes them
+# --------------------------------------------------------------------------------------------------
+
+USER_API_TEST = '''
+from pathlib import Path
+from unionfs import Overlay
+
+def test_readme_example(tmp_path):
+    app, base = tmp_path / "app", tmp_path / "base"
+    (base / "etc").mkdir(parents=True)
+    (base / "etc/issue").write_text("base")
+    app.mkdir()
+    u, w, m = (tmp_path / n for n in ("u", "w", "m"))
+    for d in (u, w, m):
+        d.mkdir()
+    with Overlay(lowers=[app, base], upper=u, work=w, mountpoint=m,
+                 options={"userxattr": True}) as ov:
+        (m / "etc/motd").write_text("hi")
+        assert ov.changes() == [("C", "/etc"), ("A", "/etc/motd")]
+
+def test_fixture(overlay):
+    (overlay.mountpoint / "f").write_text("x")
+    assert overlay.changes() == [("A", "/f")]
+'''
+
+
+def test_user_runs_pytest_with_the_api_and_plugin(fuse_user, tmp_path: Path) -> None:
+    # the issue's "Done when": an unprivileged user writes the README example in a test of
+    # their own and runs it with pytest (the plugin found by its entry point)
+    uid, gid = fuse_user
+    work = tmp_path / "userproj"
+    work.mkdir()
+    (work / "test_mine.py").write_text(USER_API_TEST)
+    make_traversable(work)
+    os.chown(work, uid, gid)
+    os.chown(work / "test_mine.py", uid, gid)
+    r = run_user(uid, gid, [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            f"--basetemp={work / 'tmp'}", str(work / "test_mine.py")],
+                 timeout=180)
+    assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]

@@ -1,0 +1,159 @@
+"""The public API (``unionfs.Overlay``) and the pytest plugin (``unionfs.pytest_plugin``), as
+another project uses them: on both backends, as root and in the user-namespace suite; the plugin
+through pytester, in a pytest of its own that finds it by its entry point."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from overlay_harness import USERNS, environment_problem
+
+import unionfs
+from unionfs import Overlay, OverlayError
+from unionfs.api import mounted
+
+pytest_plugins = ["pytester"]
+pytestmark = pytest.mark.skipif(environment_problem() is not None,
+                                reason=str(environment_problem()))
+
+KERNEL_OPTS = {"userxattr": True} if USERNS else {}
+
+
+def _backends() -> list[str]:
+    return ["pyunionfs", "kernel"]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_the_readme_example(tmp_path, backend):
+    app, base = tmp_path / "app", tmp_path / "base"
+    (base / "etc").mkdir(parents=True)
+    (base / "etc/issue").write_text("base\n")
+    app.mkdir()
+    (app / "run").write_text("app")
+    u, w, m = (tmp_path / n for n in ("u", "w", "m"))
+    for d in (u, w, m):
+        d.mkdir()
+    opts = KERNEL_OPTS if backend == "kernel" else {}
+    with Overlay(lowers=[app, base], upper=u, work=w, mountpoint=m, options=opts,
+                 backend=backend) as ov:
+        assert ov.is_mounted and mounted(m)
+        (m / "etc/motd").write_text("hi")
+        os.unlink(m / "etc/issue")
+        got = ov.changes()
+    assert got[0] == ("C", "/etc") and set(got[1:]) == {("A", "/etc/motd"), ("D", "/etc/issue")}
+    assert not mounted(m) and not ov.is_mounted
+    assert (u / "etc/motd").read_text() == "hi"  # the upper stays: it was given
+
+
+def test_temporary_layers_and_a_failing_body(tmp_path):
+    with pytest.raises(RuntimeError, match="body"):
+        with Overlay() as ov:
+            where = ov.mountpoint
+            (where / "f").write_text("x")
+            assert ov.upper is not None and (ov.upper / "f").exists()
+            raise RuntimeError("the body failed")
+    assert not mounted(where) and not where.exists()  # unmounted, temporary dirs gone
+    assert "Overlay" in repr(ov) and "not mounted" in repr(ov)
+
+
+def test_errors_are_one_line_overlay_errors(tmp_path):
+    with pytest.raises(OverlayError) as e:
+        Overlay(lowers=[tmp_path / "missing"]).mount()
+    assert "missing" in str(e.value) and "\n" not in str(e.value)
+    (tmp_path / "l").mkdir()
+    (tmp_path / "m").mkdir()
+    with Overlay(lowers=[tmp_path / "l"], mountpoint=tmp_path / "m"):
+        with pytest.raises(OverlayError, match="mount point already"):
+            Overlay(lowers=[tmp_path / "l"], mountpoint=tmp_path / "m").mount()
+    with pytest.raises(ValueError, match="backend"):
+        Overlay(backend="nfs")
+
+
+def test_options_and_log(tmp_path):
+    with Overlay(options={"noatime": True, "redirect_dir": "nofollow"}) as ov:
+        assert ov.options == ["noatime", "redirect_dir=nofollow"]
+        assert isinstance(ov.log, str)
+    with Overlay(readonly=True) as ov:
+        with pytest.raises(OSError):
+            (ov.mountpoint / "x").write_text("no")
+
+
+def test_public_api_is_listed():
+    assert set(unionfs.__all__) == {"Overlay", "OverlayError", "__version__"}
+    with pytest.raises(AttributeError):
+        unionfs.Nope  # noqa: B018
+    assert (Path(unionfs.__file__).parent / "py.typed").exists()
+
+
+USER_TEST = '''
+import os
+import pytest
+from unionfs import Overlay
+from unionfs.pytest_plugin import Symlink, Whiteout
+
+@pytest.mark.overlay_layers(lowers=[{"etc/motd": "old", "bin/": None, "gone": "x"},
+                                    {"etc/base": "b", "gone": "below"}],
+                            upper={"etc/new": "n", "gone": Whiteout(), "l": Symlink("etc")},
+                            options=OPTS)
+def test_fixture(overlay):
+    m = overlay.mountpoint
+    assert sorted(os.listdir(m)) == ["bin", "etc", "l"]
+    assert sorted(os.listdir(m / "etc")) == ["base", "motd", "new"]
+    (m / "etc/motd").write_text("hi")
+    assert ("C", "/etc/motd") in overlay.changes()
+
+@pytest.mark.overlay_backends("pyunionfs", "kernel")
+def test_both(overlay_factory, overlay_backend):
+    ov = overlay_factory(lowers=[{"a": "1"}], options=OPTS if overlay_backend == "kernel" else None)
+    assert (ov.mountpoint / "a").read_text() == "1"
+    assert ov.backend == overlay_backend
+'''
+
+
+def _pytester_env(pytester) -> None:
+    pytester.makeconftest("")
+    # the plugin is found by its entry point; the repository's tests/conftest.py is not there
+
+
+def test_plugin_fixtures_pass(pytester):
+    _pytester_env(pytester)
+    pytester.makepyfile(test_user=f"OPTS = {KERNEL_OPTS!r}\n" + USER_TEST)
+    r = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    r.assert_outcomes(passed=3)
+
+
+def test_plugin_failing_body_still_unmounts_and_leaks_are_errors(pytester):
+    _pytester_env(pytester)
+    pytester.makepyfile(test_bad='''
+import os
+from unionfs import Overlay
+
+def test_fails(overlay):
+    (overlay.mountpoint / "f").write_text("x")
+    open(os.environ["MARK"], "w").write(str(overlay.mountpoint))
+    assert False, "the body fails"
+
+def test_leaks(tmp_path):
+    ov = Overlay().mount()
+    open(os.environ["MARK"] + ".leak", "w").write(str(ov.mountpoint))
+''')
+    mark = pytester.path / "mark"
+    os.environ["MARK"] = str(mark)
+    try:
+        r = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    finally:
+        del os.environ["MARK"]
+    r.assert_outcomes(failed=1, passed=1, errors=1)
+    r.stdout.fnmatch_lines(["*left overlays mounted*"])
+    for m in (mark.read_text(), Path(str(mark) + ".leak").read_text()):
+        assert not mounted(m), m
+
+
+def test_plugin_is_registered():
+    out = subprocess.run([sys.executable, "-m", "pytest", "--markers", "-p", "no:cacheprovider"],
+                         capture_output=True, text=True, timeout=120, cwd="/")
+    assert "@pytest.mark.overlay_backends" in out.stdout, out.stdout[-2000:]
