@@ -12,6 +12,8 @@
 #   make bench-podman  `podman run --rm IMG true`: kernel overlay vs fuse-overlayfs vs pyunionfs
 #   make stress  the stress suite's long profile (STRESS_MINUTES=10): kills, fsx, concurrency, fio
 #   make clean   caches and build output; never unmounts anything
+#   make man     pyunionfs(1) into build/man from the argparse definitions
+#   make install the command and its man page under PREFIX=/usr/local (DESTDIR= to stage)
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -27,7 +29,7 @@ BENCH_ARGS  ?=
 BENCH_JSON  ?= bench-out/bench.json
 SHELL_SCRIPTS := scripts/install-deps.sh scripts/demo.sh .ci/run scripts/containers/install-deps.sh
 
-.PHONY: help deps demo test lint bench clean conformance
+.PHONY: help deps demo test lint bench clean conformance man install
 
 help:
 	@sed -n 's/^#   make /  make /p' $(firstword $(MAKEFILE_LIST))
@@ -111,6 +113,19 @@ bench: deps
 	@mkdir -p $(dir $(BENCH_JSON))
 	$(PY) scripts/bench.py --json $(BENCH_JSON) $(BENCH_ARGS)
 	$(PY) scripts/bench_layers.py $(BENCH_LAYERS_ARGS)
+
+# pyunionfs(1) from the argparse definitions (scripts/manpage.py), and an install of the
+# command and the man page under PREFIX (DESTDIR for staging): the command is a link to the
+# venv's entry point, whose pyfuse3 is the patched one.
+PREFIX  ?= /usr/local
+MANPAGE := build/man/pyunionfs.1
+man: deps
+	$(PY) scripts/manpage.py $(MANPAGE)
+
+install: man
+	install -D -m 644 $(MANPAGE) $(DESTDIR)$(PREFIX)/share/man/man1/pyunionfs.1
+	install -d $(DESTDIR)$(PREFIX)/bin
+	ln -sfn $(abspath $(VENV))/bin/pyunionfs $(DESTDIR)$(PREFIX)/bin/pyunionfs
 
 # Only files this repo creates. demo.sh and bench.py unmount their own mounts in traps/finally;
 # if one of their output dirs still holds a mount (a killed run), clean leaves it alone.

@@ -32,6 +32,7 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
                    "foreground, syslog in the background)")
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
                    help="comma-separated options: lowerdir=, upperdir=, workdir=, "
+                   "redirect_dir=, index=, metacopy=, xino=, uuid=, nfs_export=, "
                    "userxattr, whiteouts=kernel|oci, volatile, uidmapping=, gidmapping=, "
                    "squash_to_root, squash_to_uid=, squash_to_gid=, xattr_permissions=, "
                    "fsname=, and libfuse/mount words (ro, allow_other, noatime, ...)")
