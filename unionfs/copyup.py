@@ -156,13 +156,15 @@ async def _copy_one(fs: State, node: Inode, data: bool, metacopy: bool = False) 
     kind = stat.S_IFMT(st.st_mode)
     # index=on: a file with several names is copied to WORK/index, once, and each name
     # that changes is linked to that entry (the kernel's ovl_need_index)
-    indexed = fs.index is not None and kind != stat.S_IFDIR and st.st_nlink > 1
-    if indexed:
-        assert fs.index is not None
-        found = index.find(fs.index, ldfd, name, fs.features.uuid != "off")
+    value = b""
+    if fs.index is not None and kind != stat.S_IFDIR and st.st_nlink > 1:
+        value = origin.encode(ldfd, name, with_uuid=fs.features.uuid != "off")
+        found = index.lookup(fs.index, value)
         if found is not None:
             _link_up(fs, node, found[0])
             return
+    # (no handle for it: copied as without index, as the kernel falls back)
+    indexed = bool(value)
     pst = os.fstat(udfd)
     tmp = temp_name()
     try:
@@ -200,8 +202,9 @@ async def _copy_one(fs: State, node: Inode, data: bool, metacopy: bool = False) 
         # its own mode and times go on after the rename.
         late = kind == stat.S_IFDIR and os.geteuid() != 0
         copy_metadata(fs.dialect, ldfd, name, wfd, tmp, st, mode_and_times=not late)
-        # Where it came from, as the kernel records it: not for a file with other names,
-        # whose link is broken here (it is a new file, with a number of its own).
+        # Where it came from, as the kernel records it: not for a file with other names
+        # whose link is broken here (a new file, with a number of its own), but for one
+        # that goes to the index, whose entry is named by it.
         keeps_number = kind == stat.S_IFDIR or st.st_nlink == 1 or indexed
         if keeps_number:
             _set_origin(fs, ldfd, name, wfd, tmp)
@@ -209,11 +212,16 @@ async def _copy_one(fs: State, node: Inode, data: bool, metacopy: bool = False) 
             sysio.setxattr(wfd, tmp, fs.dialect.metacopy_xattr, b"")
         if node.parent is not None:
             mark_impure(fs, node.parent, udfd)
+        entry = None
         if indexed:
             # the overlay's names (the lower's count) against the entry and this name
             sysio.setxattr(wfd, tmp, fs.dialect.prefix + "nlink",
                            index.nlink_value(st.st_nlink, 2))
-            entry = _into_index(fs, wfd, tmp, udfd, name)
+            entry = _into_index(fs, wfd, tmp, udfd, name, value)
+            if entry is None:  # another name of the file made the entry meanwhile
+                _discard(wfd, tmp)
+                _link_up(fs, node, index.entry_name(value))
+                return
         else:
             rename_into(wfd, tmp, udfd, name)
     except BaseException:
@@ -236,19 +244,24 @@ async def _copy_one(fs: State, node: Inode, data: bool, metacopy: bool = False) 
     fs.attrs_changed(node.ino)
     if kind == stat.S_IFREG and not metacopy:  # (readers of a metacopy read below still)
         _switch_handles(node, udfd)
-    if indexed:
+    if entry is not None:
         assert fs.index is not None
         shown = Resolution(fs.index, new_st, [], [entry], data=res.data)
         for other in fs.inodes.repoint(old_key, shown):
             fs.attrs_changed(other.ino)
 
 
-def _into_index(fs: State, wfd: int, tmp: str, udfd: int, name: str) -> str:
-    """The finished copy ``tmp`` becomes the index entry, then the name's upper link."""
+def _into_index(fs: State, wfd: int, tmp: str, udfd: int, name: str, value: bytes
+                ) -> str | None:
+    """The finished copy ``tmp`` becomes the index entry named by its origin ``value``,
+    then the name's upper link; None if the entry exists already (two names of the file
+    copied up at once: their nodes have locks of their own)."""
     assert fs.index is not None
-    value = sysio.getxattr_or_none(wfd, tmp, fs.dialect.prefix + "origin")
-    entry = index.entry_name(value or b"")
-    sysio.renameat2(wfd, tmp, fs.index.fd, entry, sysio.RENAME_NOREPLACE)
+    entry = index.entry_name(value)
+    try:
+        sysio.renameat2(wfd, tmp, fs.index.fd, entry, sysio.RENAME_NOREPLACE)
+    except FileExistsError:
+        return None
     try:
         sysio.as_owner(udfd, ".", lambda: sysio.link(fs.index.fd, entry, udfd, name))  # type: ignore[union-attr]
     except BaseException:

@@ -90,6 +90,11 @@ def find(index: Layer, ldfd: int, name: str, with_uuid: bool
         value = origin.encode(ldfd, name, with_uuid=with_uuid)
     except OSError:
         return None
+    return lookup(index, value)
+
+
+def lookup(index: Layer, value: bytes) -> tuple[str, os.stat_result] | None:
+    """The index entry for an origin value, if there is one."""
     if not value:
         return None
     hexname = entry_name(value)

@@ -11,13 +11,14 @@ copied-up object keeps its lower number, and two layers sharing a real inode
 What the kernel forgets is forgotten here too, so memory follows the kernel's cache.
 
 All names of one real file share one inode, as under the kernel, except the names
-of a lower file with several links when there is no index: the kernel keeps one
-inode per name for those, all showing the lower number, and a copy-up breaks the
-one name it came through away from the others.  FUSE names only the node on
-open/setattr, so each such name gets a node id of its own (``split``), and the
-number shown is kept apart from it (EntryAttributes.nodeid, scripts/pyfuse3-unionfs
-.patch).  Without that (a stock pyfuse3, or index=on, where the kernel keeps the
-names together) copyup.py links a copy into every name of its inode.
+of a lower file with several links: without index the kernel keeps one inode per
+name, all showing the lower number, and a copy-up breaks the one name it came
+through away from the others; with index the names share one inode, yet a copy-up
+links up only the name it came through.  FUSE names only the node on open/setattr,
+so each such name gets a node id of its own (``split``), the number shown kept
+apart from it (EntryAttributes.nodeid, scripts/pyfuse3-unionfs.patch); with index
+the nodes of one file are ``siblings`` that see each other's changes.  A stock
+pyfuse3 can't: copyup.py then links a copy into every name of its inode.
 """
 
 from __future__ import annotations
@@ -295,7 +296,7 @@ class InodeTable:
         """The inode the kernel holds for this resolved object, if any (for a name of a lower
         file with several links, the one of ``name`` in ``parent``)."""
         key = self.key_of(res)
-        if self._names and parent is not None:
+        if self._names and parent is not None and res.st.st_nlink > 1 and not res.is_dir:
             nid = self._names.get((key, parent.ino, name))
             if nid is not None:
                 node = self.inodes.get(nid)
@@ -353,6 +354,16 @@ class InodeTable:
                 nids.add(held)
         nids.discard(node.ino)
         return [self.inodes[n] for n in nids if n in self.inodes]
+
+    def has_siblings(self, node: Inode) -> bool:
+        """siblings(node) is not empty, without building it (asked at every write)."""
+        if not self._by_key:
+            return False
+        nids = self._by_key.get(node.key)
+        if nids and (len(nids) > 1 or node.ino not in nids):
+            return True
+        return bool(nids) and any(held not in (None, node.ino) for held in (
+            self.ino_of.get(node.key), self._shown.get(node.key)))
 
     def repoint(self, old: Key, res: Resolution) -> list[Inode]:
         """The lower file behind ``old`` got an index entry (``res``): the nodes of its
@@ -435,8 +446,9 @@ class InodeTable:
                 del self.ino_of[old]
             shown = self.shown_as.get(node.ino) if self.shown_as else None
             if shown is not None:
-                # One name broken away from the others: the copy's own number, the kernel
-                # writing no origin for a file with several links (nor using one).
+                # One name broken away from the others: the copy's own number (without
+                # index the kernel uses no origin for a file with several links), or,
+                # linked to an index entry, the lower number all its names show.
                 if shown[1] is not None and self._names.get(shown[1]) == node.ino:
                     del self._names[shown[1]]
                 self._unlist(old, node.ino)

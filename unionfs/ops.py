@@ -432,7 +432,7 @@ class Operations(pyfuse3.Operations):
         h.setid_caller = setid_caller
         # The names of an index entry are nodes of their own, each with its page cache:
         # one written through another is read afresh from the next open on.
-        keep = self.fs.index is None or not self.fs.inodes.siblings(node)
+        keep = self.fs.index is None or not self.fs.inodes.has_siblings(node)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=keep)
 
     async def _setid_after_open(self, node: Inode, fd: int, oflags: int,
@@ -475,7 +475,7 @@ class Operations(pyfuse3.Operations):
             view = memoryview(buf)
             while done < len(buf):
                 done += os.pwrite(fd, view[done:], off + done)
-        if self.fs.index is not None:
+        if self.fs.index is not None and self.fs.inodes.has_siblings(h.inode):
             self._siblings_changed(h.inode)
         return done
 

@@ -63,13 +63,13 @@ class _Source:
             return
         try:
             self.tar = tarfile.open(path, "r:*")
+            self.members = {layer.clean_name(m.name, "archive entry"): m
+                            for m in self.tar.getmembers()}
         except FileNotFoundError:
             raise LayerError(f"'{path}': no such file or directory") from None
-        except (OSError, tarfile.TarError):
+        except (OSError, tarfile.TarError, EOFError):
             raise LayerError(f"'{path}': not an image archive (neither a directory nor a "
-                             "tar)") from None
-        self.members = {layer.clean_name(m.name, "archive entry"): m
-                        for m in self.tar.getmembers()}
+                             "whole tar)") from None
 
     def has(self, name: str) -> bool:
         if self.tar is None:
@@ -84,9 +84,14 @@ class _Source:
                 yield f
             return
         m = self.members.get(clean)
-        while m is not None and m.issym():  # docker save links layers between images
-            target = os.path.normpath(os.path.join(os.path.dirname(clean), m.linkname))
-            m = self.members.get(layer.clean_name(target, "archive link"))
+        for _ in range(40):  # docker save links layers between images; a loop is an error
+            if m is None or not m.issym():
+                break
+            clean = layer.clean_name(os.path.normpath(os.path.join(os.path.dirname(clean),
+                                                                   m.linkname)), "archive link")
+            m = self.members.get(clean)
+        else:
+            raise LayerError(f"'{self.path}': {name!r} is a loop of symlinks")
         member = self.tar.extractfile(m) if m is not None else None
         if member is None:
             raise LayerError(f"'{self.path}': no file {name!r} in the archive")
@@ -121,6 +126,16 @@ class Image:
 
 
 def read_image(src: _Source) -> Image:
+    try:
+        return _read_image(src)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        if isinstance(e, LayerError):
+            raise
+        raise LayerError(f"'{src.path}': a malformed manifest or config "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def _read_image(src: _Source) -> Image:
     if src.has("index.json") and src.has("oci-layout"):
         index = src.json("index.json")
         manifest = _pick_manifest(src, index)
@@ -247,18 +262,23 @@ class Store:
         """The layer's blob into blobs/, its digest checked where the archive names one."""
         tmp = os.path.join(self.root, "blobs", f".incoming-{os.getpid()}")
         h = hashlib.sha256()
-        with src.open(ref.blob) as f, open(tmp, "wb") as out:
-            while chunk := f.read(layer.CHUNK):
-                h.update(chunk)
-                out.write(chunk)
-        digest = "sha256:" + h.hexdigest()
-        if ref.digest is not None and digest != ref.digest:
-            os.unlink(tmp)
-            raise LayerError(f"layer {n}: blob {ref.blob} has digest {digest}, the manifest "
-                             f"says {ref.digest}: refused")
-        ref.digest = digest
-        final = self.blob(digest)
-        os.replace(tmp, final)
+        try:
+            with src.open(ref.blob) as f, open(tmp, "wb") as out:
+                while chunk := f.read(layer.CHUNK):
+                    h.update(chunk)
+                    out.write(chunk)
+            digest = "sha256:" + h.hexdigest()
+            if ref.digest is not None and digest != ref.digest:
+                raise LayerError(f"layer {n}: blob {ref.blob} has digest {digest}, the "
+                                 f"manifest says {ref.digest}: refused")
+            ref.digest = digest
+            final = self.blob(digest)
+            os.replace(tmp, final)
+        except (tarfile.TarError, EOFError) as e:
+            raise LayerError(f"layer {n}: blob {ref.blob} can't be read ({e})") from None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         return final
 
     def _keep_json(self, img: Image) -> None:

@@ -71,10 +71,6 @@ class _HashingReader(io.RawIOBase):
                 self.progress(n)
         return n or 0
 
-    def drain(self) -> None:
-        """Read to the end: the digest covers the whole stream (a tar's zero padding)."""
-        while self.read(CHUNK):
-            pass
 
 
 class _HashingWriter(io.RawIOBase):
@@ -163,11 +159,14 @@ class _Dirs:
                                  "layer (a symlink or a file): refused, it would write "
                                  "through it") from None
             raise
+        self.fds[path] = fd
+        return fd
+
+    def trim(self) -> None:
+        """Between entries (never while one holds fds): the oldest half of a big cache."""
         if len(self.fds) > 512:
             for k in [k for k in self.fds if k][:256]:
                 os.close(self.fds.pop(k))
-        self.fds[path] = fd
-        return fd
 
     def close(self) -> None:
         for k, fd in self.fds.items():
@@ -203,8 +202,14 @@ class _Applier:
         self.seen.add(path)
 
     def add(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
+        self.dirs.trim()
         path = clean_name(m.name)
         self.entries += 1
+        for what, value, top in (("owner", m.uid, 1 << 32), ("group", m.gid, 1 << 32),
+                                 ("time", m.mtime, 1 << 62), ("device", m.devmajor, 1 << 32),
+                                 ("device", m.devminor, 1 << 32)):
+            if not 0 <= value < top:
+                raise LayerError(f"entry {m.name!r}: {what} {value} out of range")
         if not path:
             if m.isdir():
                 self.dir_meta[""] = m
@@ -393,28 +398,36 @@ def apply(src: str, dest: str, userxattr: bool = False,
         try:
             applier = _Applier(rootfd, _choose_dialect(rootfd, userxattr))
             with open(src, "rb", buffering=0) as f:
-                raw = _HashingReader(io.BufferedReader(f, CHUNK), progress)
+                raw = _HashingReader(f, progress)
                 buffered = io.BufferedReader(raw, CHUNK)
                 stream = _decompressor_for(buffered)  # type: ignore[arg-type]
                 # uncompressed, the two digests are one: hashed once
-                plain = _HashingReader(stream) if stream is not buffered else raw
+                plain = _HashingReader(stream) if stream is not buffered else None
                 try:
-                    with tarfile.open(fileobj=plain if plain is not raw else buffered,
-                                      mode="r|") as tar:
+                    with tarfile.open(fileobj=plain or buffered, mode="r|") as tar:
                         for m in tar:
                             applier.add(tar, m)
+                        # tarfile takes a damaged header for the end: only zeros may
+                        # follow (read through tarfile's stream, which buffers ahead)
+                        while chunk := tar.fileobj.read(CHUNK):
+                            if chunk.strip(b"\0"):
+                                raise LayerError(f"'{src}': corrupt after entry "
+                                                 f"{applier.entries} (a damaged header, or "
+                                                 "data past the end)")
+                    while buffered.read(CHUNK):  # the blob digest covers the whole file
+                        pass
                 except tarfile.TarError as e:
                     first = str(e).splitlines()[0] if str(e) else type(e).__name__
                     raise LayerError(f"'{src}': not a layer tar ({first})") from None
-                except (EOFError, gzip.BadGzipFile, OSError) as e:
-                    if isinstance(e, OSError) and e.errno is not None:
+                except LayerError:
+                    raise
+                except OSError as e:
+                    if e.errno is not None:
                         raise
                     raise LayerError(f"'{src}': truncated or corrupt ({e})") from None
-                if plain is not raw:
-                    plain.drain()
-                while buffered.read(CHUNK):  # to the end: the digest covers the whole file
-                    pass
-                raw.drain()
+                except Exception as e:  # noqa: BLE001 - zlib, zstandard, EOF: a bad stream
+                    raise LayerError(f"'{src}': truncated or corrupt "
+                                     f"({type(e).__name__}: {e})") from None
             applier.finish()
         finally:
             os.close(rootfd)
@@ -424,7 +437,8 @@ def apply(src: str, dest: str, userxattr: bool = False,
         raise
     finally:
         os.close(pfd)
-    return Applied("sha256:" + plain.hash.hexdigest(), "sha256:" + raw.hash.hexdigest(),
+    digest = "sha256:" + raw.hash.hexdigest()
+    return Applied("sha256:" + plain.hash.hexdigest() if plain else digest, digest,
                    applier.entries, applier.owners_kept, os.path.getsize(src))
 
 
