@@ -44,6 +44,8 @@ def build_data(base: Path, files: int, big_mib: int) -> Path:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     n = 0
     for root, dirs, names in os.walk(stdlib):
+        if n >= files:
+            break
         dirs[:] = [d for d in dirs if d not in ("site-packages", "__pycache__")]
         rel = Path(root).relative_to(stdlib)
         for name in names:

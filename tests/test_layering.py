@@ -16,7 +16,8 @@ LEVELS = {
     "lookup": 3, "inodes": 3, "handles": 3, "readdir": 3, "state": 3, "index": 3,
     "copyup": 4, "dirops": 4, "attrs": 4, "xattrs": 4,
     "ops": 5,
-    "daemon": 6, "log": 6, "cli": 6, "remount": 6, "__main__": 7, "__init__": 0,
+    "daemon": 6, "log": 6, "cli": 6, "remount": 6, "__main__": 7,
+    "__init__": 8,  # the public API's face: re-exports unionfs.api (lazily)
     "api": 6, "pytest_plugin": 7,
 }
 SAME_LEVEL_OK = {("probe", "layers"), ("probe", "whiteout"), ("inodes", "lookup"),

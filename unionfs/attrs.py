@@ -15,6 +15,7 @@ from unionfs.idmap import Caller
 from unionfs.inodes import Inode
 from unionfs.lookup import Resolution
 from unionfs.state import State
+from unionfs.whiteout import OVERRIDE_XATTRS
 
 
 def real_stat(fs: State, node: Inode) -> os.stat_result:
@@ -75,8 +76,6 @@ def real_path(fs: State, node: Inode) -> str | int:
 
 # -- owners and modes as shown (uidmapping=, squash_to_*, xattr_permissions=) ----------
 
-# Where xattr_permissions=1|2 keeps owner and mode (fuse-overlayfs's names).
-OVERRIDE_XATTRS = {1: "security.fuseoverlayfs.override_stat", 2: "user.containers.override_stat"}
 
 
 def protected_xattr(fs: State, name: str) -> bool:

@@ -139,9 +139,11 @@ def _image_command(args: argparse.Namespace) -> int:
     # tar, digests and the store: not needed to mount a plain overlay
     from unionfs.oci import cli as oci_cli
     from unionfs.oci.image import Store
-    from unionfs.oci.layer import LayerError, remove_tree
+    from unionfs.oci.layer import LayerError
 
     if args.cmd != "image":
+        if getattr(args, "lowers", None):
+            args.lowers = split_lowerdir(args.lowers)  # the mount's own "\\:" escapes
         return oci_cli.run(args)
     try:
         store = Store(args.store)
@@ -154,29 +156,30 @@ def _image_command(args: argparse.Namespace) -> int:
             if rc == 0:
                 store.forget_mount(args.merged)
             return rc
+        if (args.upper is None) != (args.work is None):
+            raise MountError("--upper and --work go together")
         say = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
         imported = store.import_archive(args.archive, say=say, quiet=args.quiet)
         throwaway = None
         upper, work = args.upper, args.work
         if upper is None:
-            if work is not None:
-                raise MountError("--work needs --upper")
             throwaway, upper, work = store.new_container()
-        elif work is None:
-            raise MountError("--upper needs --work")
         lowers = ":".join(_escape_lower(p) for p in imported.lowers)
         try:
-            rc = _mount(config_from_args([lowers, upper, work, args.merged], args.options, args))
-        except BaseException:
-            if throwaway:
-                remove_tree(throwaway)
-            raise
-        if rc == 0:
+            cfg = config_from_args([lowers, upper, work, args.merged], args.options, args)
+            # recorded first: in the foreground the mount ends before _mount returns
             store.record_mount(args.merged, imported, upper, work, throwaway)
+            if cfg.foreground:
+                say(f"mounting {len(imported.lowers)} layers at {args.merged} in the foreground")
+            rc = _mount(cfg)
+        except BaseException:
+            store.forget_mount(args.merged)  # the throwaway upper too
+            raise
+        if rc != 0 or cfg.foreground:
+            store.forget_mount(args.merged)
+        else:
             say(f"mounted {len(imported.lowers)} layers at {args.merged} "
                 f"({imported.applied} applied, {imported.shared} from the store)")
-        elif throwaway:
-            remove_tree(throwaway)
         return rc
     except LayerError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

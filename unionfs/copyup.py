@@ -110,12 +110,16 @@ async def copy_up(fs: State, node: Inode, data: bool = True, meta: bool = False)
     truncate to 0) copies everything but the file contents.  ``meta``: a change of
     metadata only, for which metacopy=on copies a regular file's metadata alone
     (``overlay.metacopy``), its data staying below until a write needs it."""
-    if node.in_upper:
-        if node.data is not None and not meta:
-            async with node.lock:
-                if node.data is not None:
-                    await _copy_data(fs, node, data)
-        return
+    if not node.in_upper:
+        await _copy_up_chain(fs, node, data, meta)
+    if node.data is not None and not meta:
+        # a metacopy (or a name just linked to an indexed one): its data comes now
+        async with node.lock:
+            if node.data is not None:
+                await _copy_data(fs, node, data)
+
+
+async def _copy_up_chain(fs: State, node: Inode, data: bool, meta: bool) -> None:
     fs.check_writable()
     if node.gone:
         raise oserror(errno.ENOENT)  # no name left to copy up to
@@ -135,11 +139,6 @@ async def copy_up(fs: State, node: Inode, data: bool = True, meta: bool = False)
             await _copy_one(fs, n, data or n is not node, metacopy and n is node)
             if n.aliases:
                 await _link_aliases(fs, n)
-    if node.data is not None and not meta:
-        # linked to an indexed metacopy: its data comes now
-        async with node.lock:
-            if node.data is not None:
-                await _copy_data(fs, node, data)
 
 
 async def _copy_one(fs: State, node: Inode, data: bool, metacopy: bool = False) -> None:

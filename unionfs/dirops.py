@@ -478,7 +478,9 @@ def _release_entry(fs: State, entry: str) -> None:
     if st is None:
         return
     value = sysio.getxattr_or_none(fs.index.fd, entry, fs.dialect.prefix + "nlink")
-    if index.parse_nlink(value, st.st_nlink, st.st_nlink) is None and value is not None:
+    # no name left (the count says 0) and no upper link but the entry's own
+    if st.st_nlink == 1 and value is not None and \
+            index.parse_nlink(value, st.st_nlink, st.st_nlink) is None:
         sysio.unlink(fs.index.fd, entry)
 
 

@@ -34,6 +34,9 @@ NAME_MAX = 255
 
 WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"  # in a directory: the directory is opaque
+# Where xattr_permissions=1|2 keeps owner and mode (fuse-overlayfs's names): marks a mount
+# answers for itself, never data (attrs.protected_xattr, oci.layer).
+OVERRIDE_XATTRS = {1: "security.fuseoverlayfs.override_stat", 2: "user.containers.override_stat"}
 
 # How a whiteout is written (Dialect.form).
 CHARDEV, XATTR, OCI = "chardev", "xattr", "oci"

@@ -51,20 +51,20 @@ def run(args: argparse.Namespace) -> int:
                       file=sys.stderr)
             return 0
         if args.cmd == "layer" and args.layer_cmd == "export":
-            update, close = layer.terminal_progress(_size_under(args.upper), "export",
-                                                    args.quiet)
+            quiet = args.quiet or not sys.stderr.isatty()  # no walk for a bar nobody sees
+            update, close = layer.terminal_progress(0 if quiet else _size_under(args.upper),
+                                                    "export", quiet)
             try:
                 out = layer.export(args.upper, args.output, _compression(args), args.mtime,
                                    progress=update,
-                                   lowers=args.lowers.split(":") if args.lowers else None)
+                                   lowers=args.lowers or None)
             finally:
                 close()
             print(f"diff_id {out.diff_id}")
             print(f"digest {out.digest}")
             return 0
         if args.cmd == "diff":
-            lowers = args.lowers.split(":") if args.lowers else None
-            for kind, path in changes(args.upper, lowers):
+            for kind, path in changes(args.upper, args.lowers or None):
                 print(kind, path)
             return 0
     except layer.LayerError as e:

@@ -1,5 +1,7 @@
 """What an upper directory changes, as ``docker diff`` lists it: ``A`` added, ``C`` changed,
-``D`` deleted, parents before their entries."""
+``D`` deleted, parents before their entries.  What lies below is read by the filesystem's own
+lookup and readdir over the lowers (oci.merged), so whiteouts, opaque directories and
+redirects of every lower count as they do in a mount."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import stat
 from collections.abc import Iterator
 
 from unionfs import sysio
+from unionfs.layers import LayerStack
+from unionfs.oci import merged
 from unionfs.oci.layer import LayerError, _foreign_whiteout, _opaque
 from unionfs.whiteout import TRUSTED, USER, WH_OPAQUE, WH_PREFIX
 
@@ -19,69 +23,16 @@ def changes(upper: str, lowers: list[str] | None = None) -> list[tuple[str, str]
         rootfd = sysio.open_root(upper)
     except OSError as e:
         raise LayerError(f"'{upper}': {e.strerror}") from None
-    lfds: list[int] = []
+    stack = merged.open_stack(upper, lowers, with_upper=False) if lowers else None
     try:
-        for low in lowers or []:
-            try:
-                lfds.append(sysio.open_root(low))
-            except OSError as e:
-                raise LayerError(f"'{low}': {e.strerror}") from None
-        return list(_changes(rootfd, "", lfds, lowers is not None))
+        return list(_changes(rootfd, "", stack))
     finally:
         os.close(rootfd)
-        for fd in lfds:
-            os.close(fd)
+        if stack is not None:
+            stack.close()
 
 
-def _below(lfds: list[int], path: str) -> list[str]:
-    """The names the lower layers show in directory ``path`` (whiteouts and opaque marks
-    of each layer applied)."""
-    shown: dict[str, bool] = {}
-    hidden: set[str] = set()
-    for fd in lfds:
-        try:
-            dfd = sysio.open_dir_beneath(fd, path)
-        except OSError:
-            continue
-        try:
-            lfd = sysio.open_dir_for_listing(dfd, ".")
-            try:
-                names = os.listdir(lfd)
-            finally:
-                os.close(lfd)
-            for name in names:
-                if name in shown or name in hidden or name == WH_OPAQUE:
-                    continue
-                if name.startswith(WH_PREFIX):
-                    hidden.add(name[len(WH_PREFIX):])
-                    continue
-                st = sysio.lstat(dfd, name)
-                if _foreign_whiteout(dfd, name, st):
-                    hidden.add(name)
-                else:
-                    shown[name] = True
-            opaque = path and _opaque_at(fd, path)
-        finally:
-            os.close(dfd)
-        if opaque:
-            break
-    return sorted(shown)
-
-
-def _opaque_at(fd: int, path: str) -> bool:
-    parent, _, leaf = path.rpartition("/")
-    try:
-        pfd = sysio.open_dir_beneath(fd, parent)
-    except OSError:
-        return False
-    try:
-        return _opaque(pfd, leaf) or sysio.lstat_or_none(pfd, f"{leaf}/{WH_OPAQUE}") is not None
-    finally:
-        os.close(pfd)
-
-
-def _changes(rootfd: int, path: str, lfds: list[int], know: bool
-             ) -> Iterator[tuple[str, str]]:
+def _changes(rootfd: int, path: str, stack: LayerStack | None) -> Iterator[tuple[str, str]]:
     dfd = sysio.open_dir_beneath(rootfd, path)
     try:
         lfd = sysio.open_dir_for_listing(dfd, ".")
@@ -89,7 +40,9 @@ def _changes(rootfd: int, path: str, lfds: list[int], know: bool
             names = sorted(os.listdir(lfd), key=os.fsencode)
         finally:
             os.close(lfd)
-        below = _below(lfds, path) if know else []
+        below_dir = merged.resolve(stack, path) if stack is not None else None
+        below = set(merged.names_in(stack, below_dir)) \
+            if stack is not None and below_dir is not None and below_dir.is_dir else set()
         for name in names:
             if name == WH_OPAQUE:
                 continue
@@ -101,7 +54,7 @@ def _changes(rootfd: int, path: str, lfds: list[int], know: bool
             if _foreign_whiteout(dfd, name, st):
                 yield "D", "/" + child
                 continue
-            if know:
+            if stack is not None:
                 kind = "C" if name in below else "A"
             else:
                 has_origin = any(sysio.getxattr_or_none(dfd, name, p + "origin") is not None
@@ -109,16 +62,17 @@ def _changes(rootfd: int, path: str, lfds: list[int], know: bool
                 kind = "C" if stat.S_ISDIR(st.st_mode) or has_origin else "A"
             yield kind, "/" + child
             if stat.S_ISDIR(st.st_mode):
-                if know and kind == "C" and _opaque(dfd, name):
+                if stack is not None and kind == "C" and _opaque(dfd, name):
                     # emptied and made again: what lay below is gone
                     sub = sysio.open_dir_beneath(dfd, name)
                     try:
-                        inside = set(os.listdir(sysio.proc_fd(sub)))
+                        inside = {n for n, _, _ in sysio.scandir_fd(sub)}
                     finally:
                         os.close(sub)
-                    for gone in _below(lfds, child):
+                    lower = merged.resolve(stack, child)
+                    for gone in sorted(merged.names_in(stack, lower) if lower else []):
                         if gone not in inside:
                             yield "D", f"/{child}/{gone}"
-                yield from _changes(rootfd, child, lfds, know)
+                yield from _changes(rootfd, child, stack)
     finally:
         os.close(dfd)

@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
 
 from unionfs import sysio
+from unionfs.probe import probe_dialect, remove_tree_at
 from unionfs.whiteout import (
     FUSE_OVERLAYFS,
+    OVERRIDE_XATTRS,
     TRUSTED,
     USER,
     WH_OPAQUE,
@@ -43,7 +45,7 @@ CHUNK = 1 << 20
 GZIP_MAGIC, ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
 # Marks of an overlay (ours, the kernel's, fuse-overlayfs's): never taken from a tar, where
 # anyone could forge a redirect, an opaque mark or a metacopy, nor written into one.
-PRIVATE_XATTRS = (TRUSTED, USER, FUSE_OVERLAYFS)
+PRIVATE_XATTRS = (TRUSTED, USER, FUSE_OVERLAYFS, *OVERRIDE_XATTRS.values())
 PAX_XATTR = "SCHILY.xattr."
 
 
@@ -313,8 +315,8 @@ class _Applier:
                              "not a file of the layer")
         sysio.link(tfd, tleaf, pfd, leaf)
 
-    def _meta(self, dfd: int, leaf: str | None, m: tarfile.TarInfo, symlink: bool = False,
-              is_dir: bool = False) -> None:
+    def _meta(self, dfd: int, leaf: str | None, m: tarfile.TarInfo,
+              symlink: bool = False) -> None:
         """Owner first (a chown drops set-id bits and capabilities), then xattrs, the
         mode, the times.  ``leaf`` None: ``dfd`` is the object itself, open (a file)."""
         if self.owners:
@@ -353,7 +355,7 @@ class _Applier:
         """Directories last, deepest first: their modes might refuse the entries inside,
         and each entry made in them changed their times."""
         for path in sorted(set(self.dir_meta) | self.opaque | self.dirs.made,
-                           key=lambda p: (-p.count("/"), p), reverse=False):
+                           key=lambda p: (-p.count("/"), p)):
             parent, leaf = _split(path)
             if not path:
                 fd, name = self.rootfd, "."
@@ -366,16 +368,10 @@ class _Applier:
                     os.setxattr(sysio.proc_fd(fd), self.dialect.opaque, b"y")
             m = self.dir_meta.get(path)
             if m is not None:
-                self._meta(fd, name, m, is_dir=True)
+                self._meta(fd, name, m)
         if "" not in self.dir_meta:
             os.chmod(sysio.proc_fd(self.rootfd), 0o755)  # no entry for it: as a fresh dir
         self.dirs.close()
-
-
-def _choose_dialect(fd: int, userxattr: bool) -> Dialect:
-    from unionfs.probe import probe_dialect  # the filesystem's own choice of markers
-
-    return probe_dialect(fd, userxattr)
 
 
 def apply(src: str, dest: str, userxattr: bool = False,
@@ -396,7 +392,7 @@ def apply(src: str, dest: str, userxattr: bool = False,
         sysio.mkdir(pfd, stage, 0o700)
         rootfd = sysio.open_dir_beneath(pfd, stage)
         try:
-            applier = _Applier(rootfd, _choose_dialect(rootfd, userxattr))
+            applier = _Applier(rootfd, probe_dialect(rootfd, userxattr))
             with open(src, "rb", buffering=0) as f:
                 raw = _HashingReader(f, progress)
                 buffered = io.BufferedReader(raw, CHUNK)
@@ -468,8 +464,6 @@ def remove_tree(path: str) -> None:
 
 
 def _remove_quietly(pfd: int, name: str) -> None:
-    from unionfs.probe import remove_tree_at
-
     try:
         remove_tree_at(pfd, name)
     except OSError:
@@ -503,21 +497,15 @@ def _opaque(dfd: int, name: str) -> bool:
 
 
 def _visible_xattrs(dfd: int, name: str, names: list[str]) -> dict[str, str]:
+    """The xattrs a layer carries; none under an overlay's prefixes, not even a user's
+    names escaped there (a tar applier drops them all: any could be a forged mark)."""
     out = {}
     for attr in names:
-        shown = attr
-        for p in (TRUSTED, USER):
-            if attr.startswith(p + "overlay."):  # a user's name escaped under the prefix
-                shown = p + attr[len(p + "overlay."):]
-                break
-        else:
-            if attr.startswith(PRIVATE_XATTRS):
-                continue
-        if attr.startswith(("system.posix_acl",)):
-            pass  # ACLs travel as xattrs, as Docker's archive writes them
+        if attr.startswith(PRIVATE_XATTRS):
+            continue
         value = sysio.getxattr_or_none(dfd, name, attr)
         if value is not None:
-            out[PAX_XATTR + shown] = value.decode("utf-8", "surrogateescape")
+            out[PAX_XATTR + attr] = value.decode("utf-8", "surrogateescape")
     return out
 
 
@@ -592,18 +580,14 @@ def export(upper: str, out: str, compression: str | None = "gzip",
                 links: dict[tuple[int, int], str] = {}
                 resolver = _Resolver(upper, lowers) if lowers is not None else None
                 prune: set[str] = set()
-                for path, dfd, name, st in _walk(rootfd, prune):
-                    entries += 1
-                    for info, data in _entries(path, dfd, name, st, links, mtime, resolver,
-                                               prune):
-                        if data is not None:
-                            # unbuffered: a 1 MiB buffer per small file is 256 page faults
-                            with os.fdopen(data, "rb", buffering=0) as fobj:
-                                tar.addfile(info, fobj)
-                                if progress is not None:
-                                    progress(info.size)
-                        else:
-                            tar.addfile(info)
+                try:
+                    for path, dfd, name, st in _walk(rootfd, prune):
+                        entries += 1
+                        _add_entries(tar, _entries(path, dfd, name, st, links, mtime,
+                                                   resolver, prune), progress)
+                finally:
+                    if resolver is not None:
+                        resolver.stack.close()
             if comp is not packed:
                 comp.close()
         # renamed into place only when whole; not fsynced, as tar, docker save and skopeo
@@ -619,6 +603,19 @@ def export(upper: str, out: str, compression: str | None = "gzip",
         os.close(rootfd)
     return Exported("sha256:" + plain.hash.hexdigest(), "sha256:" + packed.hash.hexdigest(),
                     packed.size, entries)
+
+
+def _add_entries(tar: tarfile.TarFile, entries: Iterator[tuple[tarfile.TarInfo, int | None]],
+                 progress: Callable[[int], object] | None) -> None:
+    for info, data in entries:
+        if data is None:
+            tar.addfile(info)
+            continue
+        # unbuffered: a 1 MiB buffer per small file is 256 page faults
+        with os.fdopen(data, "rb", buffering=0) as fobj:
+            tar.addfile(info, fobj)
+        if progress is not None:
+            progress(info.size)
 
 
 def _info(path: str, st: os.stat_result, mtime: int | None, kind: bytes) -> tarfile.TarInfo:
@@ -645,7 +642,10 @@ class _Resolver:
         res = self.merged.resolve(self.stack, path)
         if parent is None or res is None:
             raise LayerError(f"'{path}': not in the merged view")
-        return self.merged.data_of(self.stack, parent, name, res, dfd)
+        data = self.merged.data_of(self.stack, parent, name, res, dfd)
+        if data is None:  # marked in another dialect than the stack reads
+            raise LayerError(f"'{path}': a metacopy whose data the lowers don't hold")
+        return data
 
     def tree(self, path: str) -> Iterator[tuple[str, int, str, tuple[int, str] | None]]:
         res = self.merged.resolve(self.stack, path)

@@ -16,20 +16,27 @@ from unionfs.readdir import list_merged
 from unionfs.whiteout import TRUSTED, USER, Dialect
 
 
-def open_stack(upper: str, lowers: list[str]) -> LayerStack:
+def open_stack(upper: str, lowers: list[str], with_upper: bool = True) -> LayerStack:
+    """The stack (``with_upper``: upper over the lowers, else the lowers alone) read in
+    the dialect the upper was written in."""
     try:
-        stack = LayerStack(lowers, upper, None)
+        top = sysio.open_root(upper)
+        try:
+            names = sysio.listxattr(top, "")
+        finally:
+            os.close(top)
+        stack = LayerStack(lowers, upper if with_upper else None, None)
     except OSError as e:
         raise LayerError(f"'{e.filename}': {e.strerror}") from None
-    # the marks of the dialect the upper was written in
-    prefix = TRUSTED
-    for attr in sysio.listxattr(stack.layers[0].fd, ""):
-        if attr.startswith(USER):
-            prefix = USER
-            break
+    prefix = USER if any(n.startswith(USER) for n in names) else TRUSTED
     stack.dialect = Dialect(prefix)
     stack.follow_redirects = True
     return stack
+
+
+def names_in(stack: LayerStack, res: Resolution) -> list[str]:
+    """What the merged directory ``res`` shows."""
+    return [e.name for e in list_merged(stack, res.paths, res.dirs) if not e.hidden]
 
 
 def resolve(stack: LayerStack, path: str) -> Resolution | None:
@@ -69,8 +76,7 @@ def walk(stack: LayerStack, dir_res: Resolution, path: str
          ) -> Iterator[tuple[str, int, str, tuple[int, str] | None]]:
     """(path, directory fd, name, where a metacopy's data is) of everything the merged
     directory at ``path`` shows, recursively, sorted, parents first."""
-    entries = sorted((e.name for e in list_merged(stack, dir_res.paths, dir_res.dirs)
-                      if not e.hidden), key=os.fsencode)
+    entries = sorted(names_in(stack, dir_res), key=os.fsencode)
     subdirs = []
     for name in entries:
         res = lookup.resolve(stack, dir_res.paths, dir_res.dirs, name)
