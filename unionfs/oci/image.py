@@ -9,6 +9,7 @@ blob is kept beside it, so that a commit can write the image again with a new la
 Store layout::
 
     layers/<diff_id hex>/           an applied layer (overlay whiteouts and opaque marks)
+    layers/<diff_id hex>.blob        the digest of the blob it was applied from
     blobs/sha256/<hex>               the layer tars as the archives held them
     mounts/<hash of MERGED>.json     what is mounted where: image config, layers, upper
     containers/<id>/{upper,work}     the throwaway upper of a mount without --upper
@@ -253,7 +254,6 @@ class Store:
                         layer.remove_tree(new)  # the other import's copy is the same
                         shared += 1
                 lowers.insert(0, dest)
-            self._keep_json(img)
             return Imported(img, lowers, applied, shared)
         finally:
             src.close()
@@ -280,12 +280,6 @@ class Store:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         return final
-
-    def _keep_json(self, img: Image) -> None:
-        path = os.path.join(self.root, "images", _hex(img.config_digest) + ".json")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        _write_json(path, {"config": img.config, "config_digest": img.config_digest,
-                           "layers": [vars(r) for r in img.layers], "tags": img.tags})
 
     # -- mounts -----------------------------------------------------------------------
 
