@@ -181,13 +181,8 @@ def _image_command(args: argparse.Namespace) -> int:
             say(f"mounted {len(imported.lowers)} layers at {args.merged} "
                 f"({imported.applied} applied, {imported.shared} from the store)")
         return rc
-    except LayerError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"{PROG}: error: {e.strerror or e}" + (f": '{e.filename}'" if e.filename else ""),
-              file=sys.stderr)
-        return 1
+    except (LayerError, OSError) as e:
+        return oci_cli.report(e)
 
 
 def _helper_parser() -> argparse.ArgumentParser:

@@ -107,22 +107,9 @@ def lookup(index: Layer, value: bytes) -> tuple[str, os.stat_result] | None:
 def origin_number(stack: LayerStack, value: bytes) -> tuple[int, int] | None:
     """(st_dev, st_ino) of the lower object an origin names, found by its handle."""
     parsed = origin.parse(value)
-    if parsed is None:
-        return None
-    tried: set[int] = set()
-    for layer in stack.lowers:
-        if layer.dev in tried:
-            continue
-        tried.add(layer.dev)
-        fd = origin.open_origin(parsed, layer.fd)
-        if fd is None:
-            continue
-        try:
-            st = os.fstat(fd)
-        finally:
-            os.close(fd)
-        return st.st_dev, st.st_ino
-    return None
+    st = origin.stat_by_handle(parsed, [(layer.dev, layer.fd) for layer in stack.lowers]) \
+        if parsed is not None else None
+    return (st.st_dev, st.st_ino) if st is not None else None
 
 
 def is_entry_of(index: Layer, origin_value: bytes | None, st: os.stat_result) -> bool:

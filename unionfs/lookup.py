@@ -151,21 +151,10 @@ def origin_of(stack: LayerStack, parent_paths: Sequence[str], parent_dirs: list[
             return (low.st_dev, low.st_ino) if low.st_nlink == 1 else None
     if not origin.decodes():
         return None
-    tried: set[int] = set()
-    for layer in stack.lowers:
-        if layer.dev in tried:
-            continue
-        tried.add(layer.dev)
-        fd = origin.open_origin(parsed, layer.fd)
-        if fd is None:
-            continue
-        try:
-            low = os.fstat(fd)
-        finally:
-            os.close(fd)
-        if stat.S_IFMT(low.st_mode) == stat.S_IFMT(st.st_mode) and low.st_nlink == 1:
-            return low.st_dev, low.st_ino
-        return None
+    low = origin.stat_by_handle(parsed, [(layer.dev, layer.fd) for layer in stack.lowers])
+    if low is not None and stat.S_IFMT(low.st_mode) == stat.S_IFMT(st.st_mode) and \
+            low.st_nlink == 1:
+        return low.st_dev, low.st_ino
     return None
 
 

@@ -99,3 +99,23 @@ def open_origin(parsed: tuple[int, bytes, bytes], mount_fd: int) -> int | None:
         return None
     finally:
         os.close(fs_fd)
+
+
+def stat_by_handle(parsed: tuple[int, bytes, bytes], roots: list[tuple[int, int]]
+                   ) -> os.stat_result | None:
+    """The stat of the object an origin names, opened by its handle on the first of the
+    filesystems of ``roots`` ((st_dev, fd) of layer roots, each filesystem tried once)
+    where it opens."""
+    tried: set[int] = set()
+    for dev, root in roots:
+        if dev in tried:
+            continue
+        tried.add(dev)
+        fd = open_origin(parsed, root)
+        if fd is None:
+            continue
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+    return None

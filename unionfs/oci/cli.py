@@ -67,14 +67,16 @@ def run(args: argparse.Namespace) -> int:
             for kind, path in changes(args.upper, args.lowers or None):
                 print(kind, path)
             return 0
-    except layer.LayerError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except FileNotFoundError as e:
-        print(f"{PROG}: error: '{e.filename}': {e.strerror}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"{PROG}: error: {e.strerror or e}" + (f": '{e.filename}'" if e.filename else ""),
-              file=sys.stderr)
-        return 1
+    except (layer.LayerError, OSError) as e:
+        return report(e)
     raise AssertionError(args)
+
+
+def report(e: layer.LayerError | OSError) -> int:
+    """The one line a failed image verb prints; its exit status."""
+    if isinstance(e, OSError):
+        where = f"'{e.filename}': " if e.filename else ""
+        print(f"{PROG}: error: {where}{e.strerror or e}", file=sys.stderr)
+    else:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 1
