@@ -811,7 +811,11 @@ def test_user_runs_pytest_with_the_api_and_plugin(fuse_user, tmp_path: Path) -> 
     make_traversable(work)
     os.chown(work, uid, gid)
     os.chown(work / "test_mine.py", uid, gid)
-    r = run_user(uid, gid, [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                            f"--basetemp={work / 'tmp'}", str(work / "test_mine.py")],
-                 timeout=180)
+    # from the project's own directory, as its author runs it (a rootdir found elsewhere
+    # would make pytest list directories of root's)
+    r = subprocess.run(as_user(uid, gid, [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                          f"--rootdir={work}", f"--basetemp={work / 'tmp'}",
+                                          "test_mine.py"]),
+                       capture_output=True, text=True, timeout=180, cwd=str(work),
+                       stdin=subprocess.DEVNULL, check=False)
     assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
