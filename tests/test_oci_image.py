@@ -173,3 +173,26 @@ def test_commit_of_a_moved_directory(tmp_path, mounted):
     assert r.returncode == 0, r.stderr
     assert sorted(os.listdir(m2)) == ["app", "etc", "sbin"]
     assert (m2 / "sbin/sh").read_text() == "sh"
+
+
+@pytest.mark.parametrize("case", ["symlink-loop", "no-config-key"])
+def test_malformed_archives_in_one_line(tmp_path, mounted, case):
+    # found in review: a loop of symlinks in a docker save archive hung, a manifest without
+    # its keys printed a traceback
+    archive = tmp_path / f"{case}.tar"
+    with tarfile.open(archive, "w") as t:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+        if case == "symlink-loop":
+            add("manifest.json", json.dumps([{"Config": "c.json", "Layers": []}]).encode())
+            for a, b in (("c.json", "d.json"), ("d.json", "c.json")):
+                link = tarfile.TarInfo(a)
+                link.type, link.linkname = tarfile.SYMTYPE, b
+                t.addfile(link)
+        else:
+            add("manifest.json", json.dumps([{"Layers": []}]).encode())
+    r, m = mounted(archive, "m")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr and not is_mounted(m)

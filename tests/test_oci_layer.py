@@ -354,3 +354,43 @@ def test_cli_errors_in_one_line(tmp_path):
                         str(tmp_path / "d")], cwd=REPO, capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def _one_line_refusal(tmp_path: Path, tar: Path) -> str:
+    r = subprocess.run([PYTHON, "-m", "unionfs", "layer", "apply", "-q", str(tar),
+                        str(tmp_path / "L")], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "L").exists()
+    return lines[0]
+
+
+def test_damaged_and_out_of_range_tars_refused(tmp_path):
+    # found in review: tarfile takes a damaged header for the end of the archive (a partial
+    # layer, exit 0), and out-of-range numbers or a cut gzip stream gave tracebacks
+    good = _tar(tmp_path / "good.tar", [("a", "file", {"data": "1"}), ("b", "file"),
+                                        ("c", "file")]).read_bytes()
+    bad = bytearray(good)
+    bad[1024 + 100:1024 + 108] = b"garbage!"  # the second header's mode: its checksum fails
+    (tmp_path / "bad.tar").write_bytes(bytes(bad))
+    assert "corrupt after entry 1" in _one_line_refusal(tmp_path, tmp_path / "bad.tar")
+    (tmp_path / "cut.tar.gz").write_bytes(gzip.compress(good)[:-8])  # no gzip trailer
+    assert "truncated or corrupt" in _one_line_refusal(tmp_path, tmp_path / "cut.tar.gz")
+    for field, value in (("uid", 1 << 40), ("mtime", 10**30)):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+            info = tarfile.TarInfo("f")
+            setattr(info, field, value)
+            t.addfile(info, io.BytesIO(b""))
+        (tmp_path / f"{field}.tar").write_bytes(buf.getvalue())
+        assert "out of range" in _one_line_refusal(tmp_path, tmp_path / f"{field}.tar")
+
+
+def test_many_directories_then_a_hard_link(tmp_path):
+    # found in review: the directory fd cache closed an fd the hard link still used (EBADF)
+    entries = [("t/target", "file", {"data": "x"})] + \
+        [(f"d{i}/z", "file", {"data": "z"}) for i in range(770)] + \
+        [("d300/link", "link", {"to": "t/target"})]
+    _apply(_tar(tmp_path / "many.tar", entries), tmp_path / "L")
+    assert os.lstat(tmp_path / "L/d300/link").st_ino == os.lstat(tmp_path / "L/t/target").st_ino
