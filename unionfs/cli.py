@@ -95,8 +95,6 @@ def _add_image_commands(sub: Any) -> None:
     d.add_argument("--lowers", metavar="LOWER1[:LOWER2...]",
                    help="the lower layers (leftmost on top), to tell added from changed; "
                    "without them a name with overlay.origin or a directory is changed")
-
-
     img = sub.add_parser("image", help="mount a container image archive, commit changes",
                          description="Images from 'docker save' archives and OCI layouts, "
                          "their layers applied once into a shared store.")

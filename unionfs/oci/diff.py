@@ -35,11 +35,7 @@ def changes(upper: str, lowers: list[str] | None = None) -> list[tuple[str, str]
 def _changes(rootfd: int, path: str, stack: LayerStack | None) -> Iterator[tuple[str, str]]:
     dfd = sysio.open_dir_beneath(rootfd, path)
     try:
-        lfd = sysio.open_dir_for_listing(dfd, ".")
-        try:
-            names = sorted(os.listdir(lfd), key=os.fsencode)
-        finally:
-            os.close(lfd)
+        names = sorted((n for n, _, _ in sysio.scandir_fd(dfd)), key=os.fsencode)
         below_dir = merged.resolve(stack, path) if stack is not None else None
         below = set(merged.names_in(stack, below_dir)) \
             if stack is not None and below_dir is not None and below_dir.is_dir else set()

@@ -519,11 +519,7 @@ def _walk(rootfd: int, prune: set[str] | None = None
         while stack:
             path, dfd = stack.pop()
             try:
-                lfd = sysio.open_dir_for_listing(dfd, ".")
-                try:
-                    names = sorted(os.listdir(lfd), key=os.fsencode)
-                finally:
-                    os.close(lfd)
+                names = sorted((n for n, _, _ in sysio.scandir_fd(dfd)), key=os.fsencode)
                 subdirs = []
                 for name in names:
                     st = sysio.lstat(dfd, name)
