@@ -10,8 +10,8 @@
 #
 # pyfuse3 is built from its PyPI sdist with scripts/pyfuse3-unionfs.patch applied (a
 # fallocate handler, which pyfuse3 3.5.0 lacks, FUSE_CAP_DONT_MASK for POSIX ACLs, setxattr's
-# flags passed through, node ids apart from st_ino), as version 3.5.0+unionfs.3; skipped when
-# the installed pyfuse3 already has all of them.
+# flags passed through, node ids apart from st_ino), as version 3.5.0+unionfs.4; skipped when
+# the installed pyfuse3 already has that patch level (pyfuse3.UNIONFS_PATCH_LEVEL).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -92,16 +92,13 @@ venv_ok() {
 # --- pyfuse3 with fallocate, DONT_MASK, setxattr flags, node ids -------------------------------------------------
 PYFUSE3_VERSION=3.5.0
 PYFUSE3_SDIST_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-PYFUSE3_LOCAL=unionfs.3
+PYFUSE3_LOCAL=unionfs.4
+PYFUSE3_PATCH_LEVEL=4 # pyfuse3.UNIONFS_PATCH_LEVEL of a copy built with today's patch
 PYFUSE3_PATCH=scripts/pyfuse3-unionfs.patch
 
 pyfuse3_is_patched() {
-    # the Python method and the compiled handler that calls it; the DONT_MASK switch
-    "$VENV/bin/python" -c 'import sys, pyfuse3
-sys.exit(not (hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3, "fuse_fallocate_async")
-         and hasattr(pyfuse3.Operations, "enable_dont_mask")
-         and hasattr(pyfuse3.Operations, "setxattr_flags") and hasattr(pyfuse3.EntryAttributes, "nodeid")))' \
-        >/dev/null 2>&1
+    "$VENV/bin/python" -c "import sys, pyfuse3
+sys.exit(getattr(pyfuse3, 'UNIONFS_PATCH_LEVEL', 0) < $PYFUSE3_PATCH_LEVEL)" >/dev/null 2>&1
 }
 
 # The built wheel is kept in $PYFUSE3_CACHE under a key of the patch, the Python ABI and the

@@ -759,15 +759,16 @@ def stat_summary(st: os.stat_result, times: bool = False) -> tuple[Any, ...]:
 
 
 def run_as(uid: int, gid: int, fn: Op, root: Path, umask: int = 0o022,
-           timeout: float = CMD_TIMEOUT) -> tuple[str, Any]:
-    """Run ``fn(root)`` in a forked child with uid/gid (no supplementary groups) and umask; return
-    its outcome. Used for ownership/umask/permission rules that depend on the caller's credentials."""
+           timeout: float = CMD_TIMEOUT, groups: Iterable[int] = ()) -> tuple[str, Any]:
+    """Run ``fn(root)`` in a forked child with uid/gid, supplementary ``groups`` (none by default)
+    and umask; return its outcome. Used for ownership/umask/permission rules that depend on the
+    caller's credentials."""
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never return into pytest
         try:
             os.close(rfd)
-            os.setgroups([])
+            os.setgroups(list(groups))
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
             os.umask(umask)
@@ -880,9 +881,9 @@ class Pair:
         return k[1]
 
     def same_as(self, uid: int, gid: int, fn: Op, umask: int = 0o022, expect: Any = ...,
-                what: str = "") -> Any:
-        k = run_as(uid, gid, fn, self.k.root, umask)
-        o = run_as(uid, gid, fn, self.o.root, umask)
+                what: str = "", groups: Iterable[int] = ()) -> Any:
+        k = run_as(uid, gid, fn, self.k.root, umask, groups=groups)
+        o = run_as(uid, gid, fn, self.o.root, umask, groups=groups)
         label = what or getattr(fn, "__name__", "op")
         if expect is not ...:
             premise = (k[0] == "ok") if expect == "ok" else (k == ("err", expect))

@@ -177,11 +177,28 @@ def keeps_setid(caller: Caller) -> bool:
     return caps is None or bool(int(caps, 16) >> CAP_FSETID & 1)
 
 
-def _in_group(caller: Caller, gid: int) -> bool:
+@functools.cache
+def _own_userns() -> int:
+    return os.stat("/proc/self/ns/user").st_ino
+
+
+def _in_group_or_capable(caller: Caller, gid: int) -> bool:
+    """The kernel's in_group_or_capable: the caller's group or one of its supplementary
+    groups (which FUSE doesn't pass: its /proc status has them), or CAP_FSETID in its own
+    user namespace with the group mapped there, which a caller of the daemon's namespace
+    (root of a rootless container) has for every group the daemon sees."""
     if caller.gid == gid:
         return True
     groups = _proc_status(caller.pid, "Groups:")
-    return groups is not None and str(gid) in groups.split()
+    if groups is not None and str(gid) in groups.split():
+        return True
+    caps = _proc_status(caller.pid, "CapEff:")
+    if caps is None or not int(caps, 16) >> CAP_FSETID & 1:
+        return False
+    try:
+        return os.stat(f"/proc/{caller.pid}/ns/user").st_ino == _own_userns()
+    except OSError:
+        return False
 
 
 def setid_kept(mode: int, gid: int, caller: Caller) -> int:
@@ -191,7 +208,7 @@ def setid_kept(mode: int, gid: int, caller: Caller) -> int:
     if not stat.S_ISREG(mode) or not mode & (stat.S_ISUID | stat.S_ISGID):
         return mode
     drop = mode & stat.S_ISUID
-    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not _in_group(caller, gid)):
+    if mode & stat.S_ISGID and (mode & stat.S_IXGRP or not _in_group_or_capable(caller, gid)):
         drop |= stat.S_ISGID
     if drop and not keeps_setid(caller):
         return mode & ~drop
@@ -210,7 +227,7 @@ def acl_drops_sgid(mode: int, gid: int, caller: Caller) -> bool:
     """Setting an access ACL drops set-gid for a caller outside the object's group without
     CAP_FSETID (posix_acl_update_mode).  The kernel tells FUSE so with a setxattr flag that
     libfuse 3.14 doesn't pass on: the rule is ours to apply."""
-    return bool(mode & stat.S_ISGID) and not _in_group(caller, gid) and not keeps_setid(caller)
+    return bool(mode & stat.S_ISGID) and not _in_group_or_capable(caller, gid) and not keeps_setid(caller)
 
 
 def setid_change(fs: State, node: Inode, caller: Caller, mode: int | None = None

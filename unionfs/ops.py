@@ -531,12 +531,19 @@ class Operations(pyfuse3.Operations):
     # Called only by a pyfuse3 with a fallocate handler (scripts/pyfuse3-unionfs.patch,
     # built by scripts/install-deps.sh); with a stock pyfuse3 the kernel answers EOPNOTSUPP.
     @_guard
-    async def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+    async def fallocate(self, fh: int, mode: int, offset: int, length: int,
+                        ctx: pyfuse3.RequestContext | None = None) -> None:
         h = self.fs.handles.files[fh]
         if not h.layer.upper:
             # Opened read-only on a lower (an open for writing copies up first): the kernel
             # already gives EBADF for a file not open for writing; never touch a lower.
             raise pyfuse3.FUSEError(errno.EBADF)
+        # Every mode, KEEP_SIZE and hole punching too, is a change of data (file_modified):
+        # the kernel drops set-uid itself but leaves a set-gid bit without g+x to us.
+        # Patch level 3 passed no ctx: then the opener stands in for the caller.
+        caller = Caller(ctx.pid, ctx.uid, ctx.gid) if ctx is not None else h.setid_caller
+        if caller is not None:
+            await attrs.drop_setid(self.fs, h.inode, caller, h.fd)
         # In a thread (preallocating gigabytes on tmpfs takes a while), on a dup: a copy-up
         # may switch (and close) the handle's fd meanwhile.
         fd = os.dup(h.fd)
