@@ -79,7 +79,7 @@ USERNS_SUITE = ["tests/test_lookup.py", "tests/test_dirops.py", "tests/test_rena
                 "tests/test_setid.py", "tests/test_fallocate.py", "tests/test_acl.py",
                 "tests/test_posix_misc.py", "tests/test_remount.py", "tests/test_features.py",
                 "tests/test_inode_numbers.py", "tests/test_index.py", "tests/test_oci_layer.py",
-                "tests/test_oci_image.py", "tests/test_api.py"]
+                "tests/test_oci_image.py", "tests/test_api.py", "tests/test_direct_io.py"]
 USERNS_SUITE_TIMEOUT = 600.0
 
 

@@ -224,6 +224,9 @@ class InodeTable:
         # Bound by a listing although their lookup failed (ops.readdirplus): the next lookup
         # must read their marks again instead of trusting what the inode holds.
         self.unsettled: set[int] = set()
+        # Files written with O_DIRECT since an open last dropped their page cache: the
+        # kernel's FUSE client leaves pages stale after an asynchronous direct write.
+        self.dio_written: set[int] = set()
         # One node per name for the names of a lower file with several links (see the module
         # docstring), when set: node id -> (number shown, its entry in _names or None once
         # copied up); (key, parent node id, name) -> node id.
@@ -354,6 +357,20 @@ class InodeTable:
                 nids.add(held)
         nids.discard(node.ino)
         return [self.inodes[n] for n in nids if n in self.inodes]
+
+    def keep_cache(self, node: Inode) -> bool:
+        """Whether an open of ``node`` (its handle added already) may keep the kernel's
+        page cache.  Not while anyone holds it open for direct writes, nor at the first
+        open after: an asynchronous direct write (AIO, io_uring) doesn't invalidate the
+        pages a buffered reader may have filled meanwhile (xfstests generic/451)."""
+        if any(h.flags & os.O_DIRECT and h.flags & os.O_ACCMODE != os.O_RDONLY
+               for h in node.handles):
+            self.dio_written.add(node.ino)
+            return False
+        if self.dio_written and node.ino in self.dio_written:
+            self.dio_written.discard(node.ino)
+            return False
+        return True
 
     def has_siblings(self, node: Inode) -> bool:
         """siblings(node) is not empty, without building it (asked at every write)."""
@@ -533,6 +550,8 @@ class InodeTable:
             del self.inodes[node.ino]
             if self.unsettled:
                 self.unsettled.discard(node.ino)
+            if self.dio_written:
+                self.dio_written.discard(node.ino)  # forgotten: its page cache went too
             if self.shown_as:
                 self._drop_name(node)
             if self._shown and self._shown.get(node.key) == node.ino:

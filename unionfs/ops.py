@@ -428,11 +428,14 @@ class Operations(pyfuse3.Operations):
                 # The kernel's readahead asks us 128 KiB at a time: let the lower file's
                 # own readahead run further ahead of those reads.
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        h = self.fs.handles.add_file(node, fd, oflags & ~os.O_TRUNC, layer)
+        # O_DIRECT stays in the handle's flags (never on the real file) for keep_cache.
+        h = self.fs.handles.add_file(node, fd, oflags & ~os.O_TRUNC | flags & os.O_DIRECT,
+                                     layer)
         h.setid_caller = setid_caller
         # The names of an index entry are nodes of their own, each with its page cache:
         # one written through another is read afresh from the next open on.
-        keep = self.fs.index is None or not self.fs.inodes.has_siblings(node)
+        keep = (self.fs.index is None or not self.fs.inodes.has_siblings(node)) \
+            and self.fs.inodes.keep_cache(node)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=keep)
 
     async def _setid_after_open(self, node: Inode, fd: int, oflags: int,
@@ -455,9 +458,9 @@ class Operations(pyfuse3.Operations):
                                       ctx.umask)
         entry = self._created(parent, sname, res, ctx)
         node = self.fs.inodes[entry.st_ino]
-        h = self.fs.handles.add_file(node, fd, flags & os.O_ACCMODE
+        h = self.fs.handles.add_file(node, fd, flags & (os.O_ACCMODE | os.O_DIRECT)
                                      | (os.O_NOATIME if self.fs.noatime else 0), node.layer)
-        return pyfuse3.FileInfo(fh=h.fh, keep_cache=True), entry
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=self.fs.inodes.keep_cache(node)), entry
 
     @_guard
     async def read(self, fh: int, off: int, size: int) -> bytes:
