@@ -12,10 +12,12 @@ import mmap
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from overlay_harness import USERNS, Dir, File
+from overlay_harness import USERNS, Dir, File, mount_stack, outcome
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 AT_FDCWD = -100
@@ -94,6 +96,54 @@ def test_file_handles_kernel_refuses_ours_reopen(make_pair) -> None:
             os.close(open_by_handle(root, handles["gone"]))
         assert e.value.errno == errno.ESTALE, rnd
     pair.check_all()
+
+
+@pytest.mark.skipif(USERNS, reason="open_by_handle_at wants CAP_DAC_READ_SEARCH in the initial "
+                                   "user namespace")
+def test_handles_of_removed_open_files_like_kernel(make_stack, mounter) -> None:
+    """xfstests generic/467: a file whose names are gone opens by its handle while somebody
+    still has it open, also after the kernel dropped its caches, and is ESTALE once closed.
+    The kernel's overlay gives handles only with nfs_export=on, so it runs with that; ours
+    gives them always (docs/differences.md)."""
+    spec = ([{"lf": File("lower"), "x": File("x")}], {"uf": File("upper")})
+    kernel = mount_stack(make_stack(*spec), "kernel", options="index=on,nfs_export=on")
+    try:
+        ours = mounter(make_stack(*spec))
+
+        def run(root: Path) -> list[Any]:
+            (root / "nf").write_text("new")
+            names = ("lf", "uf", "nf")
+            handles = {n: name_to_handle(root / n) for n in names}
+            fds = [os.open(root / n, os.O_RDONLY) for n in names]
+            out: list[Any] = []
+            for n in names:
+                os.unlink(root / n)
+
+            def reopen_all() -> None:
+                for n in names:
+                    try:
+                        fd = open_by_handle(root, handles[n])
+                    except OSError as e:
+                        out.append((n, errno.errorcode[e.errno]))
+                    else:
+                        out.append((n, os.pread(fd, 20, 0)))
+                        os.close(fd)
+
+            reopen_all()
+            drop_caches()
+            reopen_all()
+            for fd in fds:
+                os.close(fd)
+            drop_caches()
+            reopen_all()
+            return out
+
+        k, o = outcome(run, kernel.root), outcome(run, ours.root)
+        assert k[0] == "ok" and k[1][:3] == [("lf", b"lower"), ("uf", b"upper"),
+                                             ("nf", b"new")], f"test premise: {k}"
+        assert k == o
+    finally:
+        kernel.stop()
 
 
 def test_fid_handles_identify_objects(make_pair) -> None:
@@ -318,3 +368,52 @@ def test_atime_options_like_kernel(make_pair, options: str) -> None:
     k, o = (os.stat(side.paths.lowers[0] / "lx").st_atime_ns != OLD * 10**9
             for side in pair.sides)
     assert k == o, f"listing a lower dir: its atime moved on kernel: {k}, ours: {o}"
+
+
+INHERITED_ATIME = (
+    "a user namespace can't change the atime flags of a mount it inherited (the layers'), so "
+    "our strictatime falls back to the upper filesystem's relatime (docs/differences.md)")
+
+
+def _reads_move_atime(root: Path) -> list[bool]:
+    """xfstests generic/003's file steps: a file made through the mount, read three times
+    with a pause before each read; which reads moved its atime (read anew through the
+    mount each time, after dropping the caches: what the kernel shows)."""
+    f = root / "d/f"
+    f.parent.mkdir()
+    f.write_text("aaa")
+    moved = []
+    for _ in range(3):
+        before = os.stat(f).st_atime_ns
+        time.sleep(0.02)
+        f.read_bytes()
+        drop_caches()
+        moved.append(os.stat(f).st_atime_ns != before)
+    before = os.stat(f.parent).st_atime_ns
+    time.sleep(0.02)
+    os.listdir(f.parent)
+    drop_caches()
+    moved.append(os.stat(f.parent).st_atime_ns != before)
+    return moved
+
+
+@pytest.mark.parametrize("options", ["", "relatime", "strictatime", "noatime", "nodiratime",
+                                     "strictatime,nodiratime", "relatime,nostrictatime"],
+                         ids=lambda o: o or "default")
+def test_atime_of_repeated_reads_like_kernel(make_pair, options: str) -> None:
+    """Repeated reads of one file (xfstests generic/003): under relatime the first read of a
+    new file moves its atime and later ones don't; under strictatime every read does, though
+    the upper filesystem is mounted relatime (the kernel's overlay takes its own mount's
+    policy, and so do we through a private clone of the upper's mount); the page cache
+    serves the later reads, so the atime moves when the file is opened."""
+    strict = "strictatime" in options.split(",")
+    if strict and USERNS:
+        pytest.skip(INHERITED_ATIME)
+    pair = make_pair(lowers=[{"x": File("x")}], options=options)
+    moved = pair.same(_reads_move_atime, expect="ok")
+    assert moved[:3] == ([False] * 3 if "noatime" in options else [True] * 3 if strict
+                         else [True, False, False]), f"test premise: {moved}"
+    if "noatime" in options:
+        assert not moved[3], f"test premise: {moved}"
+    pair.check_all()
+

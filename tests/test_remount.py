@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from overlay_harness import (
     unionfs_pids,
     wait_until,
 )
-from test_posix_misc import drop_caches
+from test_posix_misc import INHERITED_ATIME, drop_caches
 
 HELPER = Path("/usr/local/bin/pyunionfs")
 OLD = 1_500_000_000
@@ -229,3 +230,39 @@ def test_remount_by_helper_like_kernel(make_pair) -> None:
     # (what a later "atime" word does depends on how mount(8) merges the mount table's
     # options into the helper's: test_remount_like_kernel runs that through mount(8))
     assert seen[4] == ("ok", True) and seen[6] == ("ok", False), seen
+
+
+def _remounted(pair, opts: str) -> None:
+    """Both sides remounted with ``opts``; ours once its daemon said it follows (it reads the
+    change from the mount table on its own, a moment later)."""
+    assert _remount(pair.k.root, opts) == "done"
+    log = pair.o.mount.log_path
+    count = log.read_text(errors="replace").count("remounted:")
+    assert _remount_by_helper(pair.o.root, opts) == "done"
+    assert wait_until(lambda: log.read_text(errors="replace").count("remounted:") > count, 10), \
+        f"the daemon did not follow the remount to {opts}"
+
+
+@pytest.mark.skipif(USERNS, reason=INHERITED_ATIME)
+def test_atime_policy_follows_remount_like_kernel(make_pair) -> None:
+    """xfstests generic/003 remounts between its reads: relatime (the first read after a
+    change moves the atime, the next doesn't), strictatime (every read does, though the
+    upper filesystem is relatime), noatime (none does).  The kernel's overlay takes the
+    policy of its own mount, and so do we, through a private clone of the upper's mount."""
+    pair = make_pair(lowers=[{"x": File("x")}], upper={"f": File("aaa", atime=OLD)})
+
+    def read_moves(root: Path) -> bool:
+        f = root / "f"
+        before = os.stat(f).st_atime_ns
+        time.sleep(0.02)
+        f.read_bytes()
+        drop_caches()
+        return os.stat(f).st_atime_ns != before
+
+    seen = []
+    for opts in ("relatime", "strictatime", "noatime", "strictatime"):
+        if opts != "relatime":
+            _remounted(pair, opts)
+        seen.append((opts, pair.same(read_moves, expect="ok"), pair.same(read_moves)))
+    assert seen == [("relatime", True, False), ("strictatime", True, True),
+                    ("noatime", False, False), ("strictatime", True, True)], seen

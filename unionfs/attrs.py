@@ -6,6 +6,7 @@ import errno
 import functools
 import os
 import stat
+import time
 from dataclasses import dataclass
 
 from unionfs import index, sysio
@@ -144,6 +145,23 @@ class AttrChange:
     def any_change(self) -> bool:
         return any(v is not None for v in (self.size, self.mode, self.uid, self.gid,
                                            self.atime_ns, self.mtime_ns))
+
+
+# -- atime ---------------------------------------------------------------------------------
+
+DAY_NS = 24 * 3600 * 10**9
+
+
+def atime_due(st: os.stat_result, policy: str) -> bool:
+    """Whether a read now moves the atime of a file with ``st`` under the mount's atime
+    ``policy`` (fs/inode.c, atime_needs_update and relatime_need_update)."""
+    if policy == "noatime":
+        return False
+    if policy == "strictatime":
+        return True
+    atime = st.st_atime_ns
+    return atime <= st.st_mtime_ns or atime <= st.st_ctime_ns \
+        or time.time_ns() - atime >= DAY_NS
 
 
 # -- set-id bits after a change of data (kernel fs/attr.c, setattr_should_drop_suidgid) --------

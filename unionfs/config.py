@@ -19,9 +19,9 @@ FUSE_PASSTHROUGH = {
 # mount(8)'s atime words, in the order given, as the kernel's do_mount reads them: the
 # flag each sets or clears.  libfuse refuses all but atime/noatime, and FUSE inodes never
 # update their own atime (S_NOATIME): the real file's does, on our reads, unless we open it
-# O_NOATIME.  So noatime and nodiratime are ours to do; relatime and strictatime leave it to
-# the upper filesystem's own policy, as kernel overlayfs does (its touch_atime of the upper
-# file goes through the upper mount's flags); lazytime only defers writing them back.
+# O_NOATIME.  So the policy is ours to apply: kernel overlayfs's private upper mount drops
+# the upper's own atime flags and takes the overlay's, and so does ours where we may clone
+# the upper's mount (layers.own_upper_mount); lazytime only defers writing them back.
 ATIME_WORDS: dict[str, tuple[str, bool] | None] = {
     "noatime": ("noatime", True), "atime": ("noatime", False),
     "nodiratime": ("nodiratime", True), "diratime": ("nodiratime", False),
@@ -57,6 +57,7 @@ class MountConfig:
     whiteouts: str = "kernel"  # also read OCI .wh. whiteouts ("oci")
     volatile: bool = False  # fsync is a no-op
     noatime: bool = False  # reads leave atimes alone (-o noatime, unless strictatime after)
+    atime: str = "relatime"  # the mount's atime policy: relatime, strictatime or noatime
     nodiratime: bool = False  # listings leave directory atimes alone
     acl: bool = True  # POSIX ACLs where the upper filesystem has them (off: -o noacl)
     owners: Owners = field(default_factory=Owners)
@@ -159,6 +160,8 @@ def apply_options(cfg: MountConfig, ours: dict[str, str]) -> None:
     # strictatime clears noatime whatever the order (do_mount)
     cfg.noatime = "noatime" in ours and "strictatime" not in ours
     cfg.nodiratime = cfg.noatime or "nodiratime" in ours
+    cfg.atime = "strictatime" if "strictatime" in ours else "noatime" if cfg.noatime \
+        else "relatime"
     if "noacl" in ours:
         cfg.acl = False
     if "volatile" in ours or ours.get("fsync") == "0":

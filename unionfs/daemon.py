@@ -122,6 +122,11 @@ def prepare(cfg: MountConfig) -> State:
     except OSError as e:
         raise MountError(f"cannot open layer '{e.filename}': {e.strerror}",
                          e.errno or errno.EIO) from None
+    if cfg.upper is not None:
+        why = stack.own_upper_mount(cfg.atime, cfg.nodiratime)
+        if why is not None:
+            log.info("atime: no private upper mount (%s): strictatime and relatime are the "
+                     "upper filesystem's own", why)
     try:
         prepare_workdir(stack, cfg.userxattr, cfg.whiteouts)
     except BaseException:
@@ -169,7 +174,8 @@ def prepare(cfg: MountConfig) -> State:
     # (docs/differences.md).
     inodes.split = hasattr(pyfuse3.EntryAttributes, "nodeid")
     return State(stack, inodes, owners=cfg.owners,
-                 volatile=cfg.volatile, acl=acl, noatime=cfg.noatime, override_xattr=override,
+                 volatile=cfg.volatile, acl=acl, noatime=cfg.noatime, atime=cfg.atime,
+                 override_xattr=override,
                  timeout=cfg.timeout, features=features, index=index_layer)
 
 
@@ -281,9 +287,10 @@ async def _follow_mount_flags(fs: State, merged: str) -> None:
     def changed(opts: set[str]) -> None:
         trio.from_thread.run_sync(_apply_mount_flags, fs, opts)
 
+    words = [w for w, on in (("nodiratime", fs.stack.list_noatime and not fs.noatime),
+                             ("strictatime", fs.atime == "strictatime")) if on]
     try:
-        await trio.to_thread.run_sync(remount.follow, merged,
-                                      fs.stack.list_noatime and not fs.noatime,
+        await trio.to_thread.run_sync(remount.follow, merged, words,
                                       fs.stack.upper is None, changed,
                                       lambda: done, abandon_on_cancel=True)
     finally:
@@ -291,8 +298,13 @@ async def _follow_mount_flags(fs: State, merged: str) -> None:
 
 
 def _apply_mount_flags(fs: State, opts: set[str]) -> None:
-    fs.noatime = "noatime" in opts
-    fs.stack.list_noatime = fs.noatime or "nodiratime" in opts
+    fs.atime, nodiratime = remount.atime_policy(opts)
+    fs.noatime = fs.atime == "noatime"
+    fs.stack.list_noatime = fs.noatime or nodiratime
+    try:
+        fs.stack.set_atime(fs.atime, nodiratime)
+    except OSError as e:
+        log.warning("remount: the upper's atime policy stays as it was: %s", e.strerror)
     log.info("remounted: %s", ",".join(sorted(opts)))
 
 

@@ -62,6 +62,7 @@ class LayerStack:
         self.workroot_fd = sysio.open_root(work) if work is not None else -1
         self.work_path = work
         self.work_fd = -1  # WORK/work, set up by probe.prepare_workdir
+        self.mount_fd = -1  # our private clone of UPPER's mount (own_upper_mount)
         # How markers are read and written; probe.prepare_workdir picks it for the upper.
         self.dialect: Dialect = KERNEL
         # Lookups go on where a directory's overlay.redirect points (redirect_dir= other
@@ -70,6 +71,52 @@ class LayerStack:
         self.list_noatime = False  # -o nodiratime/noatime: listings leave dir atimes alone
         self._dirfds: OrderedDict[tuple[int, str], int] = OrderedDict()
         self._dirfd_max = dirfd_cache_size()
+
+    def own_upper_mount(self, atime: str, nodiratime: bool) -> str | None:
+        """Reach UPPER and WORK through a private clone of their mount with the atime
+        policy of ours, as the kernel's overlay does (its private upper mount drops the
+        upper's own atime flags): the upper's relatime must not stand in for our
+        strictatime.  Before anything else opens beneath them (a rename between WORK and
+        UPPER needs both on one mount).  None when done, else why not (unprivileged:
+        then the upper filesystem's own policy applies)."""
+        if self.upper is None or self.workroot_fd < 0 or self._dirfds or self.work_fd >= 0:
+            return "no upper layer"
+        assert self.work_path is not None
+        upper, work = os.path.realpath(self.upper.path), os.path.realpath(self.work_path)
+        common = os.path.commonpath([upper, work])
+        try:
+            base = sysio.open_root(common)
+        except OSError as e:
+            return e.strerror
+        try:
+            mnt = sysio.clone_mount(base)
+        except OSError as e:
+            return e.strerror
+        finally:
+            os.close(base)
+        opened: list[int] = []
+        try:
+            sysio.set_mount_atime(mnt, atime, nodiratime)
+            for path, old in ((upper, self.upper.fd), (work, self.workroot_fd)):
+                rel = os.path.relpath(path, common)
+                opened.append(sysio.open_dir_beneath(mnt, "" if rel == "." else rel))
+                a, b = os.fstat(opened[-1]), os.fstat(old)
+                if (a.st_dev, a.st_ino) != (b.st_dev, b.st_ino):
+                    raise OSError(errno.ESTALE, f"{path} changed while it was opened")
+        except OSError as e:
+            for fd in (*opened, mnt):
+                os.close(fd)
+            return e.strerror
+        os.close(self.upper.fd)
+        os.close(self.workroot_fd)
+        self.upper.fd, self.workroot_fd = opened
+        self.mount_fd = mnt
+        return None
+
+    def set_atime(self, atime: str, nodiratime: bool) -> None:
+        """A remount changed our atime flags: the private upper mount follows."""
+        if self.mount_fd >= 0:
+            sysio.set_mount_atime(self.mount_fd, atime, nodiratime)
 
     def dirfd(self, layer: Layer, relpath: str) -> int:
         """O_PATH fd of directory ``relpath`` in ``layer``; owned by the cache, don't close.
@@ -148,6 +195,6 @@ class LayerStack:
         self._dirfds.clear()
         for layer in self.layers:
             os.close(layer.fd)
-        for fd in (self.work_fd, self.workroot_fd):
+        for fd in (self.work_fd, self.workroot_fd, self.mount_fd):
             if fd >= 0:
                 os.close(fd)

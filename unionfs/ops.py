@@ -404,10 +404,12 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.FileInfo:
-        node = self._named(inode)
+        node = self._node(inode)
         if node.is_dir:
             raise pyfuse3.FUSEError(errno.EISDIR)
         writing = flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC
+        if node.gone:
+            return self._reopen(node, flags, bool(writing))
         if writing:
             self.fs.check_writable()
             await copy_up(self.fs, node, data=not flags & os.O_TRUNC)
@@ -422,6 +424,8 @@ class Operations(pyfuse3.Operations):
                 oflags |= os.O_NOATIME  # so that a switched or copied handle keeps it
             if writing and os.fstat(fd).st_mode & (stat.S_ISUID | stat.S_ISGID):
                 setid_caller = await self._setid_after_open(node, fd, oflags, ctx)
+            elif not writing and stat.S_ISREG(node.mode):
+                self._accessed(node, fd)
         else:
             fd = sysio.open_noatime(dfd, name, oflags)  # a lower file stays untouched
             if not writing:
@@ -437,6 +441,29 @@ class Operations(pyfuse3.Operations):
         keep = (self.fs.index is None or not self.fs.inodes.has_siblings(node)) \
             and self.fs.inodes.keep_cache(node)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=keep)
+
+    def _reopen(self, node: Inode, flags: int, writing: bool) -> pyfuse3.FileInfo:
+        """A file whose names are all gone, opened again while it is still open: by a file
+        handle (open_by_handle_at, /proc/PID/fd).  Another open of the same real file, as
+        a local filesystem gives; a lower file that lost its name stays read-only."""
+        for h in node.handles:
+            if h.layer.upper or not writing:
+                noatime = self.fs.noatime or not h.layer.upper
+                fd = sysio.reopen(h.fd, flags & OPEN_FLAGS, noatime)
+                nh = self.fs.handles.add_file(
+                    node, fd, flags & OPEN_FLAGS & ~os.O_TRUNC | flags & os.O_DIRECT
+                    | (os.O_NOATIME if noatime else 0), h.layer)
+                return pyfuse3.FileInfo(fh=nh.fh, keep_cache=self.fs.inodes.keep_cache(node))
+        raise pyfuse3.FUSEError(errno.ESTALE)
+
+    def _accessed(self, node: Inode, fd: int) -> None:
+        """An upper file opened for reading: the reads to come may all be served from the
+        page cache (keep_cache), which FUSE never tells us of, so its atime moves now
+        where the mount's policy says it is due, by one byte read through our clone of
+        the upper's mount (which applies that policy), and the kernel hears of it."""
+        if attrs.atime_due(os.fstat(fd), self.fs.atime):
+            os.pread(fd, 1, 0)
+            self.fs.attrs_changed(node.ino)
 
     async def _setid_after_open(self, node: Inode, fd: int, oflags: int,
                                 ctx: pyfuse3.RequestContext) -> Caller | None:

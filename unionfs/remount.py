@@ -138,24 +138,33 @@ def _remount_own(merged: str, dev: str, flags: int) -> None:
         os.close(fd)
 
 
-def follow(merged: str, nodiratime: bool, readonly: bool, changed: Callable[[set[str]], None],
-           stop: Callable[[], bool]) -> None:
+def atime_policy(opts: set[str]) -> tuple[str, bool]:
+    """(relatime|strictatime|noatime, nodiratime) of a mount with per-mount ``opts`` as
+    mountinfo shows them: strictatime is the absence of the other two."""
+    mode = "noatime" if "noatime" in opts else "relatime" if "relatime" in opts \
+        else "strictatime"
+    return mode, "nodiratime" in opts
+
+
+def follow(merged: str, words: list[str], readonly: bool,
+           changed: Callable[[set[str]], None], stop: Callable[[], bool]) -> None:
     """Call ``changed(options)`` whenever our mount's per-mount options change (a remount),
     until ``stop()``; blocks, so it runs in a thread.  The mount table is pollable: it says
     POLLPRI when any mount in the namespace changes.  A ``readonly`` mount (no upper layer)
     that somebody remounted rw is made read-only again, as the kernel refuses it (the helper
-    then says so).  A ``nodiratime`` that libfuse wouldn't pass is set on the mount first,
-    where we may, so that the mount table shows it and mount(8) keeps it over a remount."""
+    then says so).  ``words`` that libfuse wouldn't pass (nodiratime, strictatime) are set on
+    the mount first, where we may, so that the mount table shows them, mount(8) keeps them
+    over a remount, and what a remount changes is read against them."""
     first = _mount_line(merged)
     if first is None or _fstype(first) != FSTYPE:
         return
     dev, seen = first[2], first[5]
-    if nodiratime and "nodiratime" not in seen.split(","):
+    want = seen.split(",") + words
+    if flags_of(want) != flags_of(seen.split(",")):
         try:
-            _remount_own(merged, dev, MS_REMOUNT | MS_BIND | flags_of(seen.split(",") +
-                                                                      ["nodiratime"]))
+            _remount_own(merged, dev, MS_REMOUNT | MS_BIND | flags_of(want))
         except OSError as e:
-            log.debug("nodiratime not shown in the mount table: %s", e.strerror)
+            log.debug("%s not shown in the mount table: %s", ",".join(words), e.strerror)
         else:
             now = _mount_line(None, dev)
             seen = now[5] if now is not None else seen

@@ -26,6 +26,7 @@ class State:
     # the upper filesystem (or the top lower, read-only) has them, unless -o noacl.
     acl: bool = False
     noatime: bool = False  # -o noatime: upper files are opened O_NOATIME too (lowers always)
+    atime: str = "relatime"  # our mount's atime policy: relatime, strictatime or noatime
     override_xattr: str | None = None  # owner/mode kept in this xattr (xattr_permissions)
     features: Features = field(default_factory=Features)  # redirect_dir=, index=, ...
     index: Layer | None = None  # WORK/index with index=on (unionfs/index.py)
