@@ -13,7 +13,7 @@ LEVELS = {
     "errors": 0, "config": 0, "idmap": 0, "acl": 0,
     "sysio": 1,
     "layers": 2, "whiteout": 2, "probe": 2, "origin": 2,
-    "lookup": 3, "inodes": 3, "handles": 3, "readdir": 3, "state": 3, "index": 3,
+    "lookup": 3, "inodes": 3, "handles": 3, "readdir": 3, "state": 3, "index": 3, "export": 3,
     "copyup": 4, "dirops": 4, "attrs": 4, "xattrs": 4,
     "ops": 5,
     "daemon": 6, "log": 6, "cli": 6, "remount": 6, "__main__": 7,
@@ -28,7 +28,7 @@ SAME_LEVEL_OK = {("probe", "layers"), ("probe", "whiteout"), ("inodes", "lookup"
                  ("dirops", "probe"), ("config", "errors"),
                  ("xattrs", "attrs"), ("layers", "whiteout"), ("config", "idmap"),
                  ("idmap", "errors"), ("inodes", "readdir"),
-                 ("daemon", "remount"), ("cli", "remount")}
+                 ("daemon", "remount"), ("cli", "remount"), ("state", "export")}
 PYFUSE3_OK = {"ops", "daemon"}
 
 

@@ -11,6 +11,7 @@ import errno
 import mmap
 import os
 import shutil
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -144,6 +145,114 @@ def test_handles_of_removed_open_files_like_kernel(make_stack, mounter) -> None:
         assert k == o
     finally:
         kernel.stop()
+
+
+EXPORT_FILES = 5000  # more than the daemon remembers without nfs_export (inodes.RECALL)
+
+
+def _take_handles(root: Path) -> dict[str, bytes]:
+    """Objects of every kind, and their handles: lower, upper, copied up, in a moved
+    directory, made through the mount, and one removed after its handle was taken."""
+    (root / "lf").chmod(0o600)  # copied up
+    (root / "nd").mkdir()
+    (root / "nd/h").write_text("in a moved dir")
+    (root / "many").mkdir()
+    for i in range(EXPORT_FILES):
+        (root / f"many/f{i}").write_text(str(i))
+    (root / "gone").write_text("gone")
+    names = ["lf", "uf", "ld", "ld/g", "lx", "nd", "nd/h", "many", "gone",
+             *(f"many/f{i}" for i in range(0, EXPORT_FILES, 7))]
+    out = {n: bytes(name_to_handle(root / n)) for n in names}
+    os.rename(root / "nd", root / "nd2")
+    os.unlink(root / "gone")
+    return {n.replace("nd", "nd2", 1) if n.startswith("nd") else n: h for n, h in out.items()}
+
+
+def _open_handles(root: Path, handles: dict[str, bytes]) -> dict[str, Any]:
+    drop_caches()
+    out: dict[str, Any] = {}
+    for name, raw in handles.items():
+        try:
+            fd = open_by_handle(root, _FileHandle.from_buffer_copy(raw))
+        except OSError as e:
+            out[name] = errno.errorcode[e.errno]
+            continue
+        try:
+            st = os.fstat(fd)
+            out[name] = "dir" if stat.S_ISDIR(st.st_mode) else os.pread(fd, 100, 0)
+        finally:
+            os.close(fd)
+    return out
+
+
+@pytest.mark.skipif(USERNS, reason="open_by_handle_at wants CAP_DAC_READ_SEARCH in the initial "
+                                   "user namespace; rootless, index=on and so nfs_export=on "
+                                   "fall back to off (docs/differences.md)")
+def test_nfs_export_handles_outlive_memory_and_remount_like_kernel(make_stack) -> None:
+    """xfstests generic/426, 467, 477, 756: with nfs_export=on, handles of thousands of files
+    open after the kernel forgot every inode and after the mount was cycled, a removed
+    file's is ESTALE; the same on the kernel's overlay."""
+    spec = ([{"lf": File("lower"), "ld/g": File("deep"), "lx/a": File("a")}],
+            {"uf": File("upper")})
+    opts = "index=on,nfs_export=on"
+    seen = {}
+    for impl in ("kernel", "pyunionfs"):
+        paths = make_stack(*spec)
+        m = mount_stack(paths, impl, options=opts)
+        try:
+            handles = _take_handles(paths.merged)
+            first = _open_handles(paths.merged, handles)
+        finally:
+            m.stop()
+        m = mount_stack(paths, impl, options=opts)
+        try:
+            seen[impl] = (first, _open_handles(paths.merged, handles))
+        finally:
+            m.stop()
+    k, o = seen["kernel"], seen["pyunionfs"]
+    assert k[0]["gone"] == k[1]["gone"] == "ESTALE" and k[0]["nd2/h"] == b"in a moved dir" \
+        and k[1]["many/f7"] == b"7" and k[0] == k[1], f"test premise: {k}"
+    assert o == k
+
+
+def _handle_of_reused_number(root: Path) -> tuple[bool, str]:
+    """A file's handle, the file removed, new files made until one has its number (ext4
+    hands freed inode numbers out again); then the old handle is opened."""
+    (root / "a").write_text("A")
+    number = os.stat(root / "a").st_ino
+    handle = name_to_handle(root / "a")
+    os.unlink(root / "a")
+    drop_caches()
+    reused = False
+    for i in range(2000):
+        (root / f"b{i}").write_text("B")
+        if os.stat(root / f"b{i}").st_ino == number:
+            reused = True
+            break
+    drop_caches()
+    try:
+        os.close(open_by_handle(root, handle))
+    except OSError as e:
+        return reused, errno.errorcode[e.errno]
+    return reused, "opened"
+
+
+@pytest.mark.skipif(USERNS, reason="open_by_handle_at wants CAP_DAC_READ_SEARCH in the initial "
+                                   "user namespace")
+def test_nfs_export_reused_number_is_stale_like_kernel(make_stack) -> None:
+    """The number of a removed upper file, given to a new one: the old handle is ESTALE, not
+    the new file (the generation, a digest of the real handle, differs)."""
+    got = {}
+    for impl in ("kernel", "pyunionfs"):
+        paths = make_stack([{"x": File("x")}], {})
+        m = mount_stack(paths, impl, options="index=on,nfs_export=on")
+        try:
+            got[impl] = _handle_of_reused_number(paths.merged)
+        finally:
+            m.stop()
+    if not got["pyunionfs"][0]:
+        pytest.skip("the upper filesystem gave no freed inode number out again")
+    assert got["kernel"][1] == got["pyunionfs"][1] == "ESTALE", got
 
 
 def test_fid_handles_identify_objects(make_pair) -> None:

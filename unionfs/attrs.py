@@ -245,7 +245,8 @@ def acl_drops_sgid(mode: int, gid: int, caller: Caller) -> bool:
     """Setting an access ACL drops set-gid for a caller outside the object's group without
     CAP_FSETID (posix_acl_update_mode).  The kernel tells FUSE so with a setxattr flag that
     libfuse 3.14 doesn't pass on: the rule is ours to apply."""
-    return bool(mode & stat.S_ISGID) and not _in_group_or_capable(caller, gid) and not keeps_setid(caller)
+    return bool(mode & stat.S_ISGID) and not _in_group_or_capable(caller, gid) \
+        and not keeps_setid(caller)
 
 
 def setid_change(fs: State, node: Inode, caller: Caller, mode: int | None = None

@@ -334,10 +334,7 @@ def resolve_features(given: dict[str, str], userxattr: bool, upper: bool,
 
 
 # Features the kernel has that we don't do yet: refused rather than accepted and ignored.
-NOT_YET = {
-    "nfs_export": "nfs_export=on is not supported yet (it needs every object indexed and "
-                  "decodable file handles of directories)",
-}
+NOT_YET: dict[str, str] = {}
 
 
 def check_supported(f: Features) -> None:

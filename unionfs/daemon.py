@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import signal
+import sqlite3
 import stat
 import sys
 import tempfile
@@ -20,11 +21,12 @@ from collections.abc import Iterator
 import pyfuse3
 import trio
 
-from unionfs import index, remount
+from unionfs import export, index, remount
 from unionfs import log as logsetup
 from unionfs.attrs import OVERRIDE_XATTRS
 from unionfs.config import MountConfig, check_supported, resolve_features, validate
 from unionfs.errors import MountError
+from unionfs.export import ExportLog
 from unionfs.inodes import InodeTable
 from unionfs.layers import LayerStack
 from unionfs.lookup import root_resolution
@@ -167,7 +169,20 @@ def prepare(cfg: MountConfig) -> State:
             raise
         if index_layer is None:
             features = dataclasses.replace(features, index=False)
-    inodes = InodeTable(root_resolution(stack))
+    export_log = None
+    if features.nfs_export and not features.index:
+        log.info("nfs_export=on needs index=on, which is off: falling back to nfs_export=off")
+        features = dataclasses.replace(features, nfs_export=False)
+    elif features.nfs_export:
+        try:
+            assert stack.work_path is not None
+            export_log = ExportLog(stack.work_path, stack.workroot_fd)
+        except (OSError, sqlite3.Error) as e:
+            cleanup_workdir(stack)
+            stack.close()
+            raise MountError(f"cannot prepare '{stack.work_path}/{export.DB_NAME}': {e}") \
+                from None
+    inodes = InodeTable(root_resolution(stack), [layer.dev for layer in stack.layers])
     # Each name of a lower hard link its own node, as the kernel without index keeps them
     # and as a copy-up through one name needs with index (the names of an index entry
     # share its data); a stock pyfuse3 can't send a node id apart from the number
@@ -176,7 +191,7 @@ def prepare(cfg: MountConfig) -> State:
     return State(stack, inodes, owners=cfg.owners,
                  volatile=cfg.volatile, acl=acl, noatime=cfg.noatime, atime=cfg.atime,
                  override_xattr=override,
-                 timeout=cfg.timeout, features=features, index=index_layer)
+                 timeout=cfg.timeout, features=features, index=index_layer, export=export_log)
 
 
 def mount(cfg: MountConfig) -> int:
@@ -223,8 +238,14 @@ def mount(cfg: MountConfig) -> int:
 
 
 def _served(fs: State, rc: int) -> int:
-    """After the unmount: leave WORK/work empty, as a clean unmount should."""
+    """After the unmount: leave WORK/work empty, as a clean unmount should; with
+    nfs_export=on, where every node the kernel held was, for the handles that outlive us."""
     drop_shared_whiteout(fs.stack.work_fd)
+    if fs.export is not None:
+        for node in list(fs.inodes.inodes.values()):
+            if node.parent is not None and not node.gone:
+                fs.export.record(node.ino, node.parent.ino, node.name)
+        fs.export.close()
     return rc
 
 

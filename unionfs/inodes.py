@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -45,6 +46,13 @@ INO_BITS = 48  # real inode numbers above this, or a device past the first: see 
 # Numbers for the exceptions count down from the top, above every natural number (the
 # device ordinal 2**15-1 is never used for those).
 TOP_INO = (1 << 63) - 1
+
+
+def counted(number: int) -> bool:
+    """A number counted out by this mount (an exception), not computed from a real object."""
+    return number >> INO_BITS >= (1 << (63 - INO_BITS)) - 1
+
+
 _NO_DIRS: list[Layer] = []  # shared by every non-directory; never changed in place
 _NONE: frozenset[Any] = frozenset()  # aliases/handles until there is one
 # Moves of directories so far: a remembered path older than this is stale (Inode.path).
@@ -208,8 +216,11 @@ def lower_paths(res: Resolution) -> str | tuple[str, ...]:
 
 
 class InodeTable:
-    def __init__(self, root: Resolution) -> None:
+    def __init__(self, root: Resolution, devices: Iterable[int] = ()) -> None:
         self.inodes: dict[int, Inode] = {}
+        # Called with each inode the kernel forgets (nfs_export=on: ops records where it
+        # was, export.py); the recall map serves otherwise.
+        self.forgotten: Callable[[Inode], None] | None = None
         # Numbers that are not the natural one (see number()): copied-up objects, clashes.
         self.ino_of: dict[Key, int] = {}
         self._sources: dict[tuple[int, int], int] = {}  # (layer index, st_dev) -> ordinal
@@ -234,8 +245,11 @@ class InodeTable:
         self.shown_as: dict[int, tuple[int, tuple[Key, int, str] | None]] = {}
         self._names: dict[tuple[Key, int, str], int] = {}
         self._by_key: dict[Key, set[int]] = {}  # such nodes, by the real object they show
+        # Device ordinals in layer order (the root's first), not in the order objects are
+        # met: the same layers give every object the same number at every mount.
+        for dev in (root.st.st_dev, *devices):
+            self._devices.setdefault(dev, len(self._devices))
         self.root = Inode(ROOT_INO, None, "", root, self.key_of(root))
-        self._natural(self.root.key, root.st.st_dev)  # the root's device is the first
         self.root.lookups = 1  # the kernel never forgets the root
         self.inodes[ROOT_INO] = self.root
         self.ino_of[self.root.key] = ROOT_INO
@@ -538,6 +552,10 @@ class InodeTable:
         checks that the path still leads to the same number."""
         return self._recall.get(ino)
 
+    def natural_number(self, st: os.stat_result) -> int:
+        """The number a real object would show as its own (0: it can't, see number())."""
+        return self._natural_ino(st.st_ino, st.st_dev)
+
     def _remember(self, node: Inode) -> None:
         recall = self._recall
         if len(recall) >= RECALL:
@@ -557,7 +575,9 @@ class InodeTable:
             if self._shown and self._shown.get(node.key) == node.ino:
                 del self._shown[node.key]
             parent = node.parent
-            if not node.gone and parent is not None:
+            if self.forgotten is not None:
+                self.forgotten(node)
+            elif not node.gone and parent is not None:
                 self._remember(node)
             for p, _ in node.aliases:
                 p.kids -= 1

@@ -79,9 +79,9 @@ class LayerStack:
         strictatime.  Before anything else opens beneath them (a rename between WORK and
         UPPER needs both on one mount).  None when done, else why not (unprivileged:
         then the upper filesystem's own policy applies)."""
-        if self.upper is None or self.workroot_fd < 0 or self._dirfds or self.work_fd >= 0:
+        if self.upper is None or self.workroot_fd < 0 or self.work_path is None:
             return "no upper layer"
-        assert self.work_path is not None
+        assert not self._dirfds and self.work_fd < 0, "nothing may be open beneath them yet"
         upper, work = os.path.realpath(self.upper.path), os.path.realpath(self.work_path)
         common = os.path.commonpath([upper, work])
         try:

@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
-from unionfs import attrs, dirops, lookup, sysio, xattrs
+from unionfs import attrs, dirops, export, lookup, sysio, xattrs
 from unionfs.copyup import copy_up, is_impure
 from unionfs.handles import DirHandle
 from unionfs.idmap import Caller
-from unionfs.inodes import Inode
+from unionfs.inodes import Inode, counted
 from unionfs.lookup import Resolution
 from unionfs.readdir import Entry, list_merged, resolve_entry
 from unionfs.state import State
@@ -110,6 +110,10 @@ class Operations(pyfuse3.Operations):
         self.enable_acl = self.enable_dont_mask = fs.acl
         if fs.timeout > 0:
             fs.attrs_changed = _invalidate_attrs
+        if fs.export is not None:
+            fs.inodes.forgotten = self._forgotten
+        # Generations of live nodes made in upper (nfs_export=on, export.generation).
+        self._gens: dict[int, int] = {}
 
     # -- helpers -------------------------------------------------------------
     def _node(self, ino: int) -> Inode:
@@ -131,7 +135,7 @@ class Operations(pyfuse3.Operations):
         e.st_ino = number
         if number != node.ino:
             e.nodeid = node.ino  # one of several names of a lower file (inodes.py)
-        e.generation = 0
+        e.generation = 0 if self.fs.export is None else self._generation(node, number, st)
         e.entry_timeout = self.timeout
         e.attr_timeout = self.timeout
         e.st_nlink = attrs.nlink_of(self.fs, node, st)
@@ -169,6 +173,24 @@ class Operations(pyfuse3.Operations):
         node.lookups += 1
         return self._attrs(node, res.st)
 
+    def _forgotten(self, node: Inode) -> None:
+        self._gens.pop(node.ino, None)
+        if not node.gone and node.parent is not None and self.fs.export is not None:
+            self.fs.export.record(node.ino, node.parent.ino, node.name)
+
+    def _generation(self, node: Inode, number: int, st: os.stat_result) -> int:
+        """nfs_export=on: what tells a reused number from its first owner (export.py)."""
+        if counted(number):
+            return self.fs.export.counted_gen if self.fs.export is not None else 0
+        if not node.layer.upper or number != self.fs.inodes.natural_number(st) or node.gone:
+            return self._gens.get(node.ino, 0)  # a lower's number: never reused
+        gen = self._gens.get(node.ino)
+        if gen is None:
+            assert node.parent is not None
+            gen = self._gens[node.ino] = export.generation(
+                self.fs.stack.dirfd(self.fs.upper, node.parent.path), node.name)
+        return gen
+
     # -- lookup and attributes -------------------------------------------------
     @_guard
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
@@ -176,7 +198,9 @@ class Operations(pyfuse3.Operations):
         sname = _name(name)
         parent = self.fs.inodes.get(parent_inode)
         if parent is None:
-            if sname != ".":
+            # A file handle the kernel opens after forgetting its inode: "." in it, and
+            # ".." to connect a directory to the root.
+            if sname not in (".", "..") or sname == ".." and self.fs.export is None:
                 raise pyfuse3.FUSEError(errno.ESTALE)
             parent = self._reconnect(parent_inode)
         if sname in (".", ".."):
@@ -193,6 +217,8 @@ class Operations(pyfuse3.Operations):
     def _reconnect(self, ino: int) -> Inode:
         """The inode of a file handle the kernel opens after forgetting it: found again
         by the path it had then, if that still leads to the same number."""
+        if self.fs.export is not None:
+            return self._reconnect_exported(ino)
         path = self.fs.inodes.recall(ino)
         if not path:
             raise pyfuse3.FUSEError(errno.ESTALE)
@@ -206,6 +232,29 @@ class Operations(pyfuse3.Operations):
         if node.ino != ino:
             self.fs.inodes.drop_if_unused(node)
             raise pyfuse3.FUSEError(errno.ESTALE)
+        return node
+
+    def _reconnect_exported(self, ino: int) -> Inode:
+        """nfs_export=on: up the recorded (parent, name) pairs to a node we hold, then
+        down by lookups, each of which must show the recorded number (export.py)."""
+        chain: list[tuple[int, str]] = []  # (number, name), the deepest first
+        want = ino
+        while (node := self.fs.inodes.get(want)) is None:
+            where = self.fs.export.where(want) if self.fs.export is not None else None
+            if where is None or len(chain) > 4096:  # a loop of stale records
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            chain.append((want, where[1]))
+            want = where[0]
+        for number, name in reversed(chain):
+            res = dirops.resolve_in(self.fs, node, name) if node.is_dir else None
+            if res is None:
+                self.fs.inodes.drop_if_unused(node)
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            child = self.fs.inodes.bind(node, name, res)
+            if child.ino != number:
+                self.fs.inodes.drop_if_unused(child)
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            node = child
         return node
 
     @_guard

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from unionfs.config import Features
 from unionfs.errors import oserror
+from unionfs.export import ExportLog
 from unionfs.handles import HandleTable
 from unionfs.idmap import Owners
 from unionfs.inodes import InodeTable
@@ -30,6 +31,7 @@ class State:
     override_xattr: str | None = None  # owner/mode kept in this xattr (xattr_permissions)
     features: Features = field(default_factory=Features)  # redirect_dir=, index=, ...
     index: Layer | None = None  # WORK/index with index=on (unionfs/index.py)
+    export: ExportLog | None = None  # nfs_export=on: where forgotten nodes were (export.py)
     epoch: int = 0  # moved on by every request that may change the layers (ops._guard)
     # Seconds the kernel may trust names and attributes (-o timeout=).  What changes
     # through the mount reaches the kernel in our replies; what changes behind a reply

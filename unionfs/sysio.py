@@ -414,7 +414,6 @@ def fs_uuid(dirfd: int) -> bytes | None:
 
 SYS_OPEN_TREE, SYS_MOUNT_SETATTR = 428, 442  # asm-generic numbering, every architecture
 OPEN_TREE_CLONE = 1
-AT_EMPTY_PATH = 0x1000
 MOUNT_ATTR_NOATIME, MOUNT_ATTR_STRICTATIME, MOUNT_ATTR_ATIME_MASK = 0x10, 0x20, 0x70
 MOUNT_ATTR_NODIRATIME = 0x80
 ATIME_ATTRS = {"relatime": 0, "noatime": MOUNT_ATTR_NOATIME,
