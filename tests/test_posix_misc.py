@@ -255,6 +255,20 @@ def test_nfs_export_reused_number_is_stale_like_kernel(make_stack) -> None:
     assert got["kernel"][1] == got["pyunionfs"][1] == "ESTALE", got
 
 
+@pytest.mark.skipif(not USERNS, reason="runs in the userns suite (test_rootless)")
+def test_nfs_export_falls_back_rootless(make_stack) -> None:
+    """Rootless, index=on falls back to off (no file handles to open), and nfs_export=on,
+    which needs it, with it: the mount works, says so in its log, and keeps no records."""
+    paths = make_stack([{"f": File("lower")}], {})
+    m = mount_stack(paths, "pyunionfs", options="index=on,nfs_export=on")
+    try:
+        assert (paths.merged / "f").read_text() == "lower"
+        assert "falling back to nfs_export=off" in m.log_tail()  # type: ignore[attr-defined]
+    finally:
+        m.stop()
+    assert not (paths.work / "pyunionfs-export.sqlite").exists()
+
+
 def test_fid_handles_identify_objects(make_pair) -> None:
     """AT_HANDLE_FID (fanotify) handles: given by both, equal for one object, and stable."""
     pair = make_pair(lowers=[{"f": File("lower"), "g": File("x")}], upper={"u": File("up")})
