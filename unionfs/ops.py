@@ -216,46 +216,41 @@ class Operations(pyfuse3.Operations):
 
     def _reconnect(self, ino: int) -> Inode:
         """The inode of a file handle the kernel opens after forgetting it: found again
-        by the path it had then, if that still leads to the same number."""
+        by where it was then (nfs_export=on: the records of export.py, else the path the
+        inode table recalls), if that still leads to the same number."""
         if self.fs.export is not None:
-            return self._reconnect_exported(ino)
-        path = self.fs.inodes.recall(ino)
-        if not path:
-            raise pyfuse3.FUSEError(errno.ESTALE)
-        node = self.fs.inodes.root
-        for part in path.split("/"):
-            res = dirops.resolve_in(self.fs, node, part)
-            if res is None:
-                self.fs.inodes.drop_if_unused(node)
+            node, steps = self._recorded(ino)
+        else:
+            path = self.fs.inodes.recall(ino)
+            if not path:
                 raise pyfuse3.FUSEError(errno.ESTALE)
-            node = self.fs.inodes.bind(node, part, res)
-        if node.ino != ino:
-            self.fs.inodes.drop_if_unused(node)
-            raise pyfuse3.FUSEError(errno.ESTALE)
-        return node
-
-    def _reconnect_exported(self, ino: int) -> Inode:
-        """nfs_export=on: up the recorded (parent, name) pairs to a node we hold, then
-        down by lookups, each of which must show the recorded number (export.py)."""
-        chain: list[tuple[int, str]] = []  # (number, name), the deepest first
-        want = ino
-        while (node := self.fs.inodes.get(want)) is None:
-            where = self.fs.export.where(want) if self.fs.export is not None else None
-            if where is None or len(chain) > 4096:  # a loop of stale records
-                raise pyfuse3.FUSEError(errno.ESTALE)
-            chain.append((want, where[1]))
-            want = where[0]
-        for number, name in reversed(chain):
+            *above, last = path.split("/")
+            node = self.fs.inodes.root
+            steps = [(name, None) for name in above] + [(last, ino)]
+        for name, number in steps:
             res = dirops.resolve_in(self.fs, node, name) if node.is_dir else None
             if res is None:
                 self.fs.inodes.drop_if_unused(node)
                 raise pyfuse3.FUSEError(errno.ESTALE)
             child = self.fs.inodes.bind(node, name, res)
-            if child.ino != number:
+            if number is not None and child.ino != number:
                 self.fs.inodes.drop_if_unused(child)
                 raise pyfuse3.FUSEError(errno.ESTALE)
             node = child
         return node
+
+    def _recorded(self, ino: int) -> tuple[Inode, list[tuple[str, int | None]]]:
+        """nfs_export=on: the recorded (parent, name) pairs up to a node we hold, and the
+        (name, number) steps down from it, each lookup to show its recorded number."""
+        steps: list[tuple[str, int | None]] = []
+        want = ino
+        while (node := self.fs.inodes.get(want)) is None:
+            where = self.fs.export.where(want) if self.fs.export is not None else None
+            if where is None or len(steps) > 4096:  # a loop of stale records
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            steps.append((where[1], want))
+            want = where[0]
+        return node, steps[::-1]
 
     @_guard
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext
