@@ -127,8 +127,11 @@ def prepare(cfg: MountConfig) -> State:
     if cfg.upper is not None:
         why = stack.own_upper_mount(cfg.atime, cfg.nodiratime)
         if why is not None:
-            log.info("atime: no private upper mount (%s): strictatime and relatime are the "
-                     "upper filesystem's own", why)
+            # Only strictatime tells (relatime is the upper's default anyway); for an
+            # ordinary user this is every mount.
+            log.log(logging.INFO if cfg.atime == "strictatime" else logging.DEBUG,
+                    "atime: no private upper mount (%s): strictatime and relatime are the "
+                    "upper filesystem's own", why)
     try:
         prepare_workdir(stack, cfg.userxattr, cfg.whiteouts)
     except BaseException:
