@@ -190,8 +190,8 @@ def _open_handles(root: Path, handles: dict[str, bytes]) -> dict[str, Any]:
                                    "fall back to off (docs/differences.md)")
 def test_nfs_export_handles_outlive_memory_and_remount_like_kernel(make_stack) -> None:
     """xfstests generic/426, 467, 477, 756: with nfs_export=on, handles of thousands of files
-    open after the kernel forgot every inode and after the mount was cycled, a removed
-    file's is ESTALE; the same on the kernel's overlay."""
+    open after the kernel forgot every inode and after the mount was cycled (and a directory
+    renamed after that), a removed file's is ESTALE; the same on the kernel's overlay."""
     spec = ([{"lf": File("lower"), "ld/g": File("deep"), "lx/a": File("a")}],
             {"uf": File("upper")})
     opts = "index=on,nfs_export=on"
@@ -206,6 +206,8 @@ def test_nfs_export_handles_outlive_memory_and_remount_like_kernel(make_stack) -
             m.stop()
         m = mount_stack(paths, impl, options=opts)
         try:
+            # generic/477: a directory renamed after the cycle, before its files' handles
+            os.rename(paths.merged / "nd2", paths.merged / "nd3")
             seen[impl] = (first, _open_handles(paths.merged, handles))
         finally:
             m.stop()
