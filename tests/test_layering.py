@@ -78,6 +78,21 @@ def test_imports_point_downward() -> None:
 OCI_MAY_USE = {"errors", "sysio", "whiteout", "probe", "oci", "layers", "lookup", "readdir"}
 
 
+# Within unionfs/oci, the same rule: imports point only downward.
+OCI_LEVELS = {"errors": 0, "merged": 1, "layer": 2, "diff": 3, "image": 3, "cli": 4,
+              "__init__": 5}
+
+
+def test_oci_imports_point_downward() -> None:
+    graph = _module_graph()
+    oci = {m.rsplit(".", 1)[1]: m for m in graph if m.startswith("unionfs.oci.")}
+    assert set(oci) == set(OCI_LEVELS), f"give these modules a level: {set(oci) ^ set(OCI_LEVELS)}"
+    bad = [f"oci.{me} imports oci.{other}" for me, mod in oci.items() for dep in graph[mod]
+           if dep.startswith("unionfs.oci.")
+           for other in [dep.rsplit(".", 1)[1]] if OCI_LEVELS[other] >= OCI_LEVELS[me]]
+    assert not bad, "\n".join(bad)
+
+
 def test_oci_stays_beside_the_filesystem() -> None:
     bad = []
     for path in (PKG / "oci").glob("*.py"):
@@ -87,3 +102,49 @@ def test_oci_stays_beside_the_filesystem() -> None:
             if imp.startswith("unionfs.") and imp.split(".")[1] not in OCI_MAY_USE:
                 bad.append(f"oci.{path.stem} imports {imp}")
     assert not bad, "\n".join(bad)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Every module of the package (dotted), and the package modules it imports: at the top,
+    inside functions and for type checking alike."""
+    root = PKG.parent
+    mods = {".".join(p.relative_to(root).with_suffix("").parts): p for p in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        out: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    out.add(sub if sub in mods else node.module)
+            elif isinstance(node, ast.Import):
+                out.update(a.name for a in node.names)
+        graph[name] = {m for m in out if m in mods and m != name
+                       and not name.startswith(m + ".")}  # a package's own __init__
+    return graph
+
+
+def test_no_import_circles() -> None:
+    """The module graph, unionfs/oci included, has no circle (issue 22): each pair of
+    modules that need each other has one direction."""
+    graph = _module_graph()
+    assert "unionfs.oci.layer" in graph and "unionfs.inodes" in graph, sorted(graph)
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> list[str] | None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                return path[path.index(n):] + [n]
+            if n not in state and (found := visit(n)) is not None:
+                return found
+        path.pop()
+        state[m] = 2
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            circle = visit(m)
+            assert circle is None, "import circle: " + " -> ".join(circle)

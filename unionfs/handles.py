@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from unionfs.idmap import Caller
-    from unionfs.inodes import Inode
     from unionfs.layers import Layer
     from unionfs.readdir import Entry
 
 
-class FileHandle:
+class _Node(Protocol):
+    def add_handle(self, fh: Any) -> None: ...
+
+
+# The inode type (inodes.Inode): a parameter, so that this module never imports inodes,
+# which keeps a node's handles (inodes imports this one).
+N = TypeVar("N", bound=_Node)
+
+
+class FileHandle(Generic[N]):
     __slots__ = ("fh", "inode", "fd", "flags", "layer", "setid_caller")
 
-    def __init__(self, fh: int, inode: Inode, fd: int, flags: int, layer: Layer) -> None:
+    def __init__(self, fh: int, inode: N, fd: int, flags: int, layer: Layer) -> None:
         self.fh = fh
         self.inode = inode
         self.fd = fd
@@ -32,10 +40,10 @@ class FileHandle:
         os.close(old)
 
 
-class DirHandle:
+class DirHandle(Generic[N]):
     __slots__ = ("fh", "inode", "entries", "epoch", "paths", "dirs")
 
-    def __init__(self, fh: int, inode: Inode) -> None:
+    def __init__(self, fh: int, inode: N) -> None:
         self.fh = fh
         self.inode = inode
         self.entries: list[Entry] | None = None  # built on the first read at offset 0
@@ -45,24 +53,24 @@ class DirHandle:
         self.dirs: list[Layer] = []
 
 
-class HandleTable:
+class HandleTable(Generic[N]):
     def __init__(self) -> None:
         self._next = 1
-        self.files: dict[int, FileHandle] = {}
-        self.dirs: dict[int, DirHandle] = {}
+        self.files: dict[int, FileHandle[N]] = {}
+        self.dirs: dict[int, DirHandle[N]] = {}
 
     def _alloc(self) -> int:
         fh = self._next
         self._next += 1
         return fh
 
-    def add_file(self, inode: Inode, fd: int, flags: int, layer: Layer) -> FileHandle:
+    def add_file(self, inode: N, fd: int, flags: int, layer: Layer) -> FileHandle[N]:
         h = FileHandle(self._alloc(), inode, fd, flags, layer)
         self.files[h.fh] = h
         inode.add_handle(h)
         return h
 
-    def add_dir(self, inode: Inode) -> DirHandle:
+    def add_dir(self, inode: N) -> DirHandle[N]:
         h = DirHandle(self._alloc(), inode)
         self.dirs[h.fh] = h
         return h

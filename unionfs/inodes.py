@@ -88,7 +88,7 @@ class Inode:
         self.data = res.data  # a metacopy's data below (layer, directory path, name)
         self.key = key
         self.lookups = 0
-        self.handles: set[FileHandle] = _NONE  # type: ignore[assignment]
+        self.handles: set[FileHandle[Inode]] = _NONE  # type: ignore[assignment]
         self._lock: trio.Lock | None = None
         self.kids = 0  # live children that name us as parent: keeps our path valid
         self.gone = False  # every name removed; reachable only through open handles
@@ -114,7 +114,7 @@ class Inode:
         if self.aliases:
             self.aliases.discard((parent, name))
 
-    def add_handle(self, fh: FileHandle) -> None:
+    def add_handle(self, fh: FileHandle[Inode]) -> None:
         if not self.handles:
             self.handles = set()
         self.handles.add(fh)
@@ -608,7 +608,7 @@ class InodeTable:
     def drop_if_unused(self, node: Inode) -> None:
         self._maybe_drop(node)
 
-    def release_handle(self, node: Inode, fh: FileHandle) -> None:
+    def release_handle(self, node: Inode, fh: FileHandle[Inode]) -> None:
         if node.handles:
             node.handles.discard(fh)
         self._maybe_drop(node)

@@ -11,7 +11,7 @@ from unionfs.errors import oserror
 from unionfs.export import ExportLog
 from unionfs.handles import HandleTable
 from unionfs.idmap import Owners
-from unionfs.inodes import InodeTable
+from unionfs.inodes import Inode, InodeTable
 from unionfs.layers import Layer, LayerStack
 from unionfs.whiteout import Dialect
 
@@ -20,7 +20,7 @@ from unionfs.whiteout import Dialect
 class State:
     stack: LayerStack
     inodes: InodeTable
-    handles: HandleTable = field(default_factory=lambda: HandleTable())
+    handles: HandleTable[Inode] = field(default_factory=lambda: HandleTable())
     owners: Owners = field(default_factory=Owners)  # id translation at the edge
     volatile: bool = False  # fsync does nothing, copy-ups are not synced either
     # POSIX ACLs are the kernel's to enforce (FUSE_POSIX_ACL) and ours to inherit: on where

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import IO, Any, BinaryIO
 
 from unionfs import sysio
+from unionfs.oci.errors import LayerError
 from unionfs.probe import probe_dialect, remove_tree_at
 from unionfs.whiteout import (
     FUSE_OVERLAYFS,
@@ -47,10 +48,6 @@ GZIP_MAGIC, ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
 # anyone could forge a redirect, an opaque mark or a metacopy, nor written into one.
 PRIVATE_XATTRS = (TRUSTED, USER, FUSE_OVERLAYFS, *OVERRIDE_XATTRS.values())
 PAX_XATTR = "SCHILY.xattr."
-
-
-class LayerError(Exception):
-    """A layer that can't be applied or exported, in one line naming the problem."""
 
 
 # -- streams -----------------------------------------------------------------------

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from unionfs import lookup, sysio
 from unionfs.layers import LayerStack
 from unionfs.lookup import Resolution
-from unionfs.oci.layer import LayerError
+from unionfs.oci.errors import LayerError
 from unionfs.readdir import list_merged
 from unionfs.whiteout import TRUSTED, USER, Dialect
 
