@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Write pyunionfs(1), generated from the command line's own argparse definitions, so that
-the man page can't drift from ``--help``.
+"""Write pyunionfs(1), generated from the command line's own argparse definitions (so that
+the man page can't drift from ``--help``) and from the option table of docs/options.md (so that
+the man page and the option reference are one text).
 
     scripts/manpage.py OUT.1
 """
@@ -8,6 +9,7 @@ the man page can't drift from ``--help``.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,6 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from unionfs import __version__  # noqa: E402
+
+OPTIONS_MD = Path(__file__).resolve().parent.parent / "docs" / "options.md"
 from unionfs.cli import PROG, build_parser  # noqa: E402
 
 
@@ -57,6 +61,26 @@ def _commands(p: argparse.ArgumentParser, prefix: str) -> list[str]:
     return out
 
 
+def option_rows(md: str) -> list[tuple[str, str]]:
+    """(option, meaning) of each row of the first table in docs/options.md."""
+    rows = []
+    for line in md.splitlines():
+        if not line.startswith("| ") or line.startswith("|---"):
+            if rows:
+                break
+            continue
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+        if len(cells) == 2 and cells[0] != "argument / option":
+            rows.append((cells[0].replace("\\|", "|"), cells[1].replace("\\|", "|")))
+    return rows
+
+
+def _plain(md: str) -> str:
+    """Markdown inline markup as man page text: code and emphasis marks and link targets go."""
+    md = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", md)
+    return md.replace("**", "").replace("`", "")
+
+
 def render() -> str:
     p = build_parser()
     date = time.strftime("%Y-%m-%d", time.gmtime())
@@ -76,6 +100,9 @@ def render() -> str:
                    "and mount(8) as a FUSE helper."),
               ".SH COMMANDS"]
     lines += _commands(p, PROG)
+    lines += [".SH OPTIONS", _esc("The arguments and -o words of the mount forms (docs/options.md).")]
+    for opt, meaning in option_rows(OPTIONS_MD.read_text()):
+        lines += [".TP", f"\\fB{_esc(_plain(opt))}\\fR", _esc(_plain(meaning))]
     lines += [".SH FILES", ".TP", "\\fI$XDG_DATA_HOME/pyunionfs\\fR",
               "The layer store of the image commands (default ~/.local/share/pyunionfs).",
               ".SH SEE ALSO", "\\fBmount\\fR(8), \\fBfusermount3\\fR(1), \\fBpodman\\fR(1)"]

@@ -1,4 +1,4 @@
-"""Imports point only downward (docs: README "Code layout"), checked on the AST."""
+"""Imports point only downward (docs/code-layout.md), checked on the AST."""
 
 from __future__ import annotations
 

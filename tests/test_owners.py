@@ -1,6 +1,6 @@
 """Owner translation (fuse-overlayfs's options, as containers-storage passes them):
 uidmapping/gidmapping, squash_to_*, xattr_permissions. No kernel counterpart: the expected
-values follow from the option's definition (README, options table)."""
+values follow from the option's definition (docs/options.md)."""
 
 from __future__ import annotations
 

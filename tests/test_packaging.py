@@ -64,3 +64,24 @@ def test_make_install_puts_the_man_page_and_the_command(tmp_path):
     if rendered.returncode == 0:  # man-db present
         assert "layer apply" in rendered.stdout
     assert Path(REPO / "build/man/pyunionfs.1").exists()
+
+
+def test_every_option_is_in_the_reference_and_the_man_page(tmp_path):
+    """docs/options.md is the one text of the option reference: the man page's OPTIONS section
+    is built from its table, and every -o word the code takes has a row there."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import manpage
+    finally:
+        sys.path.pop(0)
+    from unionfs.config import ATIME_WORDS, OUR_FLAGS, OUR_KEYS
+
+    rows = manpage.option_rows((REPO / "docs/options.md").read_text())
+    names = " ".join(opt for opt, _ in rows)
+    words = [k for k in OUR_KEYS + OUR_FLAGS if k not in ("lowerdir", "upperdir", "workdir")]
+    words += [w for w, flag in ATIME_WORDS.items() if flag is not None and flag[1]]
+    missing = [w for w in words if w not in names]
+    assert not missing, f"options without a row in docs/options.md: {missing}"
+    page = manpage.render()
+    for opt, _ in rows:
+        assert manpage._esc(manpage._plain(opt)) in page, opt

@@ -61,7 +61,7 @@ def copy_metadata(dialect: Dialect, src_dfd: int, src_name: str, dfd: int, name:
         if e.errno != errno.EPERM:
             raise
         # Unprivileged: we can't give files away, so the copy is the mounting user's,
-        # as every file such a user writes is (README, "Rootless").
+        # as every file such a user writes is (docs/rootless.md).
     copy_xattrs(dialect, src_dfd, src_name, dfd, name)
     if mode_and_times:
         set_mode_and_times(dfd, name, st)

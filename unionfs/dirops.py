@@ -294,7 +294,7 @@ def _finish(dfd: int, name: str, perm: int, uid: int, gid: int, is_dir: bool) ->
         sysio.chown(dfd, name, uid, gid)
     except OSError as e:
         # Unprivileged, an owner other than ourselves is not ours to give; the
-        # object stays the mounting user's (README, "Rootless").
+        # object stays the mounting user's (docs/rootless.md).
         if e.errno not in (errno.EPERM, errno.EINVAL):
             raise
     if perm & SETID or (is_dir and perm & stat.S_ISVTX):
