@@ -5,6 +5,7 @@ through pytester, in a pytest of its own that finds it by its entry point."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,33 @@ def test_the_readme_example(tmp_path, backend):
     assert got[0] == ("C", "/etc") and set(got[1:]) == {("A", "/etc/motd"), ("D", "/etc/issue")}
     assert not mounted(m) and not ov.is_mounted
     assert (u / "etc/motd").read_text() == "hi"  # the upper stays: it was given
+
+
+@pytest.mark.skipif(shutil.which("fuse-overlayfs") is None,
+                    reason="fuse-overlayfs is not installed (make deps installs it)")
+def test_three_backends_side_by_side(tmp_path):
+    """The same layers and the same change on pyunionfs, the kernel (root) and fuse-overlayfs,
+    as the benchmark and the tests compare them: one view of the merged tree; an error in
+    fuse-overlayfs's own words, one line."""
+    backends = ["pyunionfs", "fuse-overlayfs"] + ([] if os.geteuid() else ["kernel"])
+    seen = {}
+    for backend in backends:
+        base = tmp_path / backend
+        (base / "l/etc").mkdir(parents=True)
+        (base / "l/etc/issue").write_text("base\n")
+        (base / "m").mkdir()
+        opts = KERNEL_OPTS if backend == "kernel" else {}
+        with Overlay(lowers=[base / "l"], mountpoint=base / "m", options=opts,
+                     backend=backend) as ov:
+            (base / "m/etc/motd").write_text("hi")
+            os.unlink(base / "m/etc/issue")
+            seen[backend] = sorted(str(p.relative_to(base / "m")) for p in (base / "m").rglob("*"))
+            assert ov.changes()[0] == ("C", "/etc"), backend
+    assert all(v == ["etc", "etc/motd"] for v in seen.values()), seen
+    with pytest.raises(OverlayError) as e:
+        Overlay(lowers=[tmp_path / "missing"], mountpoint=tmp_path / "pyunionfs/m",
+                backend="fuse-overlayfs").mount()
+    assert len(str(e.value).splitlines()) == 1 and str(e.value), e.value
 
 
 def test_temporary_layers_and_a_failing_body(tmp_path):

@@ -8,8 +8,10 @@
 The daemon runs as a child process (``pyunionfs mount -f``); ``mount()`` returns once the
 mount table has it and raises ``OverlayError`` with the daemon's one-line error otherwise;
 ``unmount()`` (and leaving the ``with`` block, also by an exception) unmounts and reaps it.
-``backend="kernel"`` mounts kernel overlayfs with the same arguments (root only), so that a
-test can run on both.  Layers left out are made as temporary directories, removed again.
+``backend="kernel"`` mounts kernel overlayfs with the same arguments (root only), and
+``backend="fuse-overlayfs"`` the C peer (its package installed), so that a test or a
+comparison can run on all three.  Layers left out are made as temporary directories, removed
+again.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from types import TracebackType
 PathLike = str | os.PathLike[str]
 OptionValue = bool | str | int
 
-BACKENDS = ("pyunionfs", "kernel")
+BACKENDS = ("pyunionfs", "kernel", "fuse-overlayfs")
 MOUNT_TIMEOUT = 20.0
 UMOUNT_TIMEOUT = 20.0
 
@@ -126,7 +128,7 @@ class Overlay:
         if self.backend == "kernel":
             self._mount_kernel()
         else:
-            self._mount_pyunionfs()
+            self._mount_daemon()
         self._mounted = True
         _live.add(self)
         return self
@@ -134,28 +136,42 @@ class Overlay:
     def _mount_kernel(self) -> None:
         if os.geteuid() != 0:
             raise OverlayError("the kernel backend mounts with mount(8): it needs root")
-        opts = ["lowerdir=" + ":".join(_escape(str(p)) for p in self.lowers)]
-        if self.upper is not None:
-            opts += [f"upperdir={_escape(str(self.upper))}", f"workdir={_escape(str(self.work))}"]
         r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                            ",".join(opts + self.options), str(self.mountpoint)],
+                            ",".join(self._layer_options() + self.options), str(self.mountpoint)],
                            capture_output=True, text=True, timeout=self.timeout,
                            stdin=subprocess.DEVNULL)
         if r.returncode != 0:
             msg = (r.stderr.strip().splitlines() or ["mount failed"])[-1]
             raise OverlayError(f"kernel overlay mount at '{self.mountpoint}' failed: {msg}")
 
-    def _mount_pyunionfs(self) -> None:
-        base = self._temp or Path(tempfile.mkdtemp(prefix="pyunionfs-overlay-"))
-        self._temp = base
-        self._log_path = base / "pyunionfs.log"
+    def _layer_options(self) -> list[str]:
+        opts = ["lowerdir=" + ":".join(_escape(str(p)) for p in self.lowers)]
+        if self.upper is not None:
+            opts += [f"upperdir={_escape(str(self.upper))}", f"workdir={_escape(str(self.work))}"]
+        return opts
+
+    def _daemon_args(self) -> list[str]:
+        """The daemon's command line, in the foreground."""
+        if self.backend == "fuse-overlayfs":
+            prog = shutil.which("fuse-overlayfs")
+            if prog is None:
+                raise OverlayError("the fuse-overlayfs backend needs fuse-overlayfs "
+                                   "(Debian: apt-get install fuse-overlayfs)")
+            return [prog, "-f", "-o", ",".join(self._layer_options() + self.options),
+                    str(self.mountpoint)]
         args = [sys.executable, "-m", "unionfs", "mount", "-f"]
         if self.options:
             args += ["-o", ",".join(self.options)]
         args.append(":".join(str(p).replace(":", "\\:") for p in self.lowers))
         if self.upper is not None:
             args += [str(self.upper), str(self.work)]
-        args.append(str(self.mountpoint))
+        return [*args, str(self.mountpoint)]
+
+    def _mount_daemon(self) -> None:
+        args = self._daemon_args()
+        base = self._temp or Path(tempfile.mkdtemp(prefix="pyunionfs-overlay-"))
+        self._temp = base
+        self._log_path = base / f"{self.backend}.log"
         with open(self._log_path, "wb") as log:
             # its own session: a Ctrl-C meant for the test run must not kill it
             self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
@@ -164,22 +180,24 @@ class Overlay:
         while not mounted(self.mountpoint):
             rc = self._proc.poll()
             if rc is not None:
-                raise OverlayError(self._reason(f"pyunionfs exited with status {rc}"))
+                raise OverlayError(self._reason(f"{self.backend} exited with status {rc}"))
             if time.monotonic() > deadline:
                 self._stop_daemon()
-                raise OverlayError(f"pyunionfs did not mount '{self.mountpoint}' within "
+                raise OverlayError(f"{self.backend} did not mount '{self.mountpoint}' within "
                                    f"{self.timeout:g} s")
             time.sleep(0.01)
 
     def _reason(self, fallback: str) -> str:
-        for line in reversed(self.log.splitlines()):
+        lines = [ln.strip() for ln in self.log.splitlines() if ln.strip()]
+        for line in reversed(lines):
             if "error: " in line:
                 return line.split("error: ", 1)[1].strip()
-        return fallback
+        # fuse-overlayfs says why in its own words, last
+        return f"{fallback}: {lines[-1]}" if lines and self.backend != "pyunionfs" else fallback
 
     @property
     def log(self) -> str:
-        """The daemon's output so far (pyunionfs backend)."""
+        """The daemon's output so far (the pyunionfs and fuse-overlayfs backends)."""
         if self._log_path is None:
             return ""
         try:

@@ -19,6 +19,7 @@ nested dicts are directories too).
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -68,14 +69,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "overlay_layers(lowers=None, upper=None, options=None): "
                             "the layers of the overlay fixture")
     config.addinivalue_line("markers", "overlay_backends(*backends): run the test on each "
-                            "backend (pyunionfs, kernel)")
+                            "backend (pyunionfs, kernel, fuse-overlayfs)")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     marker = metafunc.definition.get_closest_marker("overlay_backends")
     if marker is None:
         return
-    backends = list(marker.args) or list(BACKENDS)
+    # fuse-overlayfs only when named: it differs from the kernel where the other two agree
+    backends = list(marker.args) or ["pyunionfs", "kernel"]
     for b in backends:
         if b not in BACKENDS:
             raise pytest.UsageError(f"overlay_backends: unknown backend {b!r}")
@@ -91,8 +93,10 @@ def overlay_backend() -> str:
 def _problem(backend: str) -> str | None:
     if backend == "kernel" and os.geteuid() != 0:
         return "the kernel backend needs root (mount -t overlay)"
-    if backend == "pyunionfs" and not os.access("/dev/fuse", os.R_OK | os.W_OK):
+    if backend != "kernel" and not os.access("/dev/fuse", os.R_OK | os.W_OK):
         return "no access to /dev/fuse"
+    if backend == "fuse-overlayfs" and shutil.which("fuse-overlayfs") is None:
+        return "fuse-overlayfs is not installed"
     return None
 
 
