@@ -48,7 +48,7 @@ lint: deps
 # that ^C reaches pytest (timeout puts its command in another process group).
 test: deps lint
 	@rc=0; if [ -t 0 ]; then cap=; else cap="timeout -k 60 $(TEST_TIME_LIMIT)"; fi; \
-	$$cap $(PY) -m pytest tests -q -p no:cacheprovider \
+	$$cap $(PY) -m pytest tests -q -p no:cacheprovider --durations=30 \
 		--timeout=$(PYTEST_TIMEOUT) $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; rc=0; fi; \
 	if [ $$rc -eq 124 ]; then echo "make test: error: test run exceeded $(TEST_TIME_LIMIT)" >&2; fi; \
