@@ -83,7 +83,13 @@ class ExportLog:
             return hit
         row = self._conn().execute("SELECT parent, name FROM nodes WHERE id = ?",
                                    (ino,)).fetchone()
-        return (int(row[0]), str(row[1])) if row is not None else None
+        if row is None:
+            return None
+        name = str(row[1])
+        # a file of WORK, so not beyond damage: only a plain name is looked up
+        if name in ("", ".", "..") or "/" in name or "\0" in name:
+            return None
+        return int(row[0]), name
 
     def flush(self) -> None:
         if not self._pending:
