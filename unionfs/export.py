@@ -81,8 +81,12 @@ class ExportLog:
         hit = self._pending.get(ino)
         if hit is not None:
             return hit
-        row = self._conn().execute("SELECT parent, name FROM nodes WHERE id = ?",
-                                   (ino,)).fetchone()
+        try:
+            row = self._conn().execute("SELECT parent, name FROM nodes WHERE id = ?",
+                                       (ino,)).fetchone()
+        except sqlite3.Error as e:  # damaged: its handles are stale, the mount goes on
+            log.warning("nfs_export: %s unreadable: %s", self.path, e)
+            return None
         if row is None:
             return None
         name = str(row[1])
