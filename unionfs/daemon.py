@@ -12,7 +12,6 @@ import errno
 import logging
 import os
 import signal
-import sqlite3
 import stat
 import sys
 import tempfile
@@ -180,7 +179,7 @@ def prepare(cfg: MountConfig) -> State:
         try:
             assert stack.work_path is not None
             export_log = ExportLog(stack.work_path, stack.workroot_fd)
-        except (OSError, sqlite3.Error) as e:
+        except Exception as e:  # OSError, sqlite3.Error
             cleanup_workdir(stack)
             stack.close()
             raise MountError(f"cannot prepare '{stack.work_path}/{export.DB_NAME}': {e}") \
