@@ -542,3 +542,35 @@ def test_atime_of_repeated_reads_like_kernel(make_pair, options: str) -> None:
         assert not moved[3], f"test premise: {moved}"
     pair.check_all()
 
+
+
+# -- a mount inside UPPER ------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(USERNS, reason="a user namespace may not change the flags of the upper's "
+                                   "inherited mount: the daemon then reaches UPPER through it, "
+                                   "submounts and all (docs/differences.md)")
+def test_mount_inside_upper_is_not_crossed_like_kernel(make_pair) -> None:
+    """A filesystem mounted on a directory of UPPER: the kernel's overlay works on its private
+    clone of the upper's mount, which holds no submounts, so it shows and changes the directory
+    underneath; so do we, through our own clone (layers.own_upper_mount)."""
+    pair = make_pair(lowers=[{"x": File("x")}], upper={"sub/under": File("under")})
+    covered = []
+    try:
+        for side in pair.sides:
+            r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
+                                str(side.upper / "sub")], capture_output=True, text=True,
+                               timeout=30)
+            assert r.returncode == 0, r.stderr
+            covered.append(side.upper / "sub")
+            (side.upper / "sub/ontop").write_text("on top")
+
+        def view(root: Path) -> list[str]:
+            (root / "sub/new").write_text("new")
+            return sorted(os.listdir(root / "sub"))
+
+        assert pair.same(view, "ok") == ["new", "under"]
+    finally:
+        for path in covered:
+            subprocess.run(["umount", str(path)], capture_output=True, timeout=30)
+    pair.check_all()
