@@ -28,12 +28,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from unionfs import mounttable
+
 PathLike = str | os.PathLike[str]
 OptionValue = bool | str | int
 
 BACKENDS = ("pyunionfs", "kernel", "fuse-overlayfs")
 MOUNT_TIMEOUT = 20.0
 UMOUNT_TIMEOUT = 20.0
+BUSY_RETRY = 2.0  # seconds an unmount retries EBUSY (a shell that just left the mount)
+PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 class OverlayError(Exception):
@@ -63,16 +67,10 @@ def _options(options: Mapping[str, OptionValue] | Sequence[str] | str | None) ->
 def mounted(path: PathLike) -> bool:
     """Is ``path`` a mount point now (the mount table, not os.path.ismount: a dead FUSE
     mount is still one)?"""
-    target = os.path.realpath(os.fspath(path))
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                mnt = line.split()[4].encode().decode("unicode_escape")
-                if mnt == target:
-                    return True
+        return mounttable.is_mounted(path)
     except OSError:
         return False
-    return False
 
 
 class Overlay:
@@ -81,18 +79,30 @@ class Overlay:
     ``upper=None`` with ``work=None`` makes temporary ones; ``readonly=True`` mounts the
     lowers alone.  ``options``: mount options as a dict (``{"userxattr": True,
     "redirect_dir": "on"}``), a list or a comma-separated string.  ``lowers`` may be left
-    out too: one empty temporary lower."""
+    out too: one empty temporary lower; relative lowers are taken from ``cwd``.
+
+    For the daemon backends: ``program`` is the command that runs it (default: this
+    interpreter's ``-m unionfs``, or ``fuse-overlayfs`` from PATH), ``log_path`` where its
+    output goes (default: a temporary file, read back by ``log``), ``env`` its environment,
+    and ``detach=True`` mounts with the command a shell user types (no ``-f``: the daemon
+    forks away and is found by its command line) instead of a child process."""
 
     def __init__(self, lowers: Sequence[PathLike] | None = None, upper: PathLike | None = None,
                  work: PathLike | None = None, mountpoint: PathLike | None = None,
                  options: Mapping[str, OptionValue] | Sequence[str] | str | None = None,
                  backend: str = "pyunionfs", readonly: bool = False,
-                 timeout: float = MOUNT_TIMEOUT) -> None:
+                 timeout: float = MOUNT_TIMEOUT, *, program: Sequence[str] | None = None,
+                 log_path: PathLike | None = None, cwd: PathLike | None = None,
+                 env: Mapping[str, str] | None = None, detach: bool = False) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
         self.backend = backend
         self.options = _options(options)
         self.timeout = timeout
+        self.program = list(program) if program else None
+        self.cwd = Path(cwd) if cwd is not None else None
+        self.env = dict(env) if env is not None else None
+        self.detach = detach
         self._temp: Path | None = None
         # a read-only overlay needs two lowers (the kernel's rule, and ours)
         self.lowers = [Path(p) for p in lowers] if lowers else \
@@ -106,9 +116,12 @@ class Overlay:
             self.upper = Path(upper) if upper is not None else self._tempdir("upper")
             self.work = Path(work) if work is not None else self._tempdir("work")
         self.mountpoint = Path(mountpoint) if mountpoint is not None else self._tempdir("merged")
+        self.log_path: Path | None = Path(log_path) if log_path is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
-        self._log_path: Path | None = None
+        self._pid: int | None = None  # the detached daemon's
+        self._killed = False
         self._mounted = False
+        self.mount_seconds: float | None = None  # the last mount(): until it was in place
 
     def _tempdir(self, name: str) -> Path:
         if self._temp is None:
@@ -125,24 +138,40 @@ class Overlay:
             raise OverlayError(f"'{self.mountpoint}' is mounted already by this Overlay")
         if mounted(self.mountpoint):
             raise OverlayError(f"'{self.mountpoint}' is a mount point already")
+        self._killed = False
+        self._t0 = time.perf_counter()
         if self.backend == "kernel":
             self._mount_kernel()
+        elif self.detach:
+            self._mount_detached()
         else:
             self._mount_daemon()
         self._mounted = True
         _live.add(self)
         return self
 
+    def mount_options(self) -> str:
+        """The ``-o`` string the kernel and fuse-overlayfs are given."""
+        return ",".join(self._layer_options() + self.options)
+
     def _mount_kernel(self) -> None:
         if os.geteuid() != 0:
             raise OverlayError("the kernel backend mounts with mount(8): it needs root")
-        r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
-                            ",".join(self._layer_options() + self.options), str(self.mountpoint)],
-                           capture_output=True, text=True, timeout=self.timeout,
-                           stdin=subprocess.DEVNULL)
+        opts = self.mount_options()
+        if len(opts) >= PAGE:
+            raise OverlayError(f"the option string is {len(opts)} bytes; mount(2) takes one "
+                               f"page ({PAGE})")
+        try:
+            r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts,
+                                str(self.mountpoint)], capture_output=True, text=True,
+                               timeout=self.timeout, stdin=subprocess.DEVNULL, cwd=self.cwd)
+        except subprocess.TimeoutExpired:
+            raise OverlayError(f"kernel overlay mount at '{self.mountpoint}' did not return "
+                               f"within {self.timeout:g} s") from None
         if r.returncode != 0:
-            msg = (r.stderr.strip().splitlines() or ["mount failed"])[-1]
+            msg = " ".join(r.stderr.split()) or "mount failed"
             raise OverlayError(f"kernel overlay mount at '{self.mountpoint}' failed: {msg}")
+        self.mount_seconds = time.perf_counter() - self._t0
 
     def _layer_options(self) -> list[str]:
         opts = ["lowerdir=" + ":".join(_escape(str(p)) for p in self.lowers)]
@@ -150,16 +179,15 @@ class Overlay:
             opts += [f"upperdir={_escape(str(self.upper))}", f"workdir={_escape(str(self.work))}"]
         return opts
 
-    def _daemon_args(self) -> list[str]:
-        """The daemon's command line, in the foreground."""
+    def _daemon_args(self, foreground: bool = True) -> list[str]:
+        fg = ["-f"] if foreground else []
         if self.backend == "fuse-overlayfs":
-            prog = shutil.which("fuse-overlayfs")
-            if prog is None:
+            prog = self.program or [shutil.which("fuse-overlayfs") or ""]
+            if not prog[0]:
                 raise OverlayError("the fuse-overlayfs backend needs fuse-overlayfs "
                                    "(Debian: apt-get install fuse-overlayfs)")
-            return [prog, "-f", "-o", ",".join(self._layer_options() + self.options),
-                    str(self.mountpoint)]
-        args = [sys.executable, "-m", "unionfs", "mount", "-f"]
+            return [*prog, *fg, "-o", self.mount_options(), str(self.mountpoint)]
+        args = [*(self.program or [sys.executable, "-m", "unionfs"]), "mount", *fg]
         if self.options:
             args += ["-o", ",".join(self.options)]
         args.append(":".join(str(p).replace(":", "\\:") for p in self.lowers))
@@ -167,24 +195,71 @@ class Overlay:
             args += [str(self.upper), str(self.work)]
         return [*args, str(self.mountpoint)]
 
+    def _open_log(self) -> int:
+        if self.log_path is None:
+            base = self._temp or Path(tempfile.mkdtemp(prefix="pyunionfs-overlay-"))
+            self._temp = base
+            self.log_path = base / f"{self.backend}.log"
+        return os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                       0o644)
+
     def _mount_daemon(self) -> None:
         args = self._daemon_args()
-        base = self._temp or Path(tempfile.mkdtemp(prefix="pyunionfs-overlay-"))
-        self._temp = base
-        self._log_path = base / f"{self.backend}.log"
-        with open(self._log_path, "wb") as log:
+        log = self._open_log()
+        try:
             # its own session: a Ctrl-C meant for the test run must not kill it
             self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + self.timeout
-        while not mounted(self.mountpoint):
-            rc = self._proc.poll()
-            if rc is not None:
-                raise OverlayError(self._reason(f"{self.backend} exited with status {rc}"))
-            if time.monotonic() > deadline:
-                self._stop_daemon()
-                raise OverlayError(f"{self.backend} did not mount '{self.mountpoint}' within "
-                                   f"{self.timeout:g} s")
+                                          stderr=subprocess.STDOUT, start_new_session=True,
+                                          cwd=self.cwd, env=self.env)
+        finally:
+            os.close(log)
+        proc = self._proc
+        if mounttable.wait_mounted(self.mountpoint, self.timeout, lambda: proc.poll() is None):
+            self.mount_seconds = time.perf_counter() - self._t0
+            return
+        rc = proc.poll()
+        if rc is not None:
+            self._proc = None
+            raise OverlayError(self._reason(f"{self.backend} exited with status {rc}"))
+        self._stop_daemon(kill=True)
+        raise OverlayError(f"{self.backend} did not mount '{self.mountpoint}' within "
+                           f"{self.timeout:g} s")
+
+    def _mount_detached(self) -> None:
+        args = self._daemon_args(foreground=False)
+        log = self._open_log()
+        try:
+            r = subprocess.run(args, stdin=subprocess.DEVNULL, stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True,
+                               cwd=self.cwd, env=self.env, timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self._find_daemon()
+            self._mounted = True
+            with contextlib.suppress(OverlayError):
+                self.unmount()
+            raise OverlayError(f"{self.backend}: the mount command did not return within "
+                               f"{self.timeout:g} s") from None
+        finally:
+            os.close(log)
+        self.mount_seconds = time.perf_counter() - self._t0
+        self._find_daemon()
+        if r.returncode != 0 or not mounted(self.mountpoint):
+            was = mounted(self.mountpoint)
+            self._mounted = was
+            with contextlib.suppress(OverlayError):
+                self.unmount()
+            raise OverlayError(self._reason(f"{self.backend} mount exited with status "
+                                            f"{r.returncode}{'' if was else ', not mounted'}"))
+
+    def _find_daemon(self) -> None:
+        """The process the daemonizing command left: the one with our mount point among its
+        arguments (it is a child of ours only where we are a child subreaper)."""
+        point = str(self.mountpoint)
+        for _ in range(50):
+            pids = mounttable.processes_with_arg(point)
+            if pids:
+                self._pid = pids[-1]
+                return
             time.sleep(0.01)
 
     def _reason(self, fallback: str) -> str:
@@ -198,56 +273,118 @@ class Overlay:
     @property
     def log(self) -> str:
         """The daemon's output so far (the pyunionfs and fuse-overlayfs backends)."""
-        if self._log_path is None:
+        if self.log_path is None:
             return ""
         try:
-            return self._log_path.read_text(errors="replace")
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    @property
+    def pid(self) -> int | None:
+        """The daemon's process id while it runs (None for the kernel backend)."""
+        if self._proc is not None:
+            return self._proc.pid
+        return self._pid
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        """The daemon as a child process (not for ``detach=True`` or the kernel)."""
+        return self._proc
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send the daemon a signal (SIGKILL: the kernel aborts the connection, so calls
+        blocked on the mount return ENOTCONN); unmount() then cleans up without
+        complaining about how it exited."""
+        pid = self.pid
+        if pid is None or mounttable.process(pid) is None:
+            return
+        if self._proc is None and str(self.mountpoint) not in (mounttable.process(pid) or
+                                                                (0, []))[1]:
+            return  # the number went to another process
+        self._killed = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
     @property
     def is_mounted(self) -> bool:
         return self._mounted and mounted(self.mountpoint)
 
     def unmount(self) -> None:
-        """Unmount and reap the daemon; temporary layers are removed.  Idempotent."""
+        """Unmount and reap the daemon; temporary layers are removed.  Idempotent.  Raises
+        ``OverlayError`` when the clean way failed: the unmount was refused (the mount is then
+        detached lazily, so nothing outlives the call), the daemon did not exit, or it exited
+        with an error."""
         problems = []
         if self._mounted:
             self._mounted = False
             _live.discard(self)
-            path = str(self.mountpoint)
-            if self.backend == "kernel":
-                cmd = ["umount", path]
-            else:
-                cmd = [shutil.which("fusermount3") or "fusermount3", "-u", path]
-            try:
-                r = subprocess.run(cmd, capture_output=True, text=True, timeout=UMOUNT_TIMEOUT,
-                                   stdin=subprocess.DEVNULL)
-                if r.returncode != 0 and mounted(path):
-                    problems.append((r.stderr.strip().splitlines() or ["unmount failed"])[-1])
-            except (OSError, subprocess.TimeoutExpired) as e:
-                problems.append(str(e))
-            if mounted(path):  # busy: detach it, so nothing outlives the test
-                subprocess.run([*cmd[:-1], "-z" if self.backend != "kernel" else "-l", path],
-                               capture_output=True, timeout=UMOUNT_TIMEOUT)
-        self._stop_daemon()
+            problems += self._unmount()
+        problems += self._stop_daemon()
         if self._temp is not None and not mounted(self.mountpoint):
             shutil.rmtree(self._temp, ignore_errors=True)
             self._temp = None
+            if self.log_path is not None and not self.log_path.exists():
+                self.log_path = None
         if problems:
-            raise OverlayError(f"unmounting '{self.mountpoint}': {problems[0]}")
+            raise OverlayError(f"unmounting '{self.mountpoint}': {'; '.join(problems)}")
 
-    def _stop_daemon(self) -> None:
+    def _unmount(self) -> list[str]:
+        path = str(self.mountpoint)
+        if self.backend == "kernel":
+            cmd = ["umount", path]
+        else:
+            cmd = [shutil.which("fusermount3") or "fusermount3", "-u", path]
+        failed = ""
+        deadline = time.monotonic() + BUSY_RETRY
+        while mounted(path):
+            try:
+                r = subprocess.run(cmd, capture_output=True, text=True, timeout=UMOUNT_TIMEOUT,
+                                   stdin=subprocess.DEVNULL)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                failed = str(e)
+                break
+            if r.returncode == 0:
+                break
+            failed = (r.stderr.strip().splitlines() or ["unmount failed"])[-1]
+            if "busy" not in failed.lower() or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if not mounted(path):
+            return []
+        # busy or refused: detach it, so nothing outlives the test
+        lazy = [*cmd[:-2], "-uz", path] if self.backend != "kernel" else ["umount", "-l", path]
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run(lazy, capture_output=True, timeout=UMOUNT_TIMEOUT,
+                           stdin=subprocess.DEVNULL)
+        return [failed or "unmount failed", *(["still mounted"] if mounted(path) else [])]
+
+    def _stop_daemon(self, kill: bool = False) -> list[str]:
+        """Wait for the daemon to exit after the unmount (SIGKILL after the timeout)."""
+        problems = []
         proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        try:
-            proc.wait(timeout=UMOUNT_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
+        pid, self._pid = self._pid, None
+        if proc is not None:
+            try:
+                proc.wait(timeout=0 if kill else UMOUNT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                if not kill:
+                    problems.append(f"the daemon did not exit within {UMOUNT_TIMEOUT:g} s")
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+            if proc.returncode not in (0, None) and not self._killed and not kill:
+                problems.append(f"the daemon exited with status {proc.returncode}")
+        elif pid is not None:
+            if not mounttable.wait_until(lambda: mounttable.gone(pid), UMOUNT_TIMEOUT, 0.005):
+                info = mounttable.process(pid)
+                if info is not None and str(self.mountpoint) in info[1]:
+                    problems.append(f"the daemon did not exit within {UMOUNT_TIMEOUT:g} s")
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    mounttable.wait_until(lambda: mounttable.gone(pid), 5)
+        return problems
 
     def __enter__(self) -> Overlay:
         return self.mount()

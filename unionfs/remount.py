@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from unionfs.errors import MountError
+from unionfs.mounttable import MountEntry, mount_table
 
 log = logging.getLogger(__name__)
 
@@ -51,27 +52,14 @@ def flags_of(words: list[str]) -> int:
     return flags
 
 
-def _mount_line(merged: str | None, dev: str | None = None) -> list[str] | None:
-    """The last mountinfo line (split) for the mount point ``merged`` (any type), or for
-    the device ``dev`` ("major:minor")."""
+def _mount_line(merged: str | None, dev: str | None = None) -> MountEntry | None:
+    """The last mount table entry for the mount point ``merged`` (any type), or for the
+    device ``dev`` ("major:minor")."""
     found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if len(fields) < 7:
-                continue
-            if fields[2] == dev if dev is not None else _unescape(fields[4]) == merged:
-                found = fields
+    for e in mount_table():
+        if e.dev == dev if dev is not None else e.point == merged:
+            found = e
     return found
-
-
-def _fstype(fields: list[str]) -> str:
-    return fields[fields.index("-") + 1]
-
-
-def _unescape(s: str) -> str:
-    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
-        .replace("\\134", "\\")
 
 
 def remount(merged: str, words: list[str]) -> None:
@@ -81,7 +69,7 @@ def remount(merged: str, words: list[str]) -> None:
     fields = _mount_line(path)
     if fields is None:
         raise MountError(f"'{merged}' is not mounted", errno.EINVAL)
-    fstype = _fstype(fields)
+    fstype = fields.fstype
     if fstype != FSTYPE:
         raise MountError(f"'{merged}' is a {fstype} mount, not a pyunionfs one", errno.EINVAL)
     flags = flags_of(words)
@@ -121,8 +109,8 @@ def _mount_flags(path: str, flags: int) -> None:
         raise OSError(e, os.strerror(e), path)
 
 
-def _writable(fields: list[str]) -> bool:
-    return "rw" in fields[5].split(",") or "rw" in fields[-1].split(",")
+def _writable(fields: MountEntry) -> bool:
+    return "rw" in fields.options.split(",") or "rw" in fields.super_options.split(",")
 
 
 def _remount_own(merged: str, dev: str, flags: int) -> None:
@@ -156,9 +144,9 @@ def follow(merged: str, words: list[str], readonly: bool,
     the mount first, where we may, so that the mount table shows them, mount(8) keeps them
     over a remount, and what a remount changes is read against them."""
     first = _mount_line(merged)
-    if first is None or _fstype(first) != FSTYPE:
+    if first is None or first.fstype != FSTYPE:
         return
-    dev, seen = first[2], first[5]
+    dev, seen = first.dev, first.options
     want = seen.split(",") + words
     if flags_of(want) != flags_of(seen.split(",")):
         try:
@@ -167,7 +155,7 @@ def follow(merged: str, words: list[str], readonly: bool,
             log.debug("%s not shown in the mount table: %s", ",".join(words), e.strerror)
         else:
             now = _mount_line(None, dev)
-            seen = now[5] if now is not None else seen
+            seen = now.options if now is not None else seen
     with open("/proc/self/mountinfo") as f:
         poller = select.poll()
         poller.register(f.fileno(), select.POLLPRI | select.POLLERR)
@@ -178,7 +166,7 @@ def follow(merged: str, words: list[str], readonly: bool,
             if now is None:
                 return  # unmounted
             if readonly and _writable(now):
-                words = now[5].split(",") + ["ro"]
+                words = now.options.split(",") + ["ro"]
                 for flags in (MS_REMOUNT | flags_of(words), MS_REMOUNT | MS_BIND | flags_of(words)):
                     try:
                         _remount_own(merged, dev, flags)
@@ -186,6 +174,6 @@ def follow(merged: str, words: list[str], readonly: bool,
                         log.warning("remounted rw without an upper layer, and cannot make it "
                                     "read-only again: %s", e.strerror)
                 continue
-            if now[5] != seen:
-                seen = now[5]
+            if now.options != seen:
+                seen = now.options
                 changed(set(seen.split(",")))
