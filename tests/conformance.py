@@ -27,7 +27,6 @@ import contextlib
 import errno
 import os
 import shutil
-import signal
 import stat
 import tempfile
 import threading
@@ -328,9 +327,8 @@ class ConformanceMachine(RuleBasedStateMachine):
             return
         for side in pair.sides:
             m = side.mount
-            if isinstance(m, PyUnionMount) and m.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(m.proc.pid, signal.SIGKILL)
+            if isinstance(m, PyUnionMount):
+                m.overlay.kill()
 
     # -- helpers ----------------------------------------------------------------------------------
 

@@ -42,6 +42,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from unionfs import mounttable
+from unionfs.api import Overlay, OverlayError
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = str(REPO / ".venv" / "bin" / "python")
 if not os.path.exists(PYTHON):  # e.g. a different checkout layout: use whatever runs pytest
@@ -331,48 +334,15 @@ def build_stack(spec: StackSpec, base: Path) -> StackPaths:
 # --------------------------------------------------------------------------------------------------
 
 
-def _unescape_mount_path(s: str) -> str:
-    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo
-    out, i = [], 0
-    while i < len(s):
-        code = s[i + 1 : i + 4]
-        if s[i] == "\\" and len(code) == 3 and code.isdigit():
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
+def mount_table() -> list[mounttable.MountEntry]:
+    """Every mount, as rows (mount point, fs type, source, super options, ...); never touches
+    the mounts themselves, so it cannot hang on a dead FUSE daemon."""
+    return mounttable.mount_table()
 
 
-def mount_table() -> list[tuple[str, str, str, str]]:
-    """(mount point, fs type, source, super options) for every mount; never touches the mounts
-    themselves, so it cannot hang on a dead FUSE daemon."""
-    rows = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.rstrip("\n").partition(" - ")
-            fields = left.split()
-            rfields = right.split()
-            rows.append(
-                (
-                    _unescape_mount_path(fields[4]),
-                    rfields[0],
-                    rfields[1] if len(rfields) > 1 else "",
-                    rfields[2] if len(rfields) > 2 else "",
-                )
-            )
-    return rows
-
-
-def is_mounted(path: Path | str) -> bool:
-    p = os.path.realpath(path)
-    return any(row[0] == p for row in mount_table())
-
-
-def mounts_under(prefix: Path | str) -> list[str]:
-    pre = os.path.realpath(prefix).rstrip("/") + "/"
-    return [row[0] for row in mount_table() if (row[0] + "/").startswith(pre)]
+is_mounted = mounttable.is_mounted
+mounts_under = mounttable.mounts_under
+wait_until = mounttable.wait_until
 
 
 def run_cmd(cmd: list[str], timeout: float = CMD_TIMEOUT) -> subprocess.CompletedProcess[str]:
@@ -388,32 +358,57 @@ def force_unmount(path: str) -> None:
             run_cmd(cmd, timeout=UMOUNT_TIMEOUT)
 
 
-class MountError(Exception):
-    pass
+MountError = OverlayError
 
 
 class Mount:
-    """A mounted stack; ``stop()`` is idempotent and always leaves nothing mounted."""
+    """A mounted stack: a ``unionfs.Overlay`` over ``StackPaths``; ``stop()`` is idempotent,
+    always leaves nothing mounted, and raises ``MountError`` (with the daemon's log) when the
+    clean way of unmounting failed."""
 
     impl: str
     paths: StackPaths
+    overlay: Overlay
+
+    def __init__(self, paths: StackPaths, work: Path | None, options: str, **kw: Any) -> None:
+        self.paths = paths
+        self.log_path = paths.base / f"{self.impl}.log"
+        self.overlay = Overlay(lowers=paths.lowers, upper=paths.upper,
+                               work=None if paths.upper is None else work or paths.work,
+                               mountpoint=paths.merged, options=options, backend=self.impl,
+                               readonly=paths.upper is None, timeout=MOUNT_TIMEOUT,
+                               log_path=self.log_path, **kw)
+        try:
+            self.overlay.mount()
+        except OverlayError as e:
+            force_unmount(str(paths.merged))
+            raise MountError(f"{self.impl} mount failed: {e}\n{self.log_tail()}") from None
 
     @property
     def root(self) -> Path:
         return self.paths.merged
 
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        proc = self.overlay.process
+        assert proc is not None, f"{self.impl} has no daemon process"
+        return proc
+
+    def log_tail(self, n: int = 40) -> str:
+        lines = self.overlay.log.splitlines()
+        return "\n".join(lines[-n:]) if lines else "(no log)"
+
     def stop(self) -> None:
-        raise NotImplementedError
+        try:
+            self.overlay.unmount()
+        except OverlayError as e:
+            raise MountError(f"{e}\n{self.log_tail()}") from None
 
     def __enter__(self) -> Mount:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _lowerdir_arg(lowers: Iterable[Path]) -> str:
-    return ":".join(str(p).replace("\\", "\\\\").replace(":", "\\:") for p in lowers)
 
 
 class KernelMount(Mount):
@@ -423,34 +418,9 @@ class KernelMount(Mount):
                  options: str = ""):
         """``userxattr`` (default: in userns mode) mounts with the kernel's user.overlay. dialect;
         ``options`` are more mount options (``noatime,...``)."""
-        self.paths = paths
-        opts = f"lowerdir={_lowerdir_arg(paths.lowers)}"
-        if paths.upper is not None:
-            opts += f",upperdir={paths.upper},workdir={work or paths.work}"
-        if USERNS if userxattr is None else userxattr:
-            opts += ",userxattr"
-        if options:
-            opts += f",{options}"
-        r = run_cmd(["mount", "-t", "overlay", "overlay", "-o", opts, str(paths.merged)],
-                    timeout=MOUNT_TIMEOUT)
-        if r.returncode != 0:
-            force_unmount(str(paths.merged))
-            raise MountError(f"kernel overlay mount failed: {r.stderr.strip()}")
-        self._mounted = True
-
-    def stop(self) -> None:
-        if not self._mounted:
-            return
-        self._mounted = False
-        path = str(self.paths.merged)
-        try:
-            r = run_cmd(["umount", path], timeout=UMOUNT_TIMEOUT)
-            failed = r.returncode != 0 and r.stderr.strip()
-        except subprocess.TimeoutExpired:
-            failed = "umount timed out"
-        if is_mounted(path):
-            force_unmount(path)
-            raise MountError(f"kernel umount of {path} failed: {failed}")
+        opts = ",".join(o for o in ("userxattr" if (USERNS if userxattr is None else userxattr)
+                                    else "", options) if o)
+        super().__init__(paths, work, opts)
 
 
 class PyUnionMount(Mount):
@@ -458,76 +428,12 @@ class PyUnionMount(Mount):
 
     impl = "pyunionfs"
 
-    def __init__(self, paths: StackPaths, work: Path | None = None, extra_args: Iterable[str] = ()):
-        self.paths = paths
-        self.log_path = paths.base / "pyunionfs.log"
-        args = [PYTHON, "-m", "unionfs", "mount", "-f", *extra_args, _lowerdir_arg(paths.lowers)]
-        if paths.upper is not None:
-            args += [str(paths.upper), str(work or paths.work)]
-        args.append(str(paths.merged))
+    def __init__(self, paths: StackPaths, work: Path | None = None, options: str = ""):
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         env.pop("UNIONFS_TEST_IMPL", None)
-        self._log = open(self.log_path, "wb")
-        # own session: a Ctrl-C aimed at pytest must not kill the daemon behind the fixture's back
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log,
-                                     stderr=subprocess.STDOUT, cwd=str(REPO), env=env,
-                                     start_new_session=True)
-        self._stopped = False
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        try:
-            while not is_mounted(paths.merged):
-                rc = self.proc.poll()
-                if rc is not None:
-                    raise MountError(f"pyunionfs exited with {rc} before mounting:\n{self.log_tail()}")
-                if time.monotonic() > deadline:
-                    raise MountError(f"pyunionfs not mounted after {MOUNT_TIMEOUT}s:\n{self.log_tail()}")
-                time.sleep(0.01)
-        except BaseException:
-            self._teardown(clean=False)
-            raise
-
-    def log_tail(self, n: int = 40) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(lines[-n:])
-
-    def _teardown(self, clean: bool) -> list[str]:
-        """Unmount and reap the daemon; return problems seen (empty = the clean contract held)."""
-        problems: list[str] = []
-        path = str(self.paths.merged)
-        if is_mounted(path):
-            try:
-                r = run_cmd(["fusermount3", "-u", path], timeout=UMOUNT_TIMEOUT)
-                if r.returncode != 0:
-                    problems.append(f"fusermount3 -u failed: {r.stderr.strip()}")
-            except subprocess.TimeoutExpired:
-                problems.append("fusermount3 -u timed out")
-            force_unmount(path)
-        try:
-            self.proc.wait(timeout=UMOUNT_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            problems.append(f"daemon did not exit within {UMOUNT_TIMEOUT}s after unmount")
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=5)
-        if clean and self.proc.returncode not in (0, None) and not problems:
-            problems.append(f"daemon exited with {self.proc.returncode} after unmount")
-        self._log.close()
-        if is_mounted(path):  # pragma: no cover - should be impossible after the lazy unmounts
-            problems.append("still mounted after all fallbacks")
-        return problems
-
-    def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        problems = self._teardown(clean=True)
-        if problems:
-            raise MountError("; ".join(problems) + "\n" + self.log_tail())
+        super().__init__(paths, work, options, program=[PYTHON, "-m", "unionfs"], cwd=REPO,
+                         env=env)
 
 
 def mount_stack(paths: StackPaths, impl: str, work: Path | None = None,
@@ -536,7 +442,7 @@ def mount_stack(paths: StackPaths, impl: str, work: Path | None = None,
     ``options`` (``-o`` words) go to both."""
     if impl == "kernel":
         return KernelMount(paths, work, userxattr, options)
-    return PyUnionMount(paths, work, ["-o", options] if options else ())
+    return PyUnionMount(paths, work, options)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1058,27 +964,8 @@ def hash_tree(root: Path | str) -> str:
 def unionfs_pids(merged: Path) -> list[int]:
     """pids of unionfs processes whose command line names this (unique, per-test) mount point:
     the daemon a background mount forked."""
-    pids = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if os.fsencode(str(merged)) in argv and any(b"unionfs" in a for a in argv):
-            pids.append(int(d))
-    return pids
-
-
-def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(interval)
-    return pred()
+    return [pid for pid in mounttable.processes_with_arg(str(merged))
+            if any("unionfs" in a for a in (mounttable.process(pid) or (0, []))[1])]
 
 
 def ls_op(rel: str = ".") -> Op:
@@ -1107,6 +994,19 @@ _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctype
                         ctypes.c_void_p]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+MNT_DETACH = 2
+
+
+def _leave_others_mounts() -> None:
+    """In a fresh private mount namespace: detach every overlay and FUSE mount copied from the
+    parent.  Those are other tests' (pytest-xdist runs files side by side); a copy held here
+    would keep their superblocks alive after they unmount, so their daemons would not exit
+    until this namespace is gone."""
+    _libc_check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "making / private")
+    for e in reversed(mounttable.mount_table()):
+        if e.fstype in ("overlay", "fuse", "fuseblk") or e.fstype.startswith("fuse."):
+            _libc.umount2(os.fsencode(e.point), MNT_DETACH)  # gone with a parent: fine
 
 
 def in_user_namespace() -> bool:
@@ -1146,6 +1046,9 @@ def userns_run(argv: list[str], ids: int = USERNS_IDS) -> int:
             os.close(r_unshared)
             os.close(w_mapped)
             _libc_check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+            if not in_user_namespace():  # then the copies can't be detached (locked)
+                _libc_check(_libc.unshare(CLONE_NEWNS), "unshare")
+                _leave_others_mounts()
             _libc_check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID), "unshare")
             os.write(w_unshared, b"u")
             os.close(w_unshared)

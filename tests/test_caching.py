@@ -54,14 +54,14 @@ def test_listing_over_many_layers_matches_kernel(make_pair):
     pair.check_all()
 
 
-def _mount_py(make_stack, lowers, upper=None, args=()):
+def _mount_py(make_stack, lowers, upper=None, options=""):
     paths = make_stack(lowers=lowers, upper=upper)
-    return paths, PyUnionMount(paths, extra_args=list(args))
+    return paths, PyUnionMount(paths, options=options)
 
 
 def test_timeout_zero_sees_lower_changes_at_once(make_stack):
     """-o timeout=0: the kernel caches nothing, for layers that change underneath."""
-    paths, m = _mount_py(make_stack, [{"d/a": File("a")}], upper={}, args=["-o", "timeout=0"])
+    paths, m = _mount_py(make_stack, [{"d/a": File("a")}], upper={}, options="timeout=0")
     try:
         assert os.listdir(paths.merged / "d") == ["a"]
         with pytest.raises(FileNotFoundError):

@@ -26,7 +26,7 @@ def test_uid_gid_mapping_both_ways(make_stack) -> None:
     paths = make_stack(LAYERS)
     # the leading colon is what containers-storage sends
     opts = "uidmapping=:0:100000:65536,gidmapping=0:200000:65536"
-    with PyUnionMount(paths, extra_args=["-o", opts]):
+    with PyUnionMount(paths, options=opts):
         m = paths.merged
         assert _owner(m) == (100000, 200000)
         assert _owner(m / "root-owned") == (100000, 200000)
@@ -50,19 +50,19 @@ def test_uid_gid_mapping_both_ways(make_stack) -> None:
 
 def test_squash_to_root_and_to_ids(make_stack) -> None:
     paths = make_stack(LAYERS)
-    with PyUnionMount(paths, extra_args=["-o", "squash_to_root"]):
+    with PyUnionMount(paths, options="squash_to_root"):
         assert {_owner(paths.merged / n) for n in ("root-owned", "user-owned", "far")} == {(0, 0)}
         os.chown(paths.merged / "user-owned", 5, 5)  # accepted, changes nothing shown
         assert _owner(paths.merged / "user-owned") == (0, 0)
     paths = make_stack(LAYERS)
-    with PyUnionMount(paths, extra_args=["-o", "squash_to_root,squash_to_uid=7,squash_to_gid=8"]):
+    with PyUnionMount(paths, options="squash_to_root,squash_to_uid=7,squash_to_gid=8"):
         assert _owner(paths.merged / "far") == (7, 8)  # uid/gid win over squash_to_root
 
 
 def test_xattr_permissions_keep_owner_and_mode_in_an_xattr(make_stack) -> None:
     paths = make_stack(LAYERS)
     key = "user.containers.override_stat"
-    with PyUnionMount(paths, extra_args=["-o", "xattr_permissions=2"]):
+    with PyUnionMount(paths, options="xattr_permissions=2"):
         m = paths.merged
         os.chmod(m / "root-owned", 0o640)
         os.chown(m / "root-owned", 5, 6)
@@ -103,7 +103,7 @@ def test_bad_option_values_are_one_line_errors(make_stack, opt: str, msg: str) -
 def test_override_xattr_is_not_writable_through_the_mount(make_stack) -> None:
     """Otherwise any user could make a file of theirs show as setuid root."""
     paths = make_stack(LAYERS)
-    with PyUnionMount(paths, extra_args=["-o", "xattr_permissions=2"]):
+    with PyUnionMount(paths, options="xattr_permissions=2"):
         f = paths.merged / "dir/mine"
         f.write_text("x")
         for name in ("user.containers.override_stat", "security.fuseoverlayfs.override_stat"):
@@ -123,7 +123,7 @@ def test_mapping_with_xattr_permissions_shows_the_creator(make_stack) -> None:
     """containers-storage passes both with force_mask: the override holds on-disk ids."""
     paths = make_stack(LAYERS)
     opts = "uidmapping=100:0:10,gidmapping=100:0:10,xattr_permissions=2"
-    with PyUnionMount(paths, extra_args=["-o", opts]):
+    with PyUnionMount(paths, options=opts):
         (paths.merged / "new").write_text("n")
         os.mkdir(paths.merged / "nd")
         assert _owner(paths.merged / "new") == (0, 0)

@@ -61,7 +61,7 @@ KERNEL_LOWERS = [
 @pytest.fixture
 def oci_mount(make_stack) -> Iterator[tuple[StackPaths, PyUnionMount]]:
     paths = make_stack(OCI_LOWERS)
-    m = PyUnionMount(paths, extra_args=["-o", "whiteouts=oci"])
+    m = PyUnionMount(paths, options="whiteouts=oci")
     try:
         yield paths, m
     finally:
@@ -145,7 +145,7 @@ def test_oci_changes_then_kernel_reads_the_upper(oci_mount) -> None:
 
 def test_kernel_mode_shows_wh_files(make_stack) -> None:
     paths = make_stack(OCI_LOWERS)
-    with PyUnionMount(paths, extra_args=["-o", "whiteouts=kernel"]):
+    with PyUnionMount(paths, options="whiteouts=kernel"):
         assert (paths.merged / "etc/.wh.gone").exists()
         assert (paths.merged / "etc/gone").read_text() == "old"
 
@@ -248,7 +248,7 @@ def test_forced_whiteout_forms_mean_the_same_after_remount(make_stack, monkeypat
         assert os.getxattr(paths.upper / "etc/kept", PRIVATE_PREFIX + "whiteout") == b""
         assert os.getxattr(paths.upper / "etc", PRIVATE_PREFIX + "opaque") == b"x"
     monkeypatch.delenv("PYUNIONFS_WRITE_WHITEOUTS")
-    with PyUnionMount(paths, extra_args=["-o", f"whiteouts={'oci' if form == 'oci' else 'kernel'}"]):
+    with PyUnionMount(paths, options=f"whiteouts={'oci' if form == 'oci' else 'kernel'}"):
         again = snapshot_merged(paths.merged)
     assert again == view, view.diff(again, ("first mount", "remount"))
     if form == "xattr":
@@ -277,7 +277,7 @@ def test_long_non_ascii_names_in_oci_mode(make_stack) -> None:
     looking one up must not fail the listing (ENAMETOOLONG)."""
     long = "é" * 126  # 252 bytes
     paths = make_stack([{long: File("hi"), "d": Dir()}, {"other": File()}])
-    with PyUnionMount(paths, extra_args=["-o", "whiteouts=oci"]):
+    with PyUnionMount(paths, options="whiteouts=oci"):
         assert sorted(os.listdir(paths.merged)) == sorted([long, "d", "other"])
         assert (paths.merged / long).read_text() == "hi"
 
@@ -311,5 +311,5 @@ def test_forced_forms_rename_dirs_and_onto_whiteouts(make_stack, monkeypatch, fo
         view = snapshot_merged(m)
     monkeypatch.delenv("PYUNIONFS_WRITE_WHITEOUTS")
     mode = "oci" if form == "oci" else "kernel"
-    with PyUnionMount(paths, extra_args=["-o", f"whiteouts={mode}"]):
+    with PyUnionMount(paths, options=f"whiteouts={mode}"):
         assert snapshot_merged(paths.merged) == view

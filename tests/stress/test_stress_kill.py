@@ -106,17 +106,17 @@ class KillableMount(PyUnionMount):
     killed = False
 
     def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)  # the daemon we started, and only it
+        proc = self.proc
+        self.overlay.kill()  # the daemon we started, and only it
         self.killed = True
-        self.proc.wait(timeout=UMOUNT_TIMEOUT)
+        proc.wait(timeout=UMOUNT_TIMEOUT)
 
     def stop(self) -> None:
         if not self.killed:
             super().stop()
             return
-        if not self._stopped:
-            self._stopped = True
-            self._teardown(clean=False)
+        with contextlib.suppress(MountError):  # a dead mount's unmount may need the fallbacks
+            self.overlay.unmount()
 
 
 def lowerdir_arg(lowers: list[Path]) -> str:
