@@ -66,6 +66,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# the mounts are unionfs.Overlay's: this checkout's, also when it is not installed
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 from benchkit.runner import main  # noqa: E402
 

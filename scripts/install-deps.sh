@@ -84,7 +84,7 @@ install_system_packages() {
 # --- Python virtualenv ---------------------------------------------------------------------
 venv_ok() {
     [[ -f $stamp && $stamp -nt pyproject.toml && -x $VENV/bin/pyunionfs ]] || return 1
-    "$VENV/bin/python" -c 'import pyfuse3, trio, xattr, pytest, pytest_trio, pytest_timeout, hypothesis' \
+    "$VENV/bin/python" -c 'import pyfuse3, trio, xattr, pytest, pytest_trio, pytest_timeout, xdist, hypothesis' \
         >/dev/null 2>&1 || return 1
     [[ -x $VENV/bin/ruff && -x $VENV/bin/mypy ]]
 }

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-import select
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,101 +236,11 @@ def vm_rss_kib(pid: int) -> int:
     raise BenchError(f"no VmRSS for pid {pid}")
 
 
-SUBREAPER = False
-
-
 def become_subreaper() -> None:
-    global SUBREAPER
+    """Daemons that fork away (the mount_bg workload) become our children, so that their
+    exit is seen and reaped here rather than by init."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        SUBREAPER = libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     except (OSError, AttributeError):
-        SUBREAPER = False
-
-
-def proc_info(pid: int) -> tuple[int, list[str]] | None:
-    """(ppid, argv) of a process, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            st = f.read()
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return None
-    fields = st[st.rindex(b")") + 2 :].split()
-    if fields and fields[0] == b"Z":
-        return None  # a zombie is gone for our purposes
-    return int(fields[1]), argv
-
-
-def processes_with_arg(arg: str, ppid: int | None = None) -> list[int]:
-    pids = []
-    for ent in os.listdir("/proc"):
-        if not ent.isdigit() or int(ent) == os.getpid():
-            continue
-        info = proc_info(int(ent))
-        if info and arg in info[1] and (ppid is None or info[0] == ppid):
-            pids.append(int(ent))
-    return pids
-
-
-def reap(pid: int) -> bool:
-    """True once pid has exited (and, if it is our child, been reaped)."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return True
-    except ChildProcessError:
         pass
-    return proc_info(pid) is None
-
-
-def _escape_mount_path(path: Path) -> str:
-    s = str(path).replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
-    return s.replace("\n", "\\012")
-
-
-def mounted(path: Path) -> bool:
-    want = _escape_mount_path(path)
-    with open("/proc/mounts") as f:
-        return any(line.split(" ")[1] == want for line in f)
-
-
-def mounts_below(path: Path) -> list[str]:
-    prefix = str(path) + "/"
-    with open("/proc/mounts") as f:
-        return [line.split(" ")[1] for line in f if line.split(" ")[1].startswith(prefix)]
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(step)
-    return cond()
-
-
-def wait_in_mountinfo(path: Path, timeout: float, alive: Callable[[], bool]) -> bool:
-    """Wait until path is a mount point in /proc/self/mountinfo; woken by the kernel's poll
-    event on every change of the mount table, so the time is exact to a few microseconds."""
-    want = _escape_mount_path(path).encode()
-    end = time.monotonic() + timeout
-    with open("/proc/self/mountinfo", "rb", buffering=0) as f:
-        poller = select.poll()
-        poller.register(f.fileno(), select.POLLPRI | select.POLLERR)
-        while True:
-            f.seek(0)
-            chunks = []
-            while chunk := f.read(65536):
-                chunks.append(chunk)
-            for line in b"".join(chunks).split(b"\n"):
-                fields = line.split(b" ", 5)
-                if len(fields) > 4 and fields[4] == want:
-                    return True
-            left = end - time.monotonic()
-            if left <= 0 or not alive():
-                return False
-            poller.poll(min(left, 0.02) * 1000)
-
-

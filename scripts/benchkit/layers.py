@@ -25,7 +25,7 @@ from benchkit.common import (
     run_cmd,
     spread,
 )
-from benchkit.mounts import KernelMount, kernel_overlay_problem
+from benchkit.mounts import Mount, kernel_overlay_problem
 
 
 @dataclass
@@ -50,10 +50,6 @@ class MainLayers:
     chmod_entries: int = 0  # ... under chmod_target
     changes: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def lowerdir(self) -> str:
-        return ":".join(str(d).replace(":", "\\:") for d in self.dirs)
 
 
 def _top_entries(src: Path, exclude: tuple[str, ...], limit: int | None) -> list[str]:
@@ -391,7 +387,7 @@ def build_change_layer(layers: MainLayers, p: Profile, by_hand: bool) -> None:
         work, merged = layers.root / "chwork", layers.root / "chmerged"
         work.mkdir()
         merged.mkdir()
-        km = KernelMount(f"{py}:{inc}", ch, work, merged, layers.root / "chmount.log")
+        km = Mount("kernel", [py, inc], ch, work, merged, layers.root / "chmount.log")
         km.start()
         try:
             whiteouts = apply_changes(KernelChanges(merged), py, inc, layers, p)

@@ -33,8 +33,6 @@ from benchkit.common import (
     become_subreaper,
     drop_caches,
     log,
-    mounted,
-    mounts_below,
     read_file,
     run_cmd,
     vm_rss_kib,
@@ -42,9 +40,7 @@ from benchkit.common import (
 )
 from benchkit.layers import MainLayers, make_main_layers
 from benchkit.mounts import (
-    MOUNT_CLASSES,
     Mount,
-    PyunionfsMount,
     availability,
     default_pyunionfs_cmd,
     version_of,
@@ -62,6 +58,8 @@ from benchkit.report import (
     rss_rows,
 )
 from benchkit.workloads import CHOWN_KEYS, SECTION_KEYS, WORKLOADS, Ctx, Workload, _ents
+from unionfs.mounttable import is_mounted as mounted
+from unionfs.mounttable import mounts_under as mounts_below
 
 
 class Bench:
@@ -84,7 +82,7 @@ class Bench:
     def fresh(
         self,
         fs: str,
-        lowerdir: str,
+        lowers: list[Path],
         probe: str | None = None,
         cwd: Path | None = None,
         options: str = "",
@@ -94,8 +92,9 @@ class Bench:
         upper, work, merged = rd / "upper", rd / "work", rd / "merged"
         for d in (upper, work, merged):
             d.mkdir(parents=True)
-        return MOUNT_CLASSES[fs](
-            lowerdir,
+        return Mount(
+            fs,
+            lowers,
             upper,
             work,
             merged,
@@ -156,7 +155,7 @@ class Bench:
         probe = layers.stdlib
         for fs in self.active:  # untimed warm-up: the daemons' code in the page cache
             try:
-                with self.mounted(self.fresh(fs, layers.lowerdir, probe)):
+                with self.mounted(self.fresh(fs, layers.dirs, probe)):
                     pass
             except BenchError as e:
                 log(f"{fs}: warm-up mount: {e}")
@@ -187,9 +186,9 @@ class Bench:
 
     def run_one(self, fs: str, w: Workload, layers: MainLayers) -> tuple[float, dict[str, float]]:
         """The time of one run, and the figures it measured (Ctx.figures)."""
-        lowerdir, probe = w.lowers(layers) if w.lowers else (layers.lowerdir, layers.stdlib)
+        lowers, probe = w.lowers(layers) if w.lowers else (layers.dirs, layers.stdlib)
         options = w.options if fs in ("kernel", "pyunionfs") else ""
-        mount = self.fresh(fs, lowerdir, probe, options=options)
+        mount = self.fresh(fs, lowers, probe, options=options)
         with self.mounted(mount, background=w.key == "mount_bg") as t_mount:
             if w.run is None:
                 return t_mount, {}
@@ -253,14 +252,14 @@ class Bench:
         for rnd in range(self.rounds):
             t_round = time.perf_counter()
             for n in self.p.layer_counts:
-                lowerdir = ":".join(str(k) for k in range(1, n + 1))  # relative to base
+                lowers = [Path(str(k)) for k in range(1, n + 1)]  # relative to base
                 for fs in self.active:
                     for measure in measures:
                         r = res[measure][fs][n]
                         if r.error is not None or r.na is not None:
                             continue
                         try:
-                            r.runs.append(self.run_layer_one(fs, measure, n, lowerdir, base))
+                            r.runs.append(self.run_layer_one(fs, measure, n, lowers, base))
                         except Unavailable as e:
                             r.na = str(e)
                             log(f"{fs}: layers N={n} {measure}: n/a ({e})")
@@ -278,8 +277,10 @@ class Bench:
             log(f"layers round {rnd + 1}/{self.rounds}: {time.perf_counter() - t_round:.1f} s")
         return res
 
-    def run_layer_one(self, fs: str, measure: str, n: int, lowerdir: str, base: Path) -> float:
-        mount = self.fresh(fs, lowerdir, "common" if measure == "mount_ready" else None, cwd=base)
+    def run_layer_one(
+        self, fs: str, measure: str, n: int, lowers: list[Path], base: Path
+    ) -> float:
+        mount = self.fresh(fs, lowers, "common" if measure == "mount_ready" else None, cwd=base)
         with self.mounted(mount) as t_mount:
             m = mount.merged
             if measure == "mount_ready":
@@ -314,24 +315,24 @@ class Bench:
     def run_rss(self, layers: MainLayers | None) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
         if self.p.rss_usr:
-            lowerdir, tree = "/usr", "/usr (one lower)"
+            lowers, tree = [Path("/usr")], "/usr (one lower)"
         else:
             assert layers is not None
-            lowerdir, tree = layers.lowerdir, "the main layers (3 lowers)"
+            lowers, tree = layers.dirs, "the main layers (3 lowers)"
         for fs in self.active:
             if fs not in FUSE_NAMES:
                 continue
             r: dict[str, Any] = {"tree": tree, "error": None}
             out[fs] = r
             try:
-                self.rss_one(fs, lowerdir, r)
+                self.rss_one(fs, lowers, r)
             except (BenchError, OSError) as e:
                 r["error"] = str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}"
                 log(f"{fs}: rss: {r['error']}")
         return out
 
-    def rss_one(self, fs: str, lowerdir: str, r: dict[str, Any]) -> None:
-        mount = self.fresh(fs, lowerdir)
+    def rss_one(self, fs: str, lowers: list[Path], r: dict[str, Any]) -> None:
+        mount = self.fresh(fs, lowers)
         with self.mounted(mount):
             pid = mount.pid()
             assert pid is not None
@@ -434,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or p.rounds
     timeout = args.timeout or (60.0 if args.quick else 300.0)
     pycmd = shlex.split(args.pyunionfs) if args.pyunionfs else default_pyunionfs_cmd()
-    PyunionfsMount.cmd = pycmd
+    Mount.pyunionfs_cmd = pycmd
     chosen = [f.strip() for f in args.fs.split(",") if f.strip()]
     if bad := [f for f in chosen if f not in FS_NAMES]:
         ap.error(f"unknown filesystem(s): {', '.join(bad)}")

@@ -216,8 +216,8 @@ def upper_usage(upper: Path) -> tuple[int, int]:
     return used, n
 
 
-def mv_lowers(layers: MainLayers) -> tuple[str, str]:
-    return str(layers.mv_layer).replace(":", "\\:"), "big"
+def mv_lowers(layers: MainLayers) -> tuple[list[Path], str]:
+    return [layers.mv_layer], "big"
 
 
 def prep_mv_dir(c: Ctx) -> None:
@@ -245,9 +245,9 @@ def check_mv_dir(c: Ctx) -> None:
     c.figures["upper_entries"] = entries
 
 
-def chown_lowers(layers: MainLayers) -> tuple[str, str]:
+def chown_lowers(layers: MainLayers) -> tuple[list[Path], str]:
     assert layers.chown_layer is not None
-    return str(layers.chown_layer).replace(":", "\\:"), "tree"
+    return [layers.chown_layer], "tree"
 
 
 def sha256_of(path: Path) -> str:
@@ -326,8 +326,8 @@ class Workload:
     prepare: Callable[[Ctx], None] | None = None  # untimed, on the same mount, before
     check: Callable[[Ctx], None] | None = None  # untimed verification, after
     extra: Callable[[float, Profile], dict[str, float]] | None = None  # derived figures
-    # (lowerdir, probe) of this workload's mounts instead of the main layers' (its own layer)
-    lowers: Callable[[MainLayers], tuple[str, str]] | None = None
+    # (lowers, probe) of this workload's mounts instead of the main layers' (its own layer)
+    lowers: Callable[[MainLayers], tuple[list[Path], str]] | None = None
     options: str = ""  # extra -o options of its kernel and pyunionfs mounts (not fuse-overlayfs)
 
 
