@@ -5,6 +5,7 @@
 #   make demo    build a small layered "image", mount it, change it, show what lands in upper/
 #   make test    ruff + the pytest suite (needs root and /dev/fuse for the mount tests)
 #   make lint    ruff check, mypy, bash -n on the shell scripts
+#   make test-long  every tier: test, test-containers, test-deep (stress long profile, seeded conformance)
 #   make conformance  random stacks + ops vs kernel overlayfs (EXAMPLES=20000 STEPS=30 MINUTES=0 OPTIONS=)
 #   make bench   pyunionfs vs kernel overlayfs vs fuse-overlayfs (BENCH_ARGS=--quick for a smoke run),
 #                then layer tars: apply/export vs GNU tar (scripts/bench_layers.py, BENCH_LAYERS_ARGS=)
@@ -25,6 +26,9 @@ RUFF        := $(VENV)/bin/ruff
 PYTEST_TIMEOUT ?= 180
 TEST_TIME_LIMIT ?= 80m
 PYTEST_ARGS ?=
+# pytest-xdist workers; tests that touch machine-wide state run on one of them, in order
+# (tests/conftest.py, HOST_WIDE). TEST_JOBS=0 runs everything in this process.
+TEST_JOBS ?= 2
 BENCH_ARGS  ?=
 BENCH_JSON  ?= bench-out/bench.json
 SHELL_SCRIPTS := scripts/install-deps.sh scripts/demo.sh .ci/run scripts/containers/install-deps.sh
@@ -49,7 +53,7 @@ lint: deps
 test: deps lint
 	@rc=0; if [ -t 0 ]; then cap=; else cap="timeout -k 60 $(TEST_TIME_LIMIT)"; fi; \
 	$$cap $(PY) -m pytest tests -q -p no:cacheprovider --durations=30 \
-		--timeout=$(PYTEST_TIMEOUT) $(PYTEST_ARGS) || rc=$$?; \
+		-n $(TEST_JOBS) --dist loadgroup --timeout=$(PYTEST_TIMEOUT) $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; rc=0; fi; \
 	if [ $$rc -eq 124 ]; then echo "make test: error: test run exceeded $(TEST_TIME_LIMIT)" >&2; fi; \
 	exit $$rc
@@ -92,6 +96,22 @@ stress: deps
 	echo "--- stress summary ($(STRESS_REPORT)) ---"; cat $(STRESS_REPORT); \
 	if [ $$rc -eq 124 ]; then echo "make stress: error: exceeded its time limit" >&2; fi; \
 	exit $$rc
+
+# The second tier: the stress suite's long profile and a conformance run of DEEP_MINUTES with
+# a fixed seed (DEEP_SEED; the same examples on every run, so CI stays reproducible).
+# `make test-long` runs every tier; .ci/run runs make test, test-containers and test-deep.
+DEEP_STRESS_MINUTES ?= 4
+DEEP_MINUTES        ?= 5
+DEEP_SEED           ?= 20261206
+.PHONY: test-deep test-long
+test-deep: deps
+	@$(MAKE) --no-print-directory stress STRESS_MINUTES=$(DEEP_STRESS_MINUTES) \
+		STRESS_REPORT=bench-out/stress-deep.txt
+	@if [ -t 0 ]; then cap=; else cap="timeout -k 60 $$(( $(DEEP_MINUTES) * 2 + 10 ))m"; fi; \
+	$$cap $(PY) scripts/conformance.py --examples 100000 --steps 30 \
+		--minutes $(DEEP_MINUTES) --seed $(DEEP_SEED)
+
+test-long: test test-containers test-deep
 
 # Long conformance profile (tests/conformance.py): prints "N examples, M operations, K divergences".
 EXAMPLES ?= 20000
