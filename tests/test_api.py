@@ -110,6 +110,58 @@ def test_options_and_log(tmp_path):
             (ov.mountpoint / "x").write_text("no")
 
 
+def _backends_here() -> list[str]:
+    return ["pyunionfs"] + (["fuse-overlayfs"] if shutil.which("fuse-overlayfs") else [])
+
+
+@pytest.mark.parametrize("backend", _backends_here())
+def test_detached_daemon_is_found_and_waited_for(tmp_path, backend):
+    """detach=True: the command a user types (no -f); the daemon that forked away is found by
+    its command line and is gone when unmount() returns."""
+    (tmp_path / "l").mkdir()
+    (tmp_path / "l/f").write_text("x")
+    log = tmp_path / "daemon.log"
+    ov = Overlay(lowers=["l"], cwd=tmp_path, backend=backend, detach=True, log_path=log)
+    with ov:
+        assert ov.process is None and ov.pid is not None
+        pid = ov.pid
+        assert (ov.mountpoint / "f").read_text() == "x"  # a relative lower, from cwd
+        assert ov.mount_seconds is not None and 0 < ov.mount_seconds < 20
+    assert not os.path.exists(f"/proc/{pid}") or \
+        open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z"
+    assert ov.pid is None and not mounted(ov.mountpoint)
+
+
+def test_killed_daemon_is_cleaned_up_quietly_a_crash_is_reported(tmp_path):
+    with Overlay() as ov:
+        proc = ov.process
+        assert proc is not None and ov.pid == proc.pid
+        ov.kill()
+        proc.wait(timeout=10)
+        with pytest.raises(OSError):  # ENOTCONN: the connection went with the daemon
+            os.listdir(ov.mountpoint)
+    assert not mounted(ov.mountpoint)  # and no OverlayError: the kill was ours
+    ov = Overlay().mount()
+    proc = ov.process
+    assert proc is not None
+    os.kill(proc.pid, 9)  # a crash, not ov.kill(): unmount() must say so
+    proc.wait(timeout=10)
+    with pytest.raises(OverlayError, match="exited with status -9"):
+        ov.unmount()
+    assert not mounted(ov.mountpoint)
+
+
+def test_program_and_env_are_used(tmp_path):
+    """program= runs another command for the daemon (here: this interpreter with -X, seen in
+    the daemon's command line); env= is its environment."""
+    env = dict(os.environ, PYUNIONFS_API_TEST="1")
+    with Overlay(program=[sys.executable, "-X", "utf8", "-m", "unionfs"], env=env) as ov:
+        assert ov.pid is not None
+        argv = open(f"/proc/{ov.pid}/cmdline", "rb").read().split(b"\0")
+        environ = open(f"/proc/{ov.pid}/environ", "rb").read().split(b"\0")
+        assert b"utf8" in argv and b"PYUNIONFS_API_TEST=1" in environ
+
+
 def test_public_api_is_listed():
     assert set(unionfs.__all__) == {"Overlay", "OverlayError", "__version__"}
     with pytest.raises(AttributeError):
