@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import signal
+import socket
 import stat
 import sys
 import tempfile
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 import pyfuse3
 import trio
 
-from unionfs import export, index, remount
+from unionfs import export, index, mounttable, remount, stats
 from unionfs import log as logsetup
 from unionfs.attrs import OVERRIDE_XATTRS
 from unionfs.config import MountConfig, check_supported, resolve_features, validate
@@ -294,12 +295,35 @@ async def _main(ready_fd: int | None, fs: State, merged: str) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_on_signals)
         nursery.start_soon(_follow_mount_flags, fs, merged)
+        nursery.start_soon(_serve_stats, fs, merged)
         if ready_fd is not None:
             os.write(ready_fd, b"1")
             os.close(ready_fd)
         log.info("serving")
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _serve_stats(fs: State, merged: str) -> None:
+    """``pyunionfs stats MERGED``: the counts on an abstract socket named after our mount's
+    device (stats.py).  Optional: a name taken or no mount table entry only logs."""
+    e = mounttable.entry(merged, resolve=False)  # resolved already; see mounttable
+    if e is None:
+        return
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        await sock.bind(stats.socket_name(e.dev))
+    except OSError as err:
+        log.debug("no stats socket: %s", err)
+        sock.close()
+        return
+    sock.listen(8)
+    with sock:
+        while True:
+            conn, _ = await sock.accept()
+            plain = socket.socket(fileno=conn.detach())
+            plain.settimeout(1.0)  # a few KiB to a reader that waits for them
+            stats.answer(plain, fs.stats)
 
 
 async def _follow_mount_flags(fs: State, merged: str) -> None:
