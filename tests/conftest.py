@@ -71,7 +71,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # other on one worker, while every other file runs beside them.
 HOST_WIDE = {"test_attrs.py", "test_caching.py", "test_posix_misc.py", "test_regressions.py",
              "test_remount.py", "test_rootless.py", "test_rootless_userns.py", "test_direct_io.py",
-             "test_bench.py", "test_mount_faults.py", "test_durability.py",
+             "test_bench.py", "test_mount_faults.py", "test_durability.py", "test_kernel_cache.py",
              "test_stress_concurrent.py", "test_stress_resources.py", "test_stress_integrity.py",
              "test_stress_fio.py", "test_stress_hostile.py", "test_stress_kill.py"}
 
