@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("merged", metavar="MERGED")
     st = sub.add_parser("stats", help="requests a live mount's daemon has served",
                         description="Print the requests the pyunionfs daemon of MERGED has "
-                        "served, per operation, with the CPU their handlers took and the "
+                        "served, per operation, with the time their handlers took and the "
                         "daemon's own.  Asks the daemon on a socket; never touches the mount.")
     st.add_argument("--json", action="store_true", help="the counts as JSON")
     st.add_argument("merged", metavar="MERGED")

@@ -293,9 +293,11 @@ def serve(ready_fd: int | None, fs: State, merged: str) -> int:
 
 async def _main(ready_fd: int | None, fs: State, merged: str) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_on_signals)
+        # Started (not only scheduled) before the first request: the request loop may serve
+        # a burst of requests before it lets another task run (eager_read).
+        await nursery.start(_on_signals)
         nursery.start_soon(_follow_mount_flags, fs, merged)
-        nursery.start_soon(_serve_stats, fs, merged)
+        await nursery.start(_serve_stats, fs, merged)
         if ready_fd is not None:
             os.write(ready_fd, b"1")
             os.close(ready_fd)
@@ -304,20 +306,28 @@ async def _main(ready_fd: int | None, fs: State, merged: str) -> None:
         nursery.cancel_scope.cancel()
 
 
-async def _serve_stats(fs: State, merged: str) -> None:
+async def _serve_stats(fs: State, merged: str,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """``pyunionfs stats MERGED``: the counts on an abstract socket named after our mount's
     device (stats.py).  Optional: a name taken or no mount table entry only logs."""
     e = mounttable.entry(merged, resolve=False)  # resolved already; see mounttable
     if e is None:
+        task_status.started()
         return
+    fs.stats.mount = {"dev": e.dev, "id": e.mount_id, "point": e.point}
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        await sock.bind(stats.socket_name(e.dev))
-    except OSError as err:
-        log.debug("no stats socket: %s", err)
+    for name in stats.socket_names(e.dev):
+        try:
+            await sock.bind(name)
+            break
+        except OSError as err:
+            log.debug("stats socket %r: %s", name, err)
+    else:
         sock.close()
+        task_status.started()
         return
     sock.listen(8)
+    task_status.started()
     with sock:
         while True:
             conn, _ = await sock.accept()
@@ -355,8 +365,9 @@ def _apply_mount_flags(fs: State, opts: set[str]) -> None:
     log.info("remounted: %s", ",".join(sorted(opts)))
 
 
-async def _on_signals() -> None:
+async def _on_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+        task_status.started()
         async for sig in sigs:
             log.info("signal %d: unmounting", sig)
             pyfuse3.terminate()

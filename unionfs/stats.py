@@ -1,4 +1,4 @@
-"""Requests counted per operation, with the CPU their handlers took, and how a live mount is
+"""Requests counted per operation, with the time their handlers took, and how a live mount is
 asked for them (``pyunionfs stats MERGED``).
 
 The daemon answers on an abstract UNIX socket named after its mount's device number, read
@@ -21,15 +21,18 @@ from unionfs import mounttable
 
 
 class Stats:
-    """Per-operation request counts and handler CPU time (nanoseconds, thread CPU)."""
+    """Per-operation request counts and the time their handlers took (nanoseconds of wall
+    time: a clock the vDSO reads without a system call; a handler that waits for a thread
+    counts its wait too)."""
 
-    __slots__ = ("calls", "cpu_ns", "errors", "started")
+    __slots__ = ("calls", "cpu_ns", "errors", "started", "mount")
 
     def __init__(self) -> None:
         self.calls: dict[str, int] = {}
         self.cpu_ns: dict[str, int] = {}
         self.errors: dict[str, int] = {}
         self.started = time.monotonic()
+        self.mount: dict[str, Any] = {}  # which mount this daemon serves (dev, id, point)
 
     def record(self, op: str, ns: int, failed: bool) -> None:
         self.calls[op] = self.calls.get(op, 0) + 1
@@ -40,20 +43,28 @@ class Stats:
     def snapshot(self) -> dict[str, Any]:
         use = resource.getrusage(resource.RUSAGE_SELF)
         return {
+            "mount": self.mount,
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 3),
             "daemon_cpu_s": round(use.ru_utime + use.ru_stime, 4),
             "max_rss_kib": use.ru_maxrss,
             "requests": sum(self.calls.values()),
             "ops": {op: {"calls": n, "errors": self.errors.get(op, 0),
-                         "handler_cpu_s": round(self.cpu_ns[op] / 1e9, 6)}
+                         "handler_s": round(self.cpu_ns[op] / 1e9, 6)}
                     for op, n in sorted(self.calls.items())},
         }
 
 
-def socket_name(dev: str) -> bytes:
-    """The abstract socket of the daemon serving the mount with device ``dev`` ("0:53")."""
-    return b"\0pyunionfs-stats-" + dev.encode()
+# A device number comes free when its mount goes, before its daemon has exited: a new
+# mount with the same number takes the next free name, and the identity in the answer
+# tells the asker which one is its daemon.
+NAMES_PER_DEVICE = 8
+
+
+def socket_names(dev: str) -> list[bytes]:
+    """The abstract sockets a daemon serving the mount with device ``dev`` ("0:53") may
+    listen on, in the order it tries them."""
+    return [b"\0pyunionfs-stats-%s-%d" % (dev.encode(), i) for i in range(NAMES_PER_DEVICE)]
 
 
 def _peer_allowed(conn: socket.socket) -> bool:
@@ -77,6 +88,26 @@ class StatsError(Exception):
     pass
 
 
+def _ask(name: bytes, timeout: float) -> dict[str, Any] | None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.connect(name)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return None
+    except OSError as err:
+        raise StatsError(f"asking a pyunionfs daemon: {err.strerror or err}") from None
+    finally:
+        s.close()
+    if not chunks:
+        raise StatsError("the daemon answers only its own user and root")
+    data: dict[str, Any] = json.loads(b"".join(chunks))
+    return data
+
+
 def fetch(merged: str, timeout: float = 5.0) -> dict[str, Any]:
     """The counts of the pyunionfs daemon serving ``merged``."""
     e = mounttable.entry(merged)
@@ -84,24 +115,13 @@ def fetch(merged: str, timeout: float = 5.0) -> dict[str, Any]:
         raise StatsError(f"'{merged}' is not a mount point")
     if e.fstype != "fuse.pyunionfs":
         raise StatsError(f"'{merged}' is a {e.fstype} mount, not pyunionfs")
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(timeout)
-    try:
-        s.connect(socket_name(e.dev))
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    except (ConnectionRefusedError, FileNotFoundError):
-        raise StatsError(f"the daemon of '{merged}' does not answer (another network "
-                         "namespace, an older pyunionfs, or it is gone)") from None
-    except OSError as err:
-        raise StatsError(f"asking the daemon of '{merged}': {err.strerror or err}") from None
-    finally:
-        s.close()
-    if not chunks:
-        raise StatsError(f"the daemon of '{merged}' answers only its own user and root")
-    data: dict[str, Any] = json.loads(b"".join(chunks))
-    return data
+    for name in socket_names(e.dev):
+        data = _ask(name, timeout)
+        if data is not None and data.get("mount") == {"dev": e.dev, "id": e.mount_id,
+                                                      "point": e.point}:
+            return data
+    raise StatsError(f"the daemon of '{merged}' does not answer (another network namespace, "
+                     "an older pyunionfs, or it is gone)")
 
 
 def render(data: dict[str, Any]) -> str:
@@ -111,9 +131,9 @@ def render(data: dict[str, Any]) -> str:
              f"daemon CPU {data['daemon_cpu_s']:.3f} s "
              f"({data['daemon_cpu_s'] * 1e6 / total:.1f} us per request), "
              f"max RSS {data['max_rss_kib'] / 1024:.1f} MiB",
-             f"{'operation':<14}{'calls':>10}{'errors':>8}{'handler CPU':>14}{'per call':>11}"]
+             f"{'operation':<14}{'calls':>10}{'errors':>8}{'handler time':>14}{'per call':>11}"]
     for op, r in sorted(ops.items(), key=lambda kv: -kv[1]["calls"]):
-        per = r["handler_cpu_s"] * 1e6 / max(1, r["calls"])
-        lines.append(f"{op:<14}{r['calls']:>10}{r['errors']:>8}{r['handler_cpu_s']:>13.3f}s"
+        per = r["handler_s"] * 1e6 / max(1, r["calls"])
+        lines.append(f"{op:<14}{r['calls']:>10}{r['errors']:>8}{r['handler_s']:>13.3f}s"
                      f"{per:>9.1f}us")
     return "\n".join(lines)
