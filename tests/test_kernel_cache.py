@@ -15,6 +15,7 @@ import pytest
 from overlay_harness import (
     PYTHON,
     REPO,
+    USERNS,
     Dir,
     DirStream,
     File,
@@ -80,6 +81,9 @@ CHANGES: dict[str, Change] = {
 
 @pytest.mark.parametrize("change", list(CHANGES), ids=list(CHANGES))
 def test_cached_listing_follows_each_change_like_kernel(make_pair, change: str) -> None:
+    if USERNS and change == "hard-link":
+        pytest.skip("premise does not hold in a user namespace: with a null copy-up origin the "
+                    "kernel shows a new hard link of a copied-up file with another st_ino")
     pair = make_pair(lowers=LAYERS, upper=UPPER)
     pair.same(lambda m: _warm(m, "d"), expect="ok")
     pair.same(lambda m: _warm(m, "e"), expect="ok")
