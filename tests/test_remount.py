@@ -43,7 +43,7 @@ needs_mount8 = pytest.mark.skipif(
            "(Debian's fuse3); test_remount_by_helper_like_kernel covers user namespaces")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def helper() -> Iterator[Path]:
     entry = REPO / ".venv" / "bin" / "pyunionfs"
     if HELPER.exists() or HELPER.is_symlink():
