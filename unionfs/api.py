@@ -297,10 +297,10 @@ class Overlay:
         blocked on the mount return ENOTCONN); unmount() then cleans up without
         complaining about how it exited."""
         pid = self.pid
-        if pid is None or mounttable.process(pid) is None:
+        info = mounttable.process(pid) if pid is not None else None
+        if pid is None or info is None:
             return
-        if self._proc is None and str(self.mountpoint) not in (mounttable.process(pid) or
-                                                                (0, []))[1]:
+        if self._proc is None and str(self.mountpoint) not in info[1]:
             return  # the number went to another process
         self._killed = True
         with contextlib.suppress(ProcessLookupError):

@@ -179,7 +179,7 @@ def prepare(cfg: MountConfig) -> State:
         try:
             assert stack.work_path is not None
             export_log = ExportLog(stack.work_path, stack.workroot_fd)
-        except Exception as e:  # OSError, sqlite3.Error
+        except OSError as e:  # sqlite's errors arrive as OSError (ExportLog)
             cleanup_workdir(stack)
             stack.close()
             raise MountError(f"cannot prepare '{stack.work_path}/{export.DB_NAME}': {e}") \

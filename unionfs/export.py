@@ -59,7 +59,10 @@ class ExportLog:
             raise OSError(f"{work_path} changed while it was opened")
         self.path = os.path.join(work, DB_NAME)
         self._db: sqlite3.Connection | None = None
-        self._conn().close()
+        try:
+            self._conn().close()
+        except Exception as e:  # sqlite3.Error, imported lazily: the mount's OSError
+            raise OSError(f"the export database: {e}") from None
         self._db = None
         self._pending: dict[int, tuple[int, str]] = {}
         # The generation of numbers counted out in this mount only (see the docstring).

@@ -28,10 +28,6 @@ FUSE_NAMES = ("fuse-overlayfs", "pyunionfs")
 MOUNT_TIMEOUT = 30.0
 
 
-UNMOUNT_TIMEOUT = 15.0
-
-
-PAGE = 4096  # the kernel copies mount(2) options into one page
 
 
 STARTUP_TARGET_S = 0.15  # pyunionfs mount_ready, main layers
@@ -147,10 +143,6 @@ QUICK = Profile(
 
 class BenchError(Exception):
     pass
-
-
-class Unavailable(BenchError):
-    """This filesystem can't do this here (e.g. the kernel and 500 lowers): n/a, not an error."""
 
 
 class MountFailed(BenchError):

@@ -29,7 +29,6 @@ from benchkit.common import (
     BenchError,
     MountFailed,
     Profile,
-    Unavailable,
     become_subreaper,
     drop_caches,
     log,
@@ -260,9 +259,6 @@ class Bench:
                             continue
                         try:
                             r.runs.append(self.run_layer_one(fs, measure, n, lowers, base))
-                        except Unavailable as e:
-                            r.na = str(e)
-                            log(f"{fs}: layers N={n} {measure}: n/a ({e})")
                         except MountFailed as e:
                             if fs != "kernel":
                                 r.error = str(e)
