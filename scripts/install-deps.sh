@@ -10,7 +10,8 @@
 #
 # pyfuse3 is built from its PyPI sdist with scripts/pyfuse3-unionfs.patch applied (a
 # fallocate handler, which pyfuse3 3.5.0 lacks, FUSE_CAP_DONT_MASK for POSIX ACLs, setxattr's
-# flags passed through, node ids apart from st_ino), as version 3.5.0+unionfs.4; skipped when
+# flags passed through, node ids apart from st_ino, kernel caches, eager request loop), as
+# version 3.5.0+unionfs.5; skipped when
 # the installed pyfuse3 already has that patch level (pyfuse3.UNIONFS_PATCH_LEVEL).
 set -euo pipefail
 
@@ -92,8 +93,8 @@ venv_ok() {
 # --- pyfuse3 with fallocate, DONT_MASK, setxattr flags, node ids -------------------------------------------------
 PYFUSE3_VERSION=3.5.0
 PYFUSE3_SDIST_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
-PYFUSE3_LOCAL=unionfs.4
-PYFUSE3_PATCH_LEVEL=4 # pyfuse3.UNIONFS_PATCH_LEVEL of a copy built with today's patch
+PYFUSE3_LOCAL=unionfs.5
+PYFUSE3_PATCH_LEVEL=5 # pyfuse3.UNIONFS_PATCH_LEVEL of a copy built with today's patch
 PYFUSE3_PATCH=scripts/pyfuse3-unionfs.patch
 
 pyfuse3_is_patched() {

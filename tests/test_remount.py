@@ -43,7 +43,7 @@ needs_mount8 = pytest.mark.skipif(
            "(Debian's fuse3); test_remount_by_helper_like_kernel covers user namespaces")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def helper() -> Iterator[Path]:
     entry = REPO / ".venv" / "bin" / "pyunionfs"
     if HELPER.exists() or HELPER.is_symlink():
@@ -100,6 +100,8 @@ def _remount(root: Path, opts: str) -> str:
     kernel, our helper's 1 and one line saying why)."""
     r = subprocess.run(["mount", "-o", f"remount,{opts}", str(root)], capture_output=True,
                        text=True, timeout=CMD_TIMEOUT)
+    if r.returncode:  # shown with a failure: the outcome compared is the word alone
+        print(f"mount -o remount,{opts} {root}: exit {r.returncode}: {r.stderr.strip()}")
     return "refused" if r.returncode else "done"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -55,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Unmount MERGED; the daemon exits by itself.")
     u.add_argument("-z", "--lazy", action="store_true", help="lazy unmount (detach now)")
     u.add_argument("merged", metavar="MERGED")
+    st = sub.add_parser("stats", help="requests a live mount's daemon has served",
+                        description="Print the requests the pyunionfs daemon of MERGED has "
+                        "served, per operation, with the time their handlers took and the "
+                        "daemon's own.  Asks the daemon on a socket; never touches the mount.")
+    st.add_argument("--json", action="store_true", help="the counts as JSON")
+    st.add_argument("merged", metavar="MERGED")
     _add_image_commands(sub)
     return p
 
@@ -276,11 +283,22 @@ def _remounting(options: list[str], merged: str) -> bool:
     return True
 
 
+def _stats(merged: str, as_json: bool) -> int:
+    from unionfs import stats  # no trio, no pyfuse3: a query costs an interpreter start
+
+    try:
+        data = stats.fetch(merged)
+    except stats.StatsError as e:
+        raise MountError(str(e)) from None
+    print(json.dumps(data, indent=1) if as_json else stats.render(data))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] not in ("mount", "umount", "layer", "diff", "image", "--version",
-                                    "-h", "--help"):
+        if argv and argv[0] not in ("mount", "umount", "stats", "layer", "diff", "image",
+                                    "--version", "-h", "--help"):
             # "pyunionfs -o OPTS MERGED" (a mount_program), or mount(8) -> mount.fuse3 ->
             # "pyunionfs SOURCE MOUNTPOINT -o OPTS"
             args = _helper_parser().parse_args(argv)
@@ -297,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             return _image_command(args)
         if args.cmd == "umount":
             return _umount(args.merged, args.lazy)
+        if args.cmd == "stats":
+            return _stats(args.merged, args.json)
         if len(args.paths) == 1 and _remounting(args.options, args.paths[0]):
             return 0
         return _mount(config_from_args(args.paths, args.options, args))

@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import signal
+import socket
 import stat
 import sys
 import tempfile
@@ -20,7 +21,7 @@ from collections.abc import Iterator
 import pyfuse3
 import trio
 
-from unionfs import export, index, remount
+from unionfs import export, index, mounttable, remount, stats
 from unionfs import log as logsetup
 from unionfs.attrs import OVERRIDE_XATTRS
 from unionfs.config import MountConfig, check_supported, resolve_features, validate
@@ -292,14 +293,47 @@ def serve(ready_fd: int | None, fs: State, merged: str) -> int:
 
 async def _main(ready_fd: int | None, fs: State, merged: str) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_on_signals)
+        # Started (not only scheduled) before the first request: the request loop may serve
+        # a burst of requests before it lets another task run (eager_read).
+        await nursery.start(_on_signals)
         nursery.start_soon(_follow_mount_flags, fs, merged)
+        await nursery.start(_serve_stats, fs, merged)
         if ready_fd is not None:
             os.write(ready_fd, b"1")
             os.close(ready_fd)
         log.info("serving")
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+async def _serve_stats(fs: State, merged: str,
+                       task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """``pyunionfs stats MERGED``: the counts on an abstract socket named after our mount's
+    device (stats.py).  Optional: a name taken or no mount table entry only logs."""
+    e = mounttable.entry(merged, resolve=False)  # resolved already; see mounttable
+    if e is None:
+        task_status.started()
+        return
+    fs.stats.mount = {"dev": e.dev, "id": e.mount_id, "point": e.point}
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    for name in stats.socket_names(e.dev):
+        try:
+            await sock.bind(name)
+            break
+        except OSError as err:
+            log.debug("stats socket %r: %s", name, err)
+    else:
+        sock.close()
+        task_status.started()
+        return
+    sock.listen(8)
+    task_status.started()
+    with sock:
+        while True:
+            conn, _ = await sock.accept()
+            plain = socket.socket(fileno=conn.detach())
+            plain.settimeout(1.0)  # a few KiB to a reader that waits for them
+            stats.answer(plain, fs.stats)
 
 
 async def _follow_mount_flags(fs: State, merged: str) -> None:
@@ -331,8 +365,9 @@ def _apply_mount_flags(fs: State, opts: set[str]) -> None:
     log.info("remounted: %s", ",".join(sorted(opts)))
 
 
-async def _on_signals() -> None:
+async def _on_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as sigs:
+        task_status.started()
         async for sig in sigs:
             log.info("signal %d: unmounting", sig)
             pyfuse3.terminate()

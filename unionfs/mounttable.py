@@ -64,9 +64,11 @@ def mount_table() -> list[MountEntry]:
         return [e for e in map(parse, f) if e is not None]
 
 
-def entry(path: str | os.PathLike[str]) -> MountEntry | None:
-    """The topmost mount at ``path`` (the last one mounted there), or None."""
-    want = os.path.realpath(path)
+def entry(path: str | os.PathLike[str], resolve: bool = True) -> MountEntry | None:
+    """The topmost mount at ``path`` (the last one mounted there), or None.  ``resolve``
+    makes the path absolute and resolves symlinks first, which stats each component: a
+    daemon looking up its own mount point passes False (it would wait for itself)."""
+    want = os.path.realpath(path) if resolve else os.fspath(path)
     found = None
     for e in mount_table():
         if e.point == want:

@@ -13,6 +13,7 @@ from unionfs.handles import HandleTable
 from unionfs.idmap import Owners
 from unionfs.inodes import Inode, InodeTable
 from unionfs.layers import Layer, LayerStack
+from unionfs.stats import Stats
 from unionfs.whiteout import Dialect
 
 
@@ -22,6 +23,7 @@ class State:
     inodes: InodeTable
     handles: HandleTable[Inode] = field(default_factory=lambda: HandleTable())
     owners: Owners = field(default_factory=Owners)  # id translation at the edge
+    stats: Stats = field(default_factory=Stats)  # requests counted (pyunionfs stats)
     volatile: bool = False  # fsync does nothing, copy-ups are not synced either
     # POSIX ACLs are the kernel's to enforce (FUSE_POSIX_ACL) and ours to inherit: on where
     # the upper filesystem (or the top lower, read-only) has them, unless -o noacl.

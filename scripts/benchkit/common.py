@@ -33,6 +33,9 @@ MOUNT_TIMEOUT = 30.0
 STARTUP_TARGET_S = 0.15  # pyunionfs mount_ready, main layers
 
 
+RTT_CPU_TARGET_US = 30.0  # pyunionfs daemon CPU per getattr round trip (getattr_rtt)
+
+
 LAYERS_RATIO_TARGET = 2.0  # pyunionfs N=128 / N=1
 
 
@@ -88,6 +91,7 @@ class Profile:
     untar_dirs: int  # ... in this many directories
     appends: int  # append_small: writes of 100 bytes
     appends_8: int  # append_8: writes of 8 bytes
+    rtt_calls: int  # getattr_rtt: fstat() calls, each a round trip on FUSE
     chmod_entries: int  # chmod_R: about this many entries (the closest /usr/include subtree)
     chown_mib: int  # chown_r: MiB of the tree (files of 1 MiB)
     layer_counts: list[int]  # "layers": numbers of lowers
@@ -107,6 +111,7 @@ FULL = Profile(
     untar_dirs=50,
     appends=20000,
     appends_8=200000,
+    rtt_calls=50000,
     chmod_entries=3000,
     chown_mib=256,
     layer_counts=[1, 16, 128, 500],
@@ -122,6 +127,7 @@ QUICK = Profile(
     untar_dirs=10,
     appends=5000,
     appends_8=20000,
+    rtt_calls=10000,
     chmod_entries=300,
     chown_mib=8,
     layer_counts=[1, 16],

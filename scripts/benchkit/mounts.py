@@ -23,6 +23,7 @@ from benchkit.common import (
     MountFailed,
     log,
 )
+from unionfs import stats
 from unionfs.api import Overlay, OverlayError
 
 
@@ -175,3 +176,14 @@ def version_of(name: str, pyunionfs_cmd: list[str]) -> str:
         return ""
 
 
+def requests_served(mount: Mount) -> tuple[int, float] | None:
+    """(requests, daemon CPU seconds) the pyunionfs daemon behind ``mount`` has served and
+    spent so far (``pyunionfs stats``); None for the other filesystems, or a pyunionfs
+    without the counts."""
+    if mount.name != "pyunionfs":
+        return None
+    try:
+        data = stats.fetch(str(mount.merged))
+        return int(data["requests"]), float(data["daemon_cpu_s"])
+    except (stats.StatsError, OSError, ValueError, KeyError):
+        return None

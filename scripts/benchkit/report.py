@@ -105,6 +105,8 @@ def main_rows(
         r = results[w.key]
         py, fo, kern = r.get("pyunionfs"), r.get("fuse-overlayfs"), r.get("kernel")
         py_fo, py_k = ratio_of(py, fo), ratio_of(py, kern)
+        # requests the timed part sent to the pyunionfs daemon (pyunionfs stats), median
+        reqs = py.figure("requests") if py is not None else None
         ok: bool | None = None
         if w.target is not None and w.target.kind == "ratio" and py_fo is not None:
             ok = py_fo <= w.target.value
@@ -121,11 +123,12 @@ def main_rows(
                 *(cell(r.get(fs), unavailable.get(fs)) for fs in FS_NAMES),
                 fmt_ratio(py_fo),
                 fmt_ratio(py_k),
+                f"{reqs:,.0f}" if reqs is not None else "-",
                 w.target.text() if w.target else "-",
                 mark(ok),
             ]
         )
-        summary[w.key] = {"py_fo": py_fo, "py_kernel": py_k, "pass": ok}
+        summary[w.key] = {"py_fo": py_fo, "py_kernel": py_k, "py_requests": reqs, "pass": ok}
     return rows, summary
 
 

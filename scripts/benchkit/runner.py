@@ -26,6 +26,7 @@ from benchkit.common import (
     QUICK,
     RSS_BACK_FRACTION,
     RSS_KIB_PER_INODE_TARGET,
+    RTT_CPU_TARGET_US,
     BenchError,
     MountFailed,
     Profile,
@@ -42,6 +43,7 @@ from benchkit.mounts import (
     Mount,
     availability,
     default_pyunionfs_cmd,
+    requests_served,
     version_of,
     watchdog,
 )
@@ -187,6 +189,8 @@ class Bench:
         """The time of one run, and the figures it measured (Ctx.figures)."""
         lowers, probe = w.lowers(layers) if w.lowers else (layers.dirs, layers.stdlib)
         options = w.options if fs in ("kernel", "pyunionfs") else ""
+        if fs in FUSE_NAMES and w.fuse_options:
+            options = ",".join(o for o in (options, w.fuse_options) if o)
         mount = self.fresh(fs, lowers, probe, options=options)
         with self.mounted(mount, background=w.key == "mount_bg") as t_mount:
             if w.run is None:
@@ -202,7 +206,13 @@ class Bench:
                 drop_caches()
                 self.cache_cold = True
             run = w.run
+            before = requests_served(mount)
             t = self.timed(mount, w.key, lambda: run(c))
+            after = requests_served(mount)
+            if before is not None and after is not None:
+                c.figures["requests"] = n = after[0] - before[0]
+                if n:
+                    c.figures["cpu_us_per_request"] = (after[1] - before[1]) * 1e6 / n
             check = w.check
             if check is not None:
                 self.timed(mount, f"{w.key} (check)", lambda: check(c))
@@ -521,7 +531,14 @@ def main(argv: list[str] | None = None) -> int:
     if results and layers is not None:
         print()
         rows, main_summary = main_rows(workloads, results, unavailable)
-        print_rows(["workload", *FS_NAMES, "py/fo", "py/kernel", "target", "ok"], rows)
+        print_rows(["workload", *FS_NAMES, "py/fo", "py/kernel", "py req", "target", "ok"], rows)
+        rtt = results.get("getattr_rtt", {}).get("pyunionfs")
+        cpu = rtt.figure("cpu_us_per_request") if rtt is not None else None
+        if cpu is not None:
+            ok = "pass" if cpu <= RTT_CPU_TARGET_US else "FAIL"
+            print(f"getattr round trip: pyunionfs daemon CPU {cpu:.1f} us per request "
+                  f"(target <= {RTT_CPU_TARGET_US:.0f} us): {ok}")
+            main_summary.setdefault("getattr_rtt", {})["py_cpu_us_per_request"] = round(cpu, 2)
         if rates := rate_rows(workloads, results, unavailable, p):
             print()
             print_rows(["ops per second", *FS_NAMES], rates)

@@ -44,6 +44,15 @@ class Ctx:
     before: tuple[int, int] = (0, 0)  # upper_usage before the timed part (mv_dir)
 
 
+def w_getattr_rtt(c: Ctx) -> None:
+    fd = os.open(c.m / c.layers.stdlib / "os.py", os.O_RDONLY)
+    try:
+        for _ in range(c.p.rtt_calls):
+            os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
 def w_find(c: Ctx) -> None:
     run_cmd(["find", str(c.m)], c.timeout, "find")
 
@@ -329,6 +338,7 @@ class Workload:
     # (lowers, probe) of this workload's mounts instead of the main layers' (its own layer)
     lowers: Callable[[MainLayers], tuple[list[Path], str]] | None = None
     options: str = ""  # extra -o options of its kernel and pyunionfs mounts (not fuse-overlayfs)
+    fuse_options: str = ""  # extra -o options of both FUSE mounts (pyunionfs, fuse-overlayfs)
 
 
 def _ents(n: int | None) -> str:
@@ -362,6 +372,9 @@ WORKLOADS = [
              w_stat, _ratio_t(0.5), prepare=w_stat),
     Workload("imports", lambda L, p: f"python3 -I -S -B: import {len(IMPORTS)} stdlib modules "
              f"from MERGED/{L.stdlib}", w_imports, _ratio_t(1.0)),
+    Workload("getattr_rtt", lambda L, p: f"{p.rtt_calls} fstat() of one file with -o timeout=0 "
+             "(FUSE: each a GETATTR round trip; the kernel answers alone)", w_getattr_rtt,
+             _ratio_t(1.0), fuse_options="timeout=0", extra=_per_s(lambda p: p.rtt_calls)),
     Workload("readdir_big", lambda L, p: f"os.scandir of big/ ({L.big_expected} entries, 3 layers)",
              w_readdir_big, _ratio_t(1.0)),
     Workload("read_cold", lambda L, p: f"read the {p.mib} MiB lower file, after drop_caches",
