@@ -99,6 +99,48 @@ def test_file_handles_kernel_refuses_ours_reopen(make_pair) -> None:
     pair.check_all()
 
 
+REMOVALS = ["unlink", "rename_over", "unlink_while_open"]
+
+
+@pytest.mark.parametrize("how", REMOVALS)
+@pytest.mark.parametrize("where", ["upper", "lower"])
+@pytest.mark.parametrize("mode", ["read", "write"])
+def test_open_after_the_last_name_went_like_kernel(make_pair, how: str, where: str,
+                                                   mode: str) -> None:
+    """An open the kernel sends for a file whose last name went after it was looked up (a
+    racing unlink or rename over it) opens the file that was there, as on any local
+    filesystem.  An O_PATH fd holds the looked-up file here without opening it; the stress
+    suite's churn met the race as ESTALE (the kernel retries an ESTALE open once)."""
+    f = "f" if where == "lower" else "u"
+    pair = make_pair(lowers=[{"f": File("lower data"), "other": File("o")}],
+                     upper={"u": File("upper data"), "other2": File("p")})
+
+    def scenario(root: Path) -> tuple[Any, ...]:
+        held = os.open(root / f, os.O_PATH)
+        try:
+            if how == "unlink_while_open":
+                fd = os.open(root / f, os.O_RDONLY)
+                os.unlink(root / f)
+                os.close(fd)  # its release leaves the file held by the kernel only
+            elif how == "unlink":
+                os.unlink(root / f)
+            else:
+                os.rename(root / ("other" if where == "lower" else "other2"), root / f)
+            flags = os.O_RDONLY if mode == "read" else os.O_RDWR
+            fd = os.open(f"/proc/self/fd/{held}", flags)
+            try:
+                if mode == "write":
+                    os.pwrite(fd, b"NEW", 0)
+                return os.pread(fd, 100, 0), os.fstat(fd).st_nlink, sorted(os.listdir(root))
+            finally:
+                os.close(fd)
+        finally:
+            os.close(held)
+
+    pair.same(scenario)
+    pair.check_all()
+
+
 @pytest.mark.skipif(USERNS, reason="open_by_handle_at wants CAP_DAC_READ_SEARCH in the initial "
                                    "user namespace")
 def test_handles_of_removed_open_files_like_kernel(make_stack, mounter) -> None:

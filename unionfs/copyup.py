@@ -194,7 +194,13 @@ async def _copy_one(fs: State, node: Inode, data: bool, metacopy: bool = False) 
             sysio.symlink(sysio.readlink(ldfd, name), wfd, tmp)
         else:
             sysio.mknod(wfd, tmp, kind | 0o600, st.st_rdev)
-        # Cached directory fds may have rotated while the data copy awaited.
+        # The data copy awaited: meanwhile an unlink or a rename may have taken the name
+        # (the node is gone; the kernel's copy-up then finds the name taken, as does an
+        # open for writing that comes after: EEXIST) or moved a directory above it;
+        # cached fds may have rotated.
+        if node.gone:
+            raise oserror(errno.EEXIST)
+        ppath = node.parent_path
         ldfd = stack.dirfd(node.layer, lppath)
         udfd = stack.dirfd(upper, ppath)
         # Unprivileged, a directory without u+w can't be moved (its ".." changes):

@@ -438,18 +438,24 @@ async def _remove(fs: State, parent: Inode, name: str, is_dir: bool) -> None:
     # A name found in a lower layer obviously needs hiding; one found in upper only if
     # a lower layer has it too.
     needs_whiteout = not res.layer.upper or lower_has(fs, parent, name)
-    if res.layer.upper:
-        if needs_whiteout or res.is_dir:
-            _retire(fs, udfd, name, needs_whiteout, res.is_dir)
+    kept = keep_removed(node, res, udfd, name)
+    try:
+        if res.layer.upper:
+            if needs_whiteout or res.is_dir:
+                _retire(fs, udfd, name, needs_whiteout, res.is_dir)
+            else:
+                sysio.unlink(udfd, name)
         else:
-            sysio.unlink(udfd, name)
-    else:
-        fs.dialect.make_whiteout(udfd, name, fs.stack.work_fd, temp_name())
+            fs.dialect.make_whiteout(udfd, name, fs.stack.work_fd, temp_name())
+    except BaseException:
+        if kept >= 0:
+            os.close(kept)
+        raise
     if entry is not None:
         _release_entry(fs, entry)
     if node is not None:
         last = res.layer.upper and (res.is_dir or res.st.st_nlink <= 1)
-        fs.inodes.unlinked(node, parent, name, last, res.st)
+        fs.inodes.unlinked(node, parent, name, last, res.st, kept)
 
 
 def _index_first(fs: State, res: Resolution) -> bool:
@@ -594,8 +600,6 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
     new_udfd = fs.stack.dirfd(fs.upper, new_parent.path)
     old_path = old_parent.child_path(old_name)
     new_path = new_parent.child_path(new_name)
-    wfd = fs.stack.work_fd
-
     samedir = old_parent is new_parent
     # A directory with layers below keeps finding them through a redirect, and so does
     # a metacopy its data; a directory of upper alone must not merge with what lies
@@ -610,35 +614,15 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
             mark_impure(fs, new_parent, new_udfd)
         if exchange and dst is not None and _shows_other(fs, dst_node, dst):
             mark_impure(fs, old_parent, old_udfd)
-    if exchange:
-        sysio.renameat2(old_udfd, old_name, new_udfd, new_name, sysio.RENAME_EXCHANGE)
-        _opaque_if_moved_into_merge(fs, new_parent, new_udfd, new_name, src)
-        _opaque_if_moved_into_merge(fs, old_parent, old_udfd, old_name, dst)
-    else:
-        leave_whiteout = lower_has(fs, old_parent, old_name)
-        if dst is not None and dst.is_dir and dst.layer.upper and not _pure_upper(dst):
-            # An upper dir holding whiteouts can't be renamed over: swap in an
-            # empty one first (the kernel's ovl_clear_empty).
-            tmp = temp_name()
-            sysio.mkdir(wfd, tmp, 0o700)
-            set_opaque(fs, wfd, tmp)
-            sysio.renameat2(wfd, tmp, new_udfd, new_name, sysio.RENAME_EXCHANGE)
-            remove_tree_at(wfd, tmp)
-        _opaque_if_moved_into_merge(fs, new_parent, old_udfd, old_name, src)
-        onto_whiteout = dst is None and _whiteout_object(fs, new_udfd, new_name)
-        if onto_whiteout and src.is_dir:
-            # rename(2) can't put a directory over a char device: swap the two,
-            # and the whiteout lands at the old name, where it may be needed.
-            sysio.renameat2(old_udfd, old_name, new_udfd, new_name, sysio.RENAME_EXCHANGE)
-            if not leave_whiteout:
-                sysio.unlink(old_udfd, old_name)
-            # else the swapped-in whiteout stays where it is needed, whatever form we
-            # write: every reader understands a 0/0 device
-        else:
-            _rename_leaving(fs, old_udfd, old_name, new_udfd, new_name, leave_whiteout,
-                            0 if dst is not None or onto_whiteout else sysio.RENAME_NOREPLACE)
-        if dst is None:
-            fs.dialect.drop_file_whiteout(new_udfd, new_name)
+    kept = -1 if exchange or dst_node is src_node else \
+        keep_removed(dst_node, dst, new_udfd, new_name)
+    try:
+        _rename_in_upper(fs, old_parent, old_name, new_parent, new_name, src, dst,
+                         old_udfd, new_udfd, exchange)
+    except BaseException:
+        if kept >= 0:
+            os.close(kept)
+        raise
     if src.is_dir:
         fs.stack.forget_upper_path(old_path)
     if dst is not None and dst.is_dir:
@@ -655,9 +639,63 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
         fs.inodes.unlinked(dst_node, new_parent, new_name,
                            dst is not None and dst.layer.upper
                            and (dst.is_dir or dst.st.st_nlink <= 1),
-                           dst.st if dst is not None else None)
+                           dst.st if dst is not None else None, kept)
+    elif kept >= 0:
+        os.close(kept)
     if src_node is not None:
         fs.inodes.renamed(src_node, old_parent, old_name, new_parent, new_name)
+
+
+def _rename_in_upper(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
+                     new_name: str, src: Resolution, dst: Resolution | None, old_udfd: int,
+                     new_udfd: int, exchange: bool) -> None:
+    """rename's change itself, in upper (both parents are there by now)."""
+    if exchange:
+        sysio.renameat2(old_udfd, old_name, new_udfd, new_name, sysio.RENAME_EXCHANGE)
+        _opaque_if_moved_into_merge(fs, new_parent, new_udfd, new_name, src)
+        _opaque_if_moved_into_merge(fs, old_parent, old_udfd, old_name, dst)
+        return
+    leave_whiteout = lower_has(fs, old_parent, old_name)
+    if dst is not None and dst.is_dir and dst.layer.upper and not _pure_upper(dst):
+        # An upper dir holding whiteouts can't be renamed over: swap in an
+        # empty one first (the kernel's ovl_clear_empty).
+        wfd = fs.stack.work_fd
+        tmp = temp_name()
+        sysio.mkdir(wfd, tmp, 0o700)
+        set_opaque(fs, wfd, tmp)
+        sysio.renameat2(wfd, tmp, new_udfd, new_name, sysio.RENAME_EXCHANGE)
+        remove_tree_at(wfd, tmp)
+    _opaque_if_moved_into_merge(fs, new_parent, old_udfd, old_name, src)
+    onto_whiteout = dst is None and _whiteout_object(fs, new_udfd, new_name)
+    if onto_whiteout and src.is_dir:
+        # rename(2) can't put a directory over a char device: swap the two,
+        # and the whiteout lands at the old name, where it may be needed.
+        sysio.renameat2(old_udfd, old_name, new_udfd, new_name, sysio.RENAME_EXCHANGE)
+        if not leave_whiteout:
+            sysio.unlink(old_udfd, old_name)
+        # else the swapped-in whiteout stays where it is needed, whatever form we
+        # write: every reader understands a 0/0 device
+    else:
+        _rename_leaving(fs, old_udfd, old_name, new_udfd, new_name, leave_whiteout,
+                        0 if dst is not None or onto_whiteout else sysio.RENAME_NOREPLACE)
+    if dst is None:
+        fs.dialect.drop_file_whiteout(new_udfd, new_name)
+
+
+def keep_removed(node: Inode | None, res: Resolution | None, udfd: int, name: str) -> int:
+    """An fd (O_PATH) of an upper file whose last name is about to go while the kernel
+    holds its node with no handle open, or -1.  The kernel may have looked the name up
+    and sent an open that we have not read yet: that open then still opens the file,
+    as on a local filesystem (ops._reopen), instead of failing with ESTALE.  The node
+    keeps the fd until the kernel forgets it, which follows the removal at once unless
+    a process holds the file."""
+    if node is None or res is None or not res.layer.upper or not stat.S_ISREG(res.st.st_mode) \
+            or node.handles or node.lookups <= 0 or node.aliases or node.data is not None:
+        return -1
+    try:
+        return sysio.open_path(udfd, name)
+    except OSError:
+        return -1
 
 
 def _rename_leaving(fs: State, old_udfd: int, old_name: str, new_udfd: int, new_name: str,

@@ -65,7 +65,7 @@ RECALL = 4096
 class Inode:
     __slots__ = ("ino", "parent", "name", "aliases", "mode", "layer", "dirs", "key",
                  "lookups", "handles", "_lock", "kids", "gone", "gone_st", "index",
-                 "probes", "_path", "_path_gen", "lpaths", "impure", "data")
+                 "probes", "_path", "_path_gen", "lpaths", "impure", "data", "kept")
 
     def __init__(self, ino: int, parent: Inode | None, name: str, res: Resolution,
                  key: Key) -> None:
@@ -93,6 +93,9 @@ class Inode:
         self.kids = 0  # live children that name us as parent: keeps our path valid
         self.gone = False  # every name removed; reachable only through open handles
         self.gone_st: os.stat_result | None = None  # its attributes when the last name went
+        # Gone, no handle, still held by the kernel: an fd of the real file (-1: none),
+        # for an open that was on its way when the last name went (InodeTable.unlinked).
+        self.kept = -1
         self.index: LowerIndex | None = None  # a many-layer directory's names (dirops)
         self.probes = 0  # lookups in this directory without an index
         # A directory's path, valid while _path_gen is _MOVES[0] (see path).
@@ -505,9 +508,11 @@ class InodeTable:
             new_parent.kids += 1
 
     def unlinked(self, node: Inode, parent: Inode, name: str, last_link: bool,
-                 st: os.stat_result | None = None) -> None:
+                 st: os.stat_result | None = None, kept: int = -1) -> None:
         """``name`` no longer leads to ``node``; when the real object is gone too, its
-        number must not be handed to a new object that reuses the real inode."""
+        number must not be handed to a new object that reuses the real inode.  ``kept``:
+        an fd of the real file taken before the name went (keep_removed), which the node
+        keeps if this was its last name."""
         if (parent, name) in node.aliases:
             node.drop_alias(parent, name)
             parent.kids -= 1
@@ -519,6 +524,10 @@ class InodeTable:
         else:
             node.gone = True
             node.gone_st = st
+            if kept >= 0 and node.kept < 0:
+                node.kept, kept = kept, -1
+        if kept >= 0:
+            os.close(kept)
         if last_link:
             if self.ino_of.get(node.key) == node.ino:
                 del self.ino_of[node.key]
@@ -566,6 +575,9 @@ class InodeTable:
         while node.lookups <= 0 and node.kids <= 0 and not node.handles \
                 and node.ino != ROOT_INO:
             del self.inodes[node.ino]
+            if node.kept >= 0:
+                os.close(node.kept)
+                node.kept = -1
             if self.unsettled:
                 self.unsettled.discard(node.ino)
             if self.dio_written:
@@ -608,7 +620,15 @@ class InodeTable:
     def drop_if_unused(self, node: Inode) -> None:
         self._maybe_drop(node)
 
-    def release_handle(self, node: Inode, fh: FileHandle[Inode]) -> None:
+    def release_handle(self, node: Inode, fh: FileHandle[Inode]) -> bool:
+        """Done with ``fh``, whose fd its caller closes, unless the node keeps it: gone,
+        its last handle, and still held by the kernel, which may have an open on its way
+        (True)."""
         if node.handles:
             node.handles.discard(fh)
+        keep = node.gone and node.lookups > 0 and not node.handles and node.kept < 0 \
+            and fh.layer is node.layer and node.data is None
+        if keep:
+            node.kept = fh.fd
         self._maybe_drop(node)
+        return keep

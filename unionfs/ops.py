@@ -571,18 +571,35 @@ class Operations(pyfuse3.Operations):
         return _file_info(h.fh, keep)
 
     def _reopen(self, node: Inode, flags: int, writing: bool) -> pyfuse3.FileInfo:
-        """A file whose names are all gone, opened again while it is still open: by a file
-        handle (open_by_handle_at, /proc/PID/fd).  Another open of the same real file, as
-        a local filesystem gives; a lower file that lost its name stays read-only."""
-        for h in node.handles:
-            if h.layer.upper or not writing:
-                noatime = self.fs.noatime or not h.layer.upper
-                fd = sysio.reopen(h.fd, flags & OPEN_FLAGS, noatime)
-                nh = self.fs.handles.add_file(
-                    node, fd, flags & OPEN_FLAGS & ~os.O_TRUNC | flags & os.O_DIRECT
-                    | (os.O_NOATIME if noatime else 0), h.layer)
-                return _file_info(nh.fh, self.fs.inodes.keep_cache(node))
-        raise pyfuse3.FUSEError(errno.ESTALE)
+        """A file whose names are all gone, opened again: by a file handle
+        (open_by_handle_at, /proc/PID/fd), or by an open that was on its way when its last
+        name went (the kernel looked the name up before).  Another open of the same real
+        file, as a local filesystem gives; a lower file that lost its name stays read-only."""
+        sources = [(h.fd, h.layer) for h in node.handles]
+        if node.kept >= 0:
+            sources.append((node.kept, node.layer))
+        for fd, layer in sources:
+            if layer.upper or not writing:
+                noatime = self.fs.noatime or not layer.upper
+                new = sysio.reopen(fd, flags & OPEN_FLAGS, noatime)
+                break
+        else:
+            if writing and not node.layer.upper:
+                # A lower file is copied up to its name, which is taken by now (a
+                # whiteout or what was renamed there): the kernel's copy-up says EEXIST.
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            if writing or node.layer.upper or node.data is not None:
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            # Hidden by a whiteout meanwhile: the lower file itself is still there.
+            layer, where, name = node.real_entry()
+            dfd = self.fs.stack.dirfd_or_none(layer, where)
+            if dfd is None:
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            new, noatime = sysio.open_noatime(dfd, name, flags & OPEN_FLAGS), True
+        nh = self.fs.handles.add_file(
+            node, new, flags & OPEN_FLAGS & ~os.O_TRUNC | flags & os.O_DIRECT
+            | (os.O_NOATIME if noatime else 0), layer)
+        return _file_info(nh.fh, self.fs.inodes.keep_cache(node))
 
     def _accessed(self, node: Inode, fd: int) -> None:
         """An upper file opened for reading: the reads to come may all be served from the
@@ -661,9 +678,8 @@ class Operations(pyfuse3.Operations):
     @_guard
     async def release(self, fh: int) -> None:
         h = self.fs.handles.files.pop(fh, None)
-        if h is not None:
+        if h is not None and not self.fs.inodes.release_handle(h.inode, h):
             os.close(h.fd)
-            self.fs.inodes.release_handle(h.inode, h)
 
     # -- xattrs --------------------------------------------------------------------
     @_guard

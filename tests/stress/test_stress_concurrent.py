@@ -77,8 +77,11 @@ COMMON = {"ENOENT", "ENOTDIR"}
 TOLERATED = {
     "create": COMMON | {"EEXIST"},
     "replace": COMMON | {"EISDIR"},
-    "append": COMMON | {"EISDIR"},
-    "rename": COMMON | {"EISDIR", "ENOTEMPTY", "EXDEV", "EEXIST"},
+    # EEXIST: a lower file's name was taken while an open copied it up (the kernel's too)
+    "append": COMMON | {"EISDIR", "EEXIST"},
+    # EINVAL: the target's directory (s/ldX, walked to first) was itself renamed to the
+    # source's name meanwhile, so the source is now that directory (rename(2) on any fs)
+    "rename": COMMON | {"EISDIR", "ENOTEMPTY", "EXDEV", "EEXIST", "EINVAL"},
     "unlink": COMMON | {"EISDIR"},
     "mkdir": COMMON | {"EEXIST"},
     "rmdir": COMMON | {"ENOTEMPTY"},
