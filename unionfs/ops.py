@@ -151,12 +151,9 @@ class Operations(pyfuse3.Operations):
         # cache (a replaced link is a new node; timeout=0 trusts nothing).
         self.readdirplus_auto = PATCH_LEVEL >= 5
         self.cache_symlinks = fs.timeout > 0
-        # No OPENDIR/RELEASEDIR round trips at all (FUSE_CAP_NO_OPENDIR_SUPPORT; listings
-        # are then snapshots found by their offsets, _snapshot) is off for now: under the
-        # stress suite's concurrent namespace churn it gave ESTALE to an open or a read in
-        # 3 of 18 runs (0 of 6 without it, 0 of 6 before it).  Until that is understood the
-        # kernel still keeps listings (cache_readdir from opendir) but asks OPENDIR.
-        self.no_opendir = False
+        # No OPENDIR/RELEASEDIR round trips at all (per mount, so only where listings may
+        # be kept): listings are then snapshots found by their offsets (_snapshot).
+        self.no_opendir = self.cache_listings
         self._snapshots: OrderedDict[int, DirHandle] = OrderedDict()
         self._gen = 0
         if fs.export is not None:
