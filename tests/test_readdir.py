@@ -9,7 +9,7 @@ import os
 import random
 from pathlib import Path
 
-from overlay_harness import Device, Dir, DirStream, Fifo, File, Symlink, Whiteout
+from overlay_harness import Device, Dir, DirStream, Fifo, File, Hardlink, Symlink, Whiteout
 
 
 def _entries(rel: str = "."):
@@ -90,6 +90,41 @@ def test_d_ino_matches_st_ino(make_pair):
         return bad
 
     assert pair.same(mismatches) == []
+    pair.check_all()
+
+
+def test_d_ino_matches_st_ino_past_the_first_batch(make_pair):
+    """The kernel asks READDIRPLUS for a listing's first batch and plain READDIR after it
+    (READDIRPLUS_AUTO), whose entries we answer without a node: their d_ino must still be
+    each name's st_ino, for every kind of number (a lower's, a copy's origin, a merged
+    directory's, a name of a lower file with two links, an upper's)."""
+    n = 400
+    top = {f"d/a{i:04}": File(f"a{i}") for i in range(n)} | \
+        {f"d/m{i:04}/x": File() for i in range(n // 4)} | \
+        {f"d/h{i:04}": File(f"h{i}") for i in range(n // 4)} | \
+        {f"d/k{i:04}": Hardlink(f"d/h{i:04}") for i in range(n // 4)}
+    bottom = {f"d/b{i:04}": File(f"b{i}") for i in range(n)} | \
+        {f"d/m{i:04}/y": File() for i in range(n // 4)}
+    pair = make_pair(upper={f"d/u{i:04}": File() for i in range(n)}, lowers=[top, bottom])
+
+    def copy_up(m: Path) -> None:
+        for i in range(0, n, 3):
+            os.chmod(m / f"d/a{i:04}", 0o600)
+            os.chmod(m / f"d/b{i:04}", 0o600)
+
+    pair.same(copy_up, expect="ok")
+
+    def mismatches(m: Path) -> tuple[int, list[str]]:
+        bad, count = [], 0
+        with DirStream(m / "d") as d:
+            for name, _, ino in d.read_all():
+                count += 1
+                if name not in (".", "..") and os.lstat(m / "d" / name).st_ino != ino:
+                    bad.append(name)
+        return count, bad
+
+    count, bad = pair.same(mismatches)
+    assert count == 2 + 3 * n + n // 4 * 3 and bad == []
     pair.check_all()
 
 

@@ -302,6 +302,15 @@ class InodeTable:
             self.ino_of[key] = ino
         return key, ino, node
 
+    def shown_number(self, res: Resolution) -> int:
+        """The st_ino the object of ``res`` shows, binding no node (a plain READDIR's
+        d_ino); 0 where only a node of its own tells (a name of a lower file with several
+        links)."""
+        if self.split and res.st.st_nlink > 1 and not res.layer.upper and not res.is_dir:
+            return 0
+        _key, ino, node = self.number(res)
+        return ino if node is None else self.number_of(node)
+
     def same_number(self, res: Resolution, node: Inode) -> None:
         """``res`` is another name of ``node`` (a new hard link): the same number."""
         self.ino_of[self.key_of(res)] = node.ino

@@ -87,6 +87,13 @@ def _guard(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _dirent(number: int, mode: int) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = number
+    e.st_mode = mode
+    return e
+
+
 def _invalidate_attrs(ino: int) -> None:
     # Attributes only: that never waits for page locks, so it is safe inside a handler.
     try:
@@ -447,6 +454,14 @@ class Operations(pyfuse3.Operations):
                 refused = True
             if res is None:
                 continue
+            if not plus and not refused:
+                # A plain READDIR entry is a name, a d_ino and a type: no node for it.
+                number = self.fs.inodes.shown_number(res)
+                if number:
+                    if not pyfuse3.readdir_reply(token, os.fsencode(e.name),
+                                                 _dirent(number, res.st.st_mode), base | pos):
+                        return
+                    continue
             child = self.fs.inodes.bind(node, e.name, res)
             attrs_out = self._attrs(child, res.st)
             if refused:
