@@ -207,7 +207,8 @@ def read_file(path: Path) -> int:
     return total
 
 
-def run_cmd(cmd: list[str], timeout: float, what: str, cwd: Path | None = None) -> None:
+def run_cmd(cmd: list[str], timeout: float, what: str, cwd: Path | None = None,
+            env: dict[str, str] | None = None) -> None:
     try:
         r = subprocess.run(
             cmd,
@@ -216,6 +217,7 @@ def run_cmd(cmd: list[str], timeout: float, what: str, cwd: Path | None = None) 
             stderr=subprocess.PIPE,
             timeout=timeout,
             cwd=cwd,
+            env=env,
         )
     except subprocess.TimeoutExpired:
         raise BenchError(f"{what}: no result after {timeout:.0f} s") from None

@@ -8,6 +8,7 @@ import fnmatch
 import os
 import shutil
 import stat
+import subprocess
 import sys
 import sysconfig
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from benchkit.common import (
     MIB,
     MV_FILE_SIZE,
     MV_FILES,
+    BenchError,
     Profile,
     count_entries,
     log,
@@ -42,6 +44,8 @@ class MainLayers:
     chmod_target: str
     big_expected: int  # visible entries of big/
     mv_layer: Path  # mv_dir's own (only) lower: big/ with MV_FILES files
+    git_layer: Path  # the git workloads' own (only) lower: repo/, a checkout (make_git_layer)
+    git_edited: list[str]  # the files its second commit edited, relative to repo/
     # chown_r's own (only) lower: tree/dNN/fNN of 1 MiB each (None: not built, not selected)
     chown_layer: Path | None = None
     chown_files: list[str] = field(default_factory=list)  # the files, relative to the layer
@@ -114,6 +118,39 @@ def make_mv_layer(layer: Path) -> Path:
     for i in range(MV_FILES):
         (layer / "big" / f"f{i:04d}").write_bytes(blob[i : i + MV_FILE_SIZE])
     return layer
+
+
+GIT_ENV = {"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null",
+           "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
+           "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"}
+
+
+def git(repo: Path, *args: str, timeout: float = 600) -> None:
+    """git in ``repo``, with no user or system configuration (the same on every machine)."""
+    env = dict(os.environ, **GIT_ENV)
+    r = subprocess.run(["git", "-C", str(repo), *args], env=env, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout)
+    if r.returncode != 0:
+        raise BenchError(f"git {args[0]} in {repo}: {r.stderr.decode(errors='replace')[:200]}")
+
+
+def make_git_layer(layer: Path, src: Path) -> list[str]:
+    """The git workloads' lower: repo/, a packed git checkout of the stdlib copy ``src`` with
+    two commits; the second edits every tenth .py file (so that checking out the first
+    rewrites them). Returns those files, relative to repo/."""
+    repo = layer / "repo"
+    layer.mkdir()
+    copy_tree(src, repo, ("__pycache__",), None)
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "base")
+    edited = sorted(str(f.relative_to(repo)) for f in repo.rglob("*.py"))[::10]
+    for rel in edited:
+        with open(repo / rel, "a") as f:
+            f.write("# edited\n")
+    git(repo, "commit", "-q", "-a", "-m", "edit")
+    git(repo, "gc", "-q")  # packed, as a clone is
+    return edited
 
 
 def make_chown_layer(layer: Path, mib: int) -> list[str]:
@@ -350,6 +387,7 @@ def make_main_layers(
     write_large(inc / large, p.mib)
     tarball, untar_last = make_tarball(scratch, p)
     mv_layer = make_mv_layer(root / "mv")
+    git_edited = make_git_layer(root / "git", py / src.name)
     # chmod_R: the /usr/include subtree closest to the wanted size
     sizes = sorted(
         (abs(count_entries(inc / "include" / d) + 1 - p.chmod_entries), d)
@@ -370,6 +408,8 @@ def make_main_layers(
         chmod_target=chmod_target,
         big_expected=p.bigdir,
         mv_layer=mv_layer,
+        git_layer=root / "git",
+        git_edited=git_edited,
         notes=notes,
     )
     if chown:  # only when a chown_r workload runs: p.chown_mib MiB to write

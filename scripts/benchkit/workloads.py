@@ -30,7 +30,10 @@ from benchkit.common import (
     run_cmd,
     walk_lstat,
 )
-from benchkit.layers import MainLayers
+from benchkit.layers import GIT_ENV, MainLayers
+
+GIT_STATUS_RUNS = 3  # git_status: repeated, as a user or a prompt does
+COMPILE_PACKAGES = ("json", "email", "http", "logging", "urllib", "xml", "asyncio")
 
 
 @dataclass
@@ -254,6 +257,68 @@ def check_mv_dir(c: Ctx) -> None:
     c.figures["upper_entries"] = entries
 
 
+def git_lowers(layers: MainLayers) -> tuple[list[Path], str]:
+    return [layers.git_layer], "repo"
+
+
+def run_git(c: Ctx, *args: str) -> None:
+    run_cmd(["git", "-C", str(c.m / "repo"), *args], c.timeout, f"git {args[0]}",
+            env=dict(os.environ, **GIT_ENV))
+
+
+def prep_git(c: Ctx) -> None:
+    """The first status of a checkout on a new mount: its index records the lower's
+    device, so git reads every file again and rewrites .git/index (a copy-up)."""
+    run_git(c, "status", "--porcelain")
+
+
+def w_git_status(c: Ctx) -> None:
+    for _ in range(GIT_STATUS_RUNS):
+        run_git(c, "status", "--porcelain")
+
+
+def prep_git_grep(c: Ctx) -> None:
+    prep_git(c)
+    w_git_grep(c)
+
+
+def w_git_grep(c: Ctx) -> None:
+    run_git(c, "grep", "-c", "-e", "import")
+
+
+def w_git_checkout(c: Ctx) -> None:
+    run_git(c, "checkout", "-q", "HEAD~1")
+
+
+def check_git_checkout(c: Ctx) -> None:
+    for rel in c.layers.git_edited[:: max(1, len(c.layers.git_edited) // 20)]:
+        if (c.m / "repo" / rel).read_text().endswith("# edited\n"):
+            raise BenchError(f"repo/{rel} still has the second commit's edit after checkout")
+
+
+def w_venv(c: Ctx) -> None:
+    # ensurepip: pip installs itself from its bundled wheel into the new venv, offline
+    run_cmd([sys.executable, "-m", "venv", str(c.m / "venv")], c.timeout, "python -m venv")
+
+
+def check_venv(c: Ctx) -> None:
+    if not (c.m / "venv" / "bin" / "pip").exists():
+        raise BenchError("venv/bin/pip missing after python -m venv")
+
+
+def compile_dirs(layers: MainLayers) -> list[str]:
+    """The stdlib packages compileall rewrites (those the profile's stdlib copy has)."""
+    return [d for d in COMPILE_PACKAGES if (layers.dirs[1] / layers.stdlib / d).is_dir()]
+
+
+def w_compileall(c: Ctx) -> None:
+    dirs = [str(c.m / c.layers.stdlib / d) for d in compile_dirs(c.layers)]
+    if not dirs:  # (compileall with none would compile sys.path, outside MERGED)
+        raise BenchError(f"none of {', '.join(COMPILE_PACKAGES)} in the stdlib copy")
+    run_cmd([sys.executable, "-m", "compileall", "-q", "-f", "-j", "1", *dirs], c.timeout,
+            "python -m compileall")
+
+
 def chown_lowers(layers: MainLayers) -> tuple[list[Path], str]:
     assert layers.chown_layer is not None
     return [layers.chown_layer], "tree"
@@ -400,6 +465,18 @@ WORKLOADS = [
     Workload("chmod_R", lambda L, p: f"chmod -R g+w MERGED/{L.chmod_target} "
              f"({_ents(L.chmod_entries)}, copy-up of each)", w_chmod_r, _ratio_t(1.0),
              check=check_chmod_r),
+    Workload("git_status", lambda L, p: f"git status, {GIT_STATUS_RUNS} times, in a checkout of "
+             "the stdlib copy (its own lower; after a first status, which rewrites the index)",
+             w_git_status, _ratio_t(0.5), prepare=prep_git, lowers=git_lowers),
+    Workload("git_grep", lambda L, p: "git grep -c import in that checkout, after a first one",
+             w_git_grep, _ratio_t(1.0), prepare=prep_git_grep, lowers=git_lowers),
+    Workload("git_checkout", lambda L, p: f"git checkout HEAD~1 in that checkout (rewrites "
+             f"{len(L.git_edited)} files)", w_git_checkout, _ratio_t(1.0), prepare=prep_git,
+             check=check_git_checkout, lowers=git_lowers),
+    Workload("venv", lambda L, p: "python -m venv MERGED/venv (ensurepip installs pip into it)",
+             w_venv, _ratio_t(1.0), check=check_venv),
+    Workload("compileall", lambda L, p: "python -m compileall -f of MERGED's "
+             f"{', '.join(COMPILE_PACKAGES)}", w_compileall, _ratio_t(1.0)),
     Workload("mv_dir", lambda L, p: f"mv MERGED/big MERGED/big-moved ({MV_FILES} files of "
              f"{MV_FILE_SIZE // KIB} KiB, one lower only); kernel, pyunionfs: -o {MV_OPTIONS}, "
              "fuse-overlayfs: EXDEV, mv copies + deletes", w_mv_dir, prepare=prep_mv_dir,
