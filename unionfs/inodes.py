@@ -311,6 +311,18 @@ class InodeTable:
         _key, ino, node = self.number(res)
         return ino if node is None else self.number_of(node)
 
+    def lower_number(self, layer: Layer, ino: int) -> int:
+        """The st_ino a lower layer's object with real inode ``ino`` shows, from its d_ino
+        alone (a plain READDIR entry's), or 0 where more must be known."""
+        src = (layer.index, layer.dev)
+        sid = self._sources.get(src)
+        if sid is None:
+            sid = self._sources[src] = len(self._sources) + 1
+        key = sid << 64 | ino
+        number = self.ino_of.get(key) or self._shown.get(key) or self._natural_ino(ino, layer.dev)
+        node = self.inodes.get(number) if number else None
+        return 0 if node is not None and node.key != key else number
+
     def same_number(self, res: Resolution, node: Inode) -> None:
         """``res`` is another name of ``node`` (a new hard link): the same number."""
         self.ino_of[self.key_of(res)] = node.ino

@@ -87,6 +87,9 @@ def _guard(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+_PLAIN_KINDS = (stat.S_IFREG, stat.S_IFLNK)
+
+
 def _dirent(number: int, mode: int) -> pyfuse3.EntryAttributes:
     e = pyfuse3.EntryAttributes()
     e.st_ino = number
@@ -438,6 +441,16 @@ class Operations(pyfuse3.Operations):
             pos += 1
             if e.hidden:
                 continue
+            if not plus and fresh and e.st is None and e.kind in _PLAIN_KINDS \
+                    and not e.layer.upper and not e.uncertain and self.fs.index is None:
+                # A lower file or symlink in a plain READDIR: what the listing shows (the
+                # kernel lists it with its own d_ino too, looking nothing up), no lstat.
+                number = self.fs.inodes.lower_number(e.layer, e.ino)
+                if number:
+                    if not pyfuse3.readdir_reply(token, os.fsencode(e.name),
+                                                 _dirent(number, e.kind), base | pos):
+                        return
+                    continue
             refused = False
             try:
                 res = resolve_entry(stack, h.paths, h.dirs, e, self.fs.inodes.holds) \

@@ -35,6 +35,7 @@ class Entry:
     merging: bool = False  # still collecting ``below`` while the listing runs
     uncertain: bool = False  # the layers below could not be told from d_type: look it up
     checked: bool = False  # ``hidden`` already says whether lookup takes it for a whiteout
+    ino: int = 0  # d_ino, the real object's inode number
 
 
 def list_merged(stack: LayerStack, paths: Sequence[str], dirs: list[Layer]) -> list[Entry]:
@@ -72,7 +73,7 @@ def list_merged(stack: LayerStack, paths: Sequence[str], dirs: list[Layer]) -> l
                     marker = Entry(target, layer, True, pos=pos)
                     first[target] = marker
                     new.append(marker)
-        for name, kind, _ in listing:
+        for name, kind, d_ino in listing:
             e = first.get(name)
             if e is not None:
                 if e.merging:  # the same name lower down: does the directory merge on?
@@ -92,7 +93,7 @@ def list_merged(stack: LayerStack, paths: Sequence[str], dirs: list[Layer]) -> l
                 if st is not None:
                     kind = stat.S_IFMT(st.st_mode)
             entry = Entry(name, layer, hidden, kind, st, checked=st is not None and xwhiteouts,
-                          pos=pos)
+                          pos=pos, ino=d_ino)
             if kind == stat.S_IFDIR and not hidden:
                 entry.below, entry.merging = [], True
             first[name] = entry
