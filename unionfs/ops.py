@@ -465,6 +465,11 @@ class Operations(pyfuse3.Operations):
                 # kernel asks again for it at once (no caching), to get the lookup's error.
                 res = self._listed_only(node, h, e)
                 refused = True
+            if res is None and fresh and e.kind == stat.S_IFREG and not e.layer.upper:
+                # An xattr whiteout where the listing shows it (its directory lacks
+                # opaque=x): listed, its lookup ENOENT, as in the kernel's listing.
+                res = self._listed_only(node, h, e)
+                refused = True
             if res is None:
                 continue
             if not plus and not refused:
