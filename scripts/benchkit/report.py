@@ -110,6 +110,8 @@ def main_rows(
         ok: bool | None = None
         if w.target is not None and w.target.kind == "ratio" and py_fo is not None:
             ok = py_fo <= w.target.value
+        elif w.target is not None and w.target.kind == "kernel" and py_k is not None:
+            ok = py_k <= w.target.value
         elif (
             w.target is not None
             and w.target.kind == "abs"

@@ -381,12 +381,16 @@ def check_chown_r(c: Ctx) -> None:
 
 @dataclass
 class Target:
-    kind: str  # "ratio": pyunionfs / fuse-overlayfs ≤ value; "abs": pyunionfs ≤ value seconds
+    # "ratio": pyunionfs / fuse-overlayfs ≤ value; "kernel": pyunionfs / kernel overlayfs ≤
+    # value; "abs": pyunionfs ≤ value seconds
+    kind: str
     value: float
 
     def text(self) -> str:
         if self.kind == "abs":
             return f"py <= {self.value:.2f} s"
+        if self.kind == "kernel":
+            return f"py/kernel <= {self.value:.1f}"
         return f"py/fo <= {self.value:.1f}"
 
 
@@ -441,15 +445,18 @@ WORKLOADS = [
              "(FUSE: each a GETATTR round trip; the kernel answers alone)", w_getattr_rtt,
              _ratio_t(1.0), fuse_options="timeout=0", extra=_per_s(lambda p: p.rtt_calls)),
     Workload("readdir_big", lambda L, p: f"os.scandir of big/ ({L.big_expected} entries, 3 layers)",
-             w_readdir_big, _ratio_t(1.0)),
+             w_readdir_big, _ratio_t(0.7)),
     Workload("read_cold", lambda L, p: f"read the {p.mib} MiB lower file, after drop_caches",
              w_read, _ratio_t(1.2), cold=True),
     Workload("read_warm", lambda L, p: f"read the {p.mib} MiB lower file again, same mount",
-             w_read, _ratio_t(1.2), prepare=prep_read_warm),
+             w_read, _ratio_t(1.0), prepare=prep_read_warm),
     Workload("write", lambda L, p: f"write a new {p.mib} MiB file (1 MiB writes) + fsync",
-             w_write, _ratio_t(1.2)),
+             w_write, _ratio_t(1.0)),
     Workload("copyup_big", lambda L, p: f"O_APPEND 1 byte to the {p.mib} MiB lower file "
-             "(copy-up; lower prewarmed)", w_copyup_big, _ratio_t(1.0), prepare=prewarm_lower,
+             "(copy-up; lower prewarmed)", w_copyup_big,
+             # we fsync a copy as the kernel does (its data is on disk before its name);
+             # fuse-overlayfs does not, so the kernel is the measure
+             Target("kernel", 1.2), prepare=prewarm_lower,
              check=check_copyup_big),
     Workload("append_small", lambda L, p: f"{p.appends} O_APPEND writes of 100 bytes, one fd",
              w_append_small, _ratio_t(1.0), check=check_append_small,
