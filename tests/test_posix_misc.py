@@ -141,6 +141,35 @@ def test_open_after_the_last_name_went_like_kernel(make_pair, how: str, where: s
     pair.check_all()
 
 
+def test_changes_through_an_fd_after_the_last_name_went_like_kernel(make_pair) -> None:
+    """A lower file open read-only whose name was removed: changing its metadata through the
+    fd needs a copy-up with no name left to copy it up to; the kernel says EEXIST."""
+    pair = make_pair(lowers=[{"f": File("lower data")}], upper={})
+    changes = {
+        "fchmod": lambda fd: os.fchmod(fd, 0o600),
+        "futimes": lambda fd: os.utime(fd, (1, 1)),
+        "fsetxattr": lambda fd: os.setxattr(fd, "user.k", b"v"),
+    }
+
+    def scenario(root: Path) -> dict[str, str]:
+        fd = os.open(root / "f", os.O_RDONLY)
+        try:
+            os.unlink(root / "f")
+            out = {}
+            for what, change in changes.items():
+                try:
+                    change(fd)
+                    out[what] = "ok"
+                except OSError as e:
+                    out[what] = errno.errorcode[e.errno]
+            return out
+        finally:
+            os.close(fd)
+
+    pair.same(scenario)
+    pair.check_all()
+
+
 @pytest.mark.skipif(USERNS, reason="open_by_handle_at wants CAP_DAC_READ_SEARCH in the initial "
                                    "user namespace")
 def test_handles_of_removed_open_files_like_kernel(make_stack, mounter) -> None:

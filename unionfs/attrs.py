@@ -274,7 +274,9 @@ def open_fd(node: Inode, writable: bool = False) -> int:
     for h in node.handles:
         if h.layer.upper and (not writable or h.flags & os.O_ACCMODE != os.O_RDONLY):
             return h.fd
-    raise oserror(errno.ENOENT)
+    # A lower file's change needs a copy-up to its name, which is taken by now (the
+    # kernel's copy-up says EEXIST).
+    raise oserror(errno.ENOENT if node.layer.upper else errno.EEXIST)
 
 
 def _setattr_fd(fd: int, ch: AttrChange) -> None:

@@ -122,7 +122,9 @@ async def copy_up(fs: State, node: Inode, data: bool = True, meta: bool = False)
 async def _copy_up_chain(fs: State, node: Inode, data: bool, meta: bool) -> None:
     fs.check_writable()
     if node.gone:
-        raise oserror(errno.ENOENT)  # no name left to copy up to
+        # No name left to copy up to: the kernel's copy-up finds it taken (a whiteout,
+        # or what was renamed there), as after a copy that lost its name (_copy_one).
+        raise oserror(errno.EEXIST)
     # Parents first, top down; a loop, not a recursion: a tree may be thousands deep.
     chain: list[Inode] = []
     n = node
