@@ -438,7 +438,7 @@ async def _remove(fs: State, parent: Inode, name: str, is_dir: bool) -> None:
     # A name found in a lower layer obviously needs hiding; one found in upper only if
     # a lower layer has it too.
     needs_whiteout = not res.layer.upper or lower_has(fs, parent, name)
-    kept = keep_removed(node, res, udfd, name)
+    kept = _keep_removed(node, res, udfd, name)
     try:
         if res.layer.upper:
             if needs_whiteout or res.is_dir:
@@ -615,7 +615,7 @@ async def rename(fs: State, old_parent: Inode, old_name: str, new_parent: Inode,
         if exchange and dst is not None and _shows_other(fs, dst_node, dst):
             mark_impure(fs, old_parent, old_udfd)
     kept = -1 if exchange or dst_node is src_node else \
-        keep_removed(dst_node, dst, new_udfd, new_name)
+        _keep_removed(dst_node, dst, new_udfd, new_name)
     try:
         _rename_in_upper(fs, old_parent, old_name, new_parent, new_name, src, dst,
                          old_udfd, new_udfd, exchange)
@@ -682,7 +682,7 @@ def _rename_in_upper(fs: State, old_parent: Inode, old_name: str, new_parent: In
         fs.dialect.drop_file_whiteout(new_udfd, new_name)
 
 
-def keep_removed(node: Inode | None, res: Resolution | None, udfd: int, name: str) -> int:
+def _keep_removed(node: Inode | None, res: Resolution | None, udfd: int, name: str) -> int:
     """An fd (O_PATH) of an upper file whose last name is about to go while the kernel
     holds its node with no handle open, or -1.  The kernel may have looked the name up
     and sent an open that we have not read yet: that open then still opens the file,

@@ -258,12 +258,14 @@ class InodeTable:
         self.ino_of[self.root.key] = ROOT_INO
 
     def key_of(self, res: Resolution) -> Key:
-        st = res.st
-        src = (res.layer.index, st.st_dev)
+        return self._key(res.layer.index, res.st.st_dev, res.st.st_ino)
+
+    def _key(self, layer_index: int, dev: int, ino: int) -> Key:
+        src = (layer_index, dev)
         sid = self._sources.get(src)
         if sid is None:
             sid = self._sources[src] = len(self._sources) + 1
-        return sid << 64 | st.st_ino
+        return sid << 64 | ino
 
     def _natural(self, key: Key, dev: int) -> int:
         """The number an object gets unless it is an exception: its real st_ino on the
@@ -288,19 +290,23 @@ class InodeTable:
     def number(self, res: Resolution) -> tuple[Key, int, Inode | None]:
         """(key, number, live inode or None) for a resolved object."""
         key = self.key_of(res)
-        ino = self.ino_of.get(key) or self._shown.get(key)
-        if ino is None:
-            ino = self.natural_of(res)
-        node = self.inodes.get(ino) if ino else None
-        if node is not None and node.key != key:
-            # Taken: by the same real inode in another layer, or by a removed object
-            # still open whose real inode was reused.  A number of its own, kept.
-            node, ino = None, 0
+        ino, node = self._known(key, self.natural_of(res))
         if not ino:
             ino = self._next
             self._next -= 1
             self.ino_of[key] = ino
         return key, ino, node
+
+    def _known(self, key: Key, natural: int) -> tuple[int, Inode | None]:
+        """The number the object of ``key`` shows (an exception remembered, else its
+        ``natural`` one) and its live inode; (0, None) where that number is taken: by the
+        same real inode in another layer, or by a removed object still open whose real
+        inode was reused (number() then gives it a number of its own, kept)."""
+        ino = self.ino_of.get(key) or self._shown.get(key) or natural
+        node = self.inodes.get(ino) if ino else None
+        if node is not None and node.key != key:
+            return 0, None
+        return ino, node
 
     def shown_number(self, res: Resolution) -> int:
         """The st_ino the object of ``res`` shows, binding no node (a plain READDIR's
@@ -314,14 +320,8 @@ class InodeTable:
     def lower_number(self, layer: Layer, ino: int) -> int:
         """The st_ino a lower layer's object with real inode ``ino`` shows, from its d_ino
         alone (a plain READDIR entry's), or 0 where more must be known."""
-        src = (layer.index, layer.dev)
-        sid = self._sources.get(src)
-        if sid is None:
-            sid = self._sources[src] = len(self._sources) + 1
-        key = sid << 64 | ino
-        number = self.ino_of.get(key) or self._shown.get(key) or self._natural_ino(ino, layer.dev)
-        node = self.inodes.get(number) if number else None
-        return 0 if node is not None and node.key != key else number
+        return self._known(self._key(layer.index, layer.dev, ino),
+                           self._natural_ino(ino, layer.dev))[0]
 
     def same_number(self, res: Resolution, node: Inode) -> None:
         """``res`` is another name of ``node`` (a new hard link): the same number."""
@@ -532,7 +532,7 @@ class InodeTable:
                  st: os.stat_result | None = None, kept: int = -1) -> None:
         """``name`` no longer leads to ``node``; when the real object is gone too, its
         number must not be handed to a new object that reuses the real inode.  ``kept``:
-        an fd of the real file taken before the name went (keep_removed), which the node
+        an fd of the real file taken before the name went (dirops._keep_removed), which the node
         keeps if this was its last name."""
         if (parent, name) in node.aliases:
             node.drop_alias(parent, name)

@@ -90,11 +90,13 @@ def _guard(fn: F) -> F:
 _PLAIN_KINDS = (stat.S_IFREG, stat.S_IFLNK)
 
 
-def _dirent(number: int, mode: int) -> pyfuse3.EntryAttributes:
+def _plain_entry(token: pyfuse3.ReaddirToken, name: str, number: int, mode: int,
+                 off: int) -> bool:
+    """A plain READDIR entry (a name, a d_ino, a type): no node, no lookup counted."""
     e = pyfuse3.EntryAttributes()
     e.st_ino = number
     e.st_mode = mode
-    return e
+    return pyfuse3.readdir_reply(token, os.fsencode(name), e, off)
 
 
 def _invalidate_attrs(ino: int) -> None:
@@ -447,8 +449,7 @@ class Operations(pyfuse3.Operations):
                 # kernel lists it with its own d_ino too, looking nothing up), no lstat.
                 number = self.fs.inodes.lower_number(e.layer, e.ino)
                 if number:
-                    if not pyfuse3.readdir_reply(token, os.fsencode(e.name),
-                                                 _dirent(number, e.kind), base | pos):
+                    if not _plain_entry(token, e.name, number, e.kind, base | pos):
                         return
                     continue
             refused = False
@@ -476,8 +477,7 @@ class Operations(pyfuse3.Operations):
                 # A plain READDIR entry is a name, a d_ino and a type: no node for it.
                 number = self.fs.inodes.shown_number(res)
                 if number:
-                    if not pyfuse3.readdir_reply(token, os.fsencode(e.name),
-                                                 _dirent(number, res.st.st_mode), base | pos):
+                    if not _plain_entry(token, e.name, number, res.st.st_mode, base | pos):
                         return
                     continue
             child = self.fs.inodes.bind(node, e.name, res)
