@@ -543,6 +543,54 @@ def test_user_mount_workload_and_kernel_reads_it(fuse_user, user_mounts, tmp_pat
         ours.diff(theirs, ("pyunionfs", "kernel")))
 
 
+def _listing_and_late_opens(m: Path) -> dict[str, Any]:
+    """A listing past READDIRPLUS's first batch (plain READDIR entries, no node each) and
+    opens that arrive after the file's last name went (an O_PATH fd holds it meanwhile)."""
+    out: dict[str, Any] = {}
+    with os.scandir(m / "big") as it:
+        entries = [(e.name, e.inode()) for e in it]
+    out["listed"] = len(entries)
+    out["d_ino_wrong"] = [n for n, ino in entries if os.lstat(m / "big" / n).st_ino != ino]
+    (m / "up").write_bytes(b"upper data")
+    for name in ("up", "big/f0000"):
+        held = os.open(m / name, os.O_PATH)
+        try:
+            os.unlink(m / name)
+            for flags in (os.O_RDONLY, os.O_RDWR):
+                try:
+                    fd = os.open(f"/proc/self/fd/{held}", flags)
+                    try:
+                        out[f"{name} {flags}"] = os.pread(fd, 100, 0)
+                    finally:
+                        os.close(fd)
+                except OSError as e:
+                    out[f"{name} {flags}"] = errno.errorcode[e.errno]
+        finally:
+            os.close(held)
+    return out
+
+
+def test_user_mount_lists_and_opens_like_root(fuse_user, user_mounts, tmp_path: Path) -> None:
+    """As an unprivileged user: a 700-entry lower directory lists with each d_ino its st_ino,
+    and an open on its way when a file's last name went opens it (upper: read and write;
+    lower: read, and EEXIST for writing), as test_posix_misc and test_readdir show the
+    kernel doing (the root and user-namespace suites compare those with it)."""
+    uid, gid = fuse_user
+    paths = build_user_stack(tmp_path / "stack", uid, gid)
+    big = paths.lowers[-1] / "big"
+    big.mkdir()
+    for i in range(700):
+        (big / f"f{i:04}").write_text("lower data")
+    for p in (big, *big.iterdir()):
+        os.chown(p, uid, gid)
+    m = user_mounts(uid, gid, paths, False)
+    got = user_op(uid, gid, _listing_and_late_opens, m.root)
+    assert got == {"listed": 700, "d_ino_wrong": [],
+                   f"up {os.O_RDONLY}": b"upper data", f"up {os.O_RDWR}": b"upper data",
+                   f"big/f0000 {os.O_RDONLY}": b"lower data", f"big/f0000 {os.O_RDWR}": "EEXIST"}
+    m.stop()
+
+
 def _kernel_in_user_namespace(uid: int, gid: int, paths: StackPaths) -> None:
     """Kernel overlayfs mounted by the test user in its own user namespace (``unshare -Urm``, the
     userxattr dialect is then required), with ``workload`` run on it there."""
