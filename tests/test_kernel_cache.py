@@ -210,11 +210,18 @@ def test_stats_command(make_stack, tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=60, cwd=REPO)
         assert r.returncode == 0, r.stderr
         assert "requests" in r.stdout and "lookup" in r.stdout and "us per request" in r.stdout
+        assert "nodes held" in r.stdout and "files open" in r.stdout
+        # a reader that stops early gets no traceback (SIGPIPE's exit status, nothing on stderr)
+        r = subprocess.run(f"{PYTHON} -m unionfs stats {paths.merged} | true; "
+                           "echo ${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert r.stderr == "" and r.stdout.strip() in ("0", "141"), r
         r = subprocess.run([PYTHON, "-m", "unionfs", "stats", "--json", str(paths.merged)],
                            capture_output=True, text=True, timeout=60, cwd=REPO)
         data = json.loads(r.stdout)
         assert data["requests"] >= 2 and data["ops"]["lookup"]["calls"] >= 1
         assert data["pid"] == m.proc.pid
+        assert data["nodes"] >= 2 and data["open_files"] == 0 and data["rss_kib"] > 1000
     finally:
         m.stop()
     r = subprocess.run([PYTHON, "-m", "unionfs", "stats", str(tmp_path)],

@@ -315,6 +315,8 @@ async def _serve_stats(fs: State, merged: str,
         task_status.started()
         return
     fs.stats.mount = {"dev": e.dev, "id": e.mount_id, "point": e.point}
+    fs.stats.gauges = lambda: {"nodes": len(fs.inodes.inodes),
+                               "open_files": len(fs.handles.files)}
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     for name in stats.socket_names(e.dev):
         try:

@@ -15,6 +15,7 @@ import resource
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 from unionfs import mounttable
@@ -25,7 +26,7 @@ class Stats:
     time: a clock the vDSO reads without a system call; a handler that waits for a thread
     counts its wait too)."""
 
-    __slots__ = ("calls", "cpu_ns", "errors", "started", "mount")
+    __slots__ = ("calls", "cpu_ns", "errors", "started", "mount", "gauges")
 
     def __init__(self) -> None:
         self.calls: dict[str, int] = {}
@@ -33,6 +34,8 @@ class Stats:
         self.errors: dict[str, int] = {}
         self.started = time.monotonic()
         self.mount: dict[str, Any] = {}  # which mount this daemon serves (dev, id, point)
+        # What the daemon holds now (nodes the kernel holds, open files), read when asked.
+        self.gauges: Callable[[], dict[str, int]] = dict
 
     def record(self, op: str, ns: int, failed: bool) -> None:
         self.calls[op] = self.calls.get(op, 0) + 1
@@ -48,6 +51,8 @@ class Stats:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "daemon_cpu_s": round(use.ru_utime + use.ru_stime, 4),
             "max_rss_kib": use.ru_maxrss,
+            "rss_kib": _vm_rss_kib(),
+            **self.gauges(),
             "requests": sum(self.calls.values()),
             "ops": {op: {"calls": n, "errors": self.errors.get(op, 0),
                          "handler_s": round(self.cpu_ns[op] / 1e9, 6)}
@@ -124,13 +129,26 @@ def fetch(merged: str, timeout: float = 5.0) -> dict[str, Any]:
                      "an older pyunionfs, or it is gone)")
 
 
+def _vm_rss_kib() -> int:
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def render(data: dict[str, Any]) -> str:
     ops = data["ops"]
     total = max(1, data["requests"])
     lines = [f"pid {data['pid']}, up {data['uptime_s']:.1f} s, {data['requests']} requests, "
              f"daemon CPU {data['daemon_cpu_s']:.3f} s "
              f"({data['daemon_cpu_s'] * 1e6 / total:.1f} us per request), "
-             f"max RSS {data['max_rss_kib'] / 1024:.1f} MiB",
+             f"RSS {data.get('rss_kib', 0) / 1024:.1f} MiB (max "
+             f"{data['max_rss_kib'] / 1024:.1f}), {data.get('nodes', 0)} nodes held, "
+             f"{data.get('open_files', 0)} files open",
              f"{'operation':<14}{'calls':>10}{'errors':>8}{'handler time':>14}{'per call':>11}"]
     for op, r in sorted(ops.items(), key=lambda kv: -kv[1]["calls"]):
         per = r["handler_s"] * 1e6 / max(1, r["calls"])
