@@ -32,6 +32,7 @@ class Mount:
     taken from ``cwd``), a fresh upper, work and merged."""
 
     pyunionfs_cmd: list[str] = []  # set by the runner (--pyunionfs)
+    pyunionfs_options = ""  # set by the runner (--pyunionfs-options)
 
     def __init__(
         self,
@@ -50,6 +51,8 @@ class Mount:
         self.probe = probe or merged  # stat'ed to call the mount ready
         self.ready_s: float | None = None
         program = self.pyunionfs_cmd if name == "pyunionfs" and self.pyunionfs_cmd else None
+        if name == "pyunionfs" and self.pyunionfs_options:
+            extra_options = ",".join(o for o in (extra_options, self.pyunionfs_options) if o)
         self.overlay = Overlay(lowers=lowers, upper=upper, work=work, mountpoint=merged,
                                options=extra_options, backend=name, timeout=MOUNT_TIMEOUT,
                                program=program, log_path=logfile, cwd=cwd)

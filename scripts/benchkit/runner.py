@@ -400,6 +400,10 @@ def main(argv: list[str] | None = None) -> int:
         "--pyunionfs", help="command that runs pyunionfs (default: .venv/bin/pyunionfs)"
     )
     ap.add_argument(
+        "--pyunionfs-options", default="",
+        help="more -o options for pyunionfs alone, e.g. writeback (compare a run without)",
+    )
+    ap.add_argument(
         "--dir",
         help="parent for the scratch dir (default: $TMPDIR or /tmp); needs ~4x the file size free",
     )
@@ -442,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     timeout = args.timeout or (60.0 if args.quick else 300.0)
     pycmd = shlex.split(args.pyunionfs) if args.pyunionfs else default_pyunionfs_cmd()
     Mount.pyunionfs_cmd = pycmd
+    Mount.pyunionfs_options = args.pyunionfs_options
     chosen = [f.strip() for f in args.fs.split(",") if f.strip()]
     if bad := [f for f in chosen if f not in FS_NAMES]:
         ap.error(f"unknown filesystem(s): {', '.join(bad)}")
