@@ -27,6 +27,8 @@ def real_stat(fs: State, node: Inode) -> os.stat_result:
         for h in node.handles:
             if h.layer is node.layer or node.gone:
                 return os.fstat(h.fd)
+    if node.gone and node.kept >= 0:
+        return os.fstat(node.kept)  # an upper file the kernel still holds (dirops)
     if node.gone:
         # fstat() of a removed directory still open (no file handle to ask): what it was.
         if node.gone_st is not None:

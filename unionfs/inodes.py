@@ -576,6 +576,19 @@ class InodeTable:
         self._peak = size
         return True
 
+    def repack(self) -> None:
+        """Once the kernel's forgetting is over: Python gives an arena of small objects
+        back only when all of it is free, and each path remembered (and its number) was
+        made during the walk that filled the arenas, so a few thousand of them kept most
+        of the walk's memory.  So they go through one bytes object (outside those arenas)
+        and come back once the old ones are freed, packed together."""
+        blob = b"\0".join(b"%d\0%s" % (ino, os.fsencode(path))
+                          for ino, path in self._recall.items())
+        self._recall = {}
+        if blob:
+            parts = iter(blob.split(b"\0"))
+            self._recall = {int(ino): os.fsdecode(path) for ino, path in zip(parts, parts)}
+
     def recall(self, ino: int) -> str | None:
         """Where a forgotten inode was when the kernel let it go: the kernel asks for "."
         in it to open a file handle.  Only a hint (it may have moved since): the caller

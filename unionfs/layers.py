@@ -189,10 +189,15 @@ class LayerStack:
                     if k[0] == idx and (k[1] == relpath or k[1].startswith(prefix))]:
             os.close(self._dirfds.pop(key))
 
-    def close(self) -> None:
+    def drop_dirfds(self) -> None:
+        """Close every cached directory fd: the kernel forgot what it held, and their keys
+        would keep the memory of a whole walk from going back (see InodeTable.compact)."""
         for fd in self._dirfds.values():
             os.close(fd)
-        self._dirfds.clear()
+        self._dirfds = OrderedDict()
+
+    def close(self) -> None:
+        self.drop_dirfds()
         for layer in self.layers:
             os.close(layer.fd)
         for fd in (self.work_fd, self.workroot_fd, self.mount_fd):
