@@ -12,6 +12,8 @@ Environment knobs:
                              ``redirect_dir=on``, ``metacopy=on``, ``xino=on``...), to run a differential
                              file with them; a test whose premise the option changes says so ("test
                              premise: kernel gave ...") rather than reporting a divergence.
+  UNIONFS_OUR_OPTIONS=...    options for the pyunionfs side alone (``writeback``): a profile run under
+                             them, with the kernel's defaults as the oracle.
   UNIONFS_TEST_USERNS=1      the rootless dialect: pytest runs as root of a user namespace (uids
                              0..65535 mapped, no capability in the initial namespace, so trusted.*
                              xattrs give EPERM). The kernel side mounts with ``-o userxattr``; layer
@@ -60,6 +62,7 @@ DEFAULT_TIME_NS = 1_600_000_000 * 10**9
 
 IMPL = os.environ.get("UNIONFS_TEST_IMPL", "pyunionfs")
 EXTRA_OPTIONS = os.environ.get("UNIONFS_TEST_OPTIONS", "")
+OUR_OPTIONS = os.environ.get("UNIONFS_OUR_OPTIONS", "")
 USERNS = os.environ.get("UNIONFS_TEST_USERNS", "") not in ("", "0")
 
 # The overlay's private xattr prefix ("xattr P" in overlay-semantics.md): trusted.overlay. by default,
@@ -432,6 +435,8 @@ class PyUnionMount(Mount):
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         env.pop("UNIONFS_TEST_IMPL", None)
+        # Options of ours alone (writeback, ...), for a whole profile run under them.
+        options = ",".join(o for o in (options, OUR_OPTIONS) if o)
         super().__init__(paths, work, options, program=[PYTHON, "-m", "unionfs"], cwd=REPO,
                          env=env)
 

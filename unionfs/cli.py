@@ -34,7 +34,8 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
                    help="comma-separated options: lowerdir=, upperdir=, workdir=, "
                    "redirect_dir=, index=, metacopy=, xino=, uuid=, nfs_export=, "
-                   "userxattr, whiteouts=kernel|oci, volatile, uidmapping=, gidmapping=, "
+                   "userxattr, whiteouts=kernel|oci, volatile, writeback, uidmapping=, "
+                   "gidmapping=, "
                    "squash_to_root, squash_to_uid=, squash_to_gid=, xattr_permissions=, "
                    "fsname=, and libfuse/mount words (ro, allow_other, noatime, ...)")
 

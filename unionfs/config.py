@@ -36,7 +36,7 @@ SILENTLY_IGNORED = {"defaults", "rw", "auto", "noauto", "user", "users", "nouser
 IGNORED_PREFIXES = ("context=", "fscontext=", "defcontext=", "rootcontext=", "x-")
 # fuse-overlayfs options that change nothing here (our defaults already are what they
 # ask for, or they tune fuse-overlayfs internals).
-PEER_NOOPS = {"static_nlink", "threaded", "fast_ino", "writeback",
+PEER_NOOPS = {"static_nlink", "threaded", "fast_ino",
               "ino32_t", "plugins", "noxattrs", "debug"}
 WHITEOUT_MODES = ("kernel", "oci")
 
@@ -56,6 +56,7 @@ class MountConfig:
     userxattr: bool = False  # user.overlay.* even where trusted.* would work
     whiteouts: str = "kernel"  # also read OCI .wh. whiteouts ("oci")
     volatile: bool = False  # fsync is a no-op
+    writeback: bool = False  # the kernel's writeback cache (docs/differences.md)
     noatime: bool = False  # reads leave atimes alone (-o noatime, unless strictatime after)
     atime: str = "relatime"  # the mount's atime policy: relatime, strictatime or noatime
     nodiratime: bool = False  # listings leave directory atimes alone
@@ -99,7 +100,7 @@ def split_lowerdir(spec: str) -> list[str]:
 OUR_KEYS = ("lowerdir", "upperdir", "workdir", "whiteouts", "uidmapping", "gidmapping",
             "squash_to_uid", "squash_to_gid", "xattr_permissions", "fsync", "timeout",
             "redirect_dir", "index", "metacopy", "xino", "nfs_export", "uuid")
-OUR_FLAGS = ("userxattr", "volatile", "squash_to_root", "noacl")
+OUR_FLAGS = ("userxattr", "volatile", "squash_to_root", "noacl", "writeback")
 
 
 @dataclass
@@ -166,6 +167,8 @@ def apply_options(cfg: MountConfig, ours: dict[str, str]) -> None:
         cfg.acl = False
     if "volatile" in ours or ours.get("fsync") == "0":
         cfg.volatile = True
+    if "writeback" in ours:
+        cfg.writeback = True
     if "uidmapping" in ours:
         cfg.owners.uid = IdMap(parse_mapping(ours["uidmapping"], "uidmapping"))
     if "gidmapping" in ours:
@@ -187,6 +190,11 @@ def apply_options(cfg: MountConfig, ours: dict[str, str]) -> None:
             cfg.timeout = -1.0
         if not 0 <= cfg.timeout < 1e9:
             raise MountError(f"timeout={ours['timeout']}: expected seconds (0 = cache nothing)")
+    if cfg.writeback and cfg.timeout == 0:
+        # The kernel would keep a regular file's first size and times for as long as it
+        # holds the node: a lower changed underneath would never show its new ones.
+        raise MountError("writeback needs a timeout above 0 (layers changed underneath "
+                         "would keep their old sizes)")
     for key in FEATURE_VALUES:
         if key in ours:
             if ours[key] not in FEATURE_VALUES[key]:
@@ -194,6 +202,11 @@ def apply_options(cfg: MountConfig, ours: dict[str, str]) -> None:
                 raise MountError(f"bad value for '{key}': {ours[key]} (expected "
                                  + "|".join(FEATURE_VALUES[key]) + ")")
             cfg.features[key] = ours[key]
+    if cfg.writeback and cfg.features.get("index") == "on":
+        # Each name of an index entry is a node of its own: the size the kernel keeps for
+        # one would not follow a write through another.
+        raise MountError("writeback can't be combined with index=on (the names of a hard "
+                         "link would show different sizes)")
     if "xattr_permissions" in ours:
         value = ours["xattr_permissions"]
         if value not in ("0", "1", "2"):

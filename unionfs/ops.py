@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import logging
 import os
 import stat
@@ -44,6 +45,9 @@ READ_ONLY = frozenset({"lookup", "getattr", "readlink", "statfs", "opendir", "re
 # the read that finds the end; beyond the most recent ones, a reader whose snapshot went on
 # reads a fresh one from where it was.
 MAX_SNAPSHOTS = 64
+
+# Quiet seconds after the kernel forgot most nodes before their memory is given back.
+SETTLE = 0.5
 
 # What we pass on to the real file: the kernel does O_APPEND positioning itself,
 # and O_DIRECT would demand aligned buffers Python doesn't give.
@@ -116,11 +120,21 @@ def _name(raw: bytes) -> str:
 PATCH_LEVEL: int = getattr(pyfuse3, "UNIONFS_PATCH_LEVEL", 0)
 
 
-def _file_info(fh: int, keep_cache: bool) -> pyfuse3.FileInfo:
-    # Our flush does nothing: close() needs no round trip (FOPEN_NOFLUSH).
-    if PATCH_LEVEL >= 5:
+def _file_info(fh: int, keep_cache: bool, writeback: bool = False) -> pyfuse3.FileInfo:
+    # Our flush does nothing: close() needs no round trip (FOPEN_NOFLUSH).  Unless the
+    # kernel keeps written pages: its FLUSH writes them back first and close() reports
+    # what that met (a full disk), as a local filesystem's close() never needs to.
+    if PATCH_LEVEL >= 5 and not writeback:
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache, noflush=True)
     return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+
+
+def _wide(flags: int) -> int:
+    """A write-only open, read-write: with the writeback cache the kernel reads the rest
+    of a page that a write covers in part through whichever handle wrote."""
+    if flags & os.O_ACCMODE == os.O_WRONLY:
+        return flags & ~os.O_ACCMODE | os.O_RDWR
+    return flags
 
 
 class Operations(pyfuse3.Operations):
@@ -152,6 +166,7 @@ class Operations(pyfuse3.Operations):
         # Read by pyfuse3 at init.  With ACLs on, the kernel also leaves the umask to us
         # (DONT_MASK, scripts/pyfuse3-unionfs.patch): a default ACL replaces it.
         self.enable_acl = self.enable_dont_mask = fs.acl
+        self.enable_writeback_cache = fs.writeback
         if fs.timeout > 0:
             fs.attrs_changed = _invalidate_attrs
         # The kernel may keep listings (FOPEN_CACHE_DIR) where names may be trusted at all:
@@ -167,6 +182,8 @@ class Operations(pyfuse3.Operations):
         # be kept): listings are then snapshots found by their offsets (_snapshot).
         self.no_opendir = self.cache_listings
         self._snapshots: OrderedDict[int, DirHandle] = OrderedDict()
+        self._settle: float | None = None  # when forgetting has settled (_give_back)
+        self._settling = False
         self._gen = 0
         if fs.export is not None:
             fs.inodes.forgotten = self._forgotten
@@ -321,6 +338,12 @@ class Operations(pyfuse3.Operations):
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
+        if self.fs.writeback and fields.update_ctime and self._times_kept(node, attr, fields):
+            if node.gone:
+                # An unlink or a rename over it dropped the kernel's link count, and the
+                # kernel takes no attributes from this reply: ask it to ask again.
+                self.fs.attrs_changed(node.ino)
+            return self._attrs(node, attrs.real_stat(self.fs, node))
         owners = self.fs.owners
         ch = attrs.AttrChange(
             size=attr.st_size if fields.update_size else None,
@@ -345,6 +368,21 @@ class Operations(pyfuse3.Operations):
             self._siblings_changed(node)
         return self._attrs(node, attrs.real_stat(self.fs, node))
 
+    def _times_kept(self, node: Inode, attr: pyfuse3.EntryAttributes,
+                    fields: pyfuse3.SetattrFields) -> bool:
+        """With the writeback cache the kernel keeps a file's times and sends them back
+        later, also after a rename or an unlink moved its ctime, also for a lower file
+        (then hidden, or still unchanged): a time it already has changes nothing and must
+        not copy the file up.  A caller's own utimes can't be told apart; one that sets
+        the time a lower file has anyway is not copied up (the kernel's overlay would)."""
+        if fields.update_size or fields.update_mode or fields.update_uid \
+                or fields.update_gid or fields.update_atime or not fields.update_mtime:
+            return False
+        try:
+            return attr.st_mtime_ns == attrs.real_stat(self.fs, node).st_mtime_ns
+        except OSError:
+            return node.gone  # nothing left to apply them to
+
     @_guard
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._named(inode)
@@ -359,10 +397,29 @@ class Operations(pyfuse3.Operations):
             inodes = self.fs.inodes
             for ino, n in inode_list:
                 inodes.forget(ino, n)
-            if inodes.compact():
-                sysio.release_free_memory()
+            if inodes.compact() or self._settle is not None:
+                self._settle = trio.current_time() + SETTLE
+                if not self._settling:
+                    self._settling = True
+                    trio.lowlevel.spawn_system_task(self._give_back)
         except Exception:  # forget must never raise
             log.exception("forget")
+
+    async def _give_back(self) -> None:
+        """After the kernel forgot most of what it held (memory pressure, drop_caches) and
+        has been quiet for SETTLE seconds: the memory goes back to the system."""
+        try:
+            while self._settle is not None and trio.current_time() < self._settle:
+                await trio.sleep_until(self._settle)
+            self._settle = None
+            gc.collect()  # cycles left by the nodes let go: they pin arenas too
+            self.fs.stack.drop_dirfds()  # their keys too are the walk's
+            self.fs.inodes.repack()
+            sysio.release_free_memory()
+        except Exception:
+            log.exception("giving memory back")
+        finally:
+            self._settling = False
 
     @_guard
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -576,8 +633,16 @@ class Operations(pyfuse3.Operations):
         dfd = self.fs.stack.dirfd(layer, where)
         setid_caller = None
         if node.in_upper and node.data is None:
-            fd = (sysio.open_noatime if self.fs.noatime else sysio.open_at)(dfd, node.name,
-                                                                            oflags)
+            opener = sysio.open_noatime if self.fs.noatime else sysio.open_at
+            if self.fs.writeback and writing:
+                try:
+                    fd = opener(dfd, node.name, _wide(oflags))
+                except PermissionError:
+                    # mode 0200 and no CAP_DAC_OVERRIDE (rootless): a partial page
+                    # written through this handle then fails with EACCES
+                    fd = opener(dfd, node.name, oflags)
+            else:
+                fd = opener(dfd, node.name, oflags)
             if self.fs.noatime:
                 oflags |= os.O_NOATIME  # so that a switched or copied handle keeps it
             if writing and os.fstat(fd).st_mode & (stat.S_ISUID | stat.S_ISGID):
@@ -598,7 +663,7 @@ class Operations(pyfuse3.Operations):
         # one written through another is read afresh from the next open on.
         keep = (self.fs.index is None or not self.fs.inodes.has_siblings(node)) \
             and self.fs.inodes.keep_cache(node)
-        return _file_info(h.fh, keep)
+        return _file_info(h.fh, keep, self.fs.writeback)
 
     def _reopen(self, node: Inode, flags: int, writing: bool) -> pyfuse3.FileInfo:
         """A file whose names are all gone, opened again: by a file handle
@@ -611,7 +676,11 @@ class Operations(pyfuse3.Operations):
         for fd, layer in sources:
             if layer.upper or not writing:
                 noatime = self.fs.noatime or not layer.upper
-                new = sysio.reopen(fd, flags & OPEN_FLAGS, noatime)
+                wide = _wide(flags) if self.fs.writeback and writing else flags
+                try:
+                    new = sysio.reopen(fd, wide & OPEN_FLAGS, noatime)
+                except PermissionError:
+                    new = sysio.reopen(fd, flags & OPEN_FLAGS, noatime)
                 break
         else:
             if writing and not node.layer.upper:
@@ -629,7 +698,7 @@ class Operations(pyfuse3.Operations):
         nh = self.fs.handles.add_file(
             node, new, flags & OPEN_FLAGS & ~os.O_TRUNC | flags & os.O_DIRECT
             | (os.O_NOATIME if noatime else 0), layer)
-        return _file_info(nh.fh, self.fs.inodes.keep_cache(node))
+        return _file_info(nh.fh, self.fs.inodes.keep_cache(node), self.fs.writeback)
 
     def _accessed(self, node: Inode, fd: int) -> None:
         """An upper file opened for reading: the reads to come may all be served from the
@@ -656,17 +725,26 @@ class Operations(pyfuse3.Operations):
                      ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         parent, sname = self._node(parent_inode), _name(name)
-        res, fd = await dirops.create(self.fs, parent, sname, mode, flags, *self._caller(ctx),
-                                      ctx.umask)
+        res, fd = await dirops.create(self.fs, parent, sname, mode,
+                                      _wide(flags) if self.fs.writeback else flags,
+                                      *self._caller(ctx), ctx.umask)
         entry = self._created(parent, sname, res, ctx)
         node = self.fs.inodes[entry.st_ino]
         h = self.fs.handles.add_file(node, fd, flags & (os.O_ACCMODE | os.O_DIRECT)
                                      | (os.O_NOATIME if self.fs.noatime else 0), node.layer)
-        return _file_info(h.fh, self.fs.inodes.keep_cache(node)), entry
+        return _file_info(h.fh, self.fs.inodes.keep_cache(node), self.fs.writeback), entry
 
     @_guard
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self.fs.handles.files[fh].fd, size, off)
+        try:
+            return os.pread(self.fs.handles.files[fh].fd, size, off)
+        except OSError as e:
+            if e.errno == errno.EBADF:
+                # The writeback cache reading around a partial page through a handle that
+                # we could only open write-only (mode 0200 and no CAP_DAC_OVERRIDE): the
+                # caller's write meets the permission it lacks.
+                raise pyfuse3.FUSEError(errno.EACCES) from None
+            raise
 
     @_guard
     async def write(self, fh: int, off: int, buf: bytes) -> int:

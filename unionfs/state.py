@@ -25,6 +25,8 @@ class State:
     owners: Owners = field(default_factory=Owners)  # id translation at the edge
     stats: Stats = field(default_factory=Stats)  # requests counted (pyunionfs stats)
     volatile: bool = False  # fsync does nothing, copy-ups are not synced either
+    # -o writeback: the kernel keeps written pages, sizes and times and sends them later.
+    writeback: bool = False
     # POSIX ACLs are the kernel's to enforce (FUSE_POSIX_ACL) and ours to inherit: on where
     # the upper filesystem (or the top lower, read-only) has them, unless -o noacl.
     acl: bool = False
