@@ -103,6 +103,7 @@ stress: deps
 DEEP_STRESS_MINUTES ?= 4
 DEEP_MINUTES        ?= 5
 DEEP_SEED           ?= 20261206
+DEEP_WB_MINUTES     ?= 2
 .PHONY: test-deep test-long
 test-deep: deps
 	@$(MAKE) --no-print-directory stress STRESS_MINUTES=$(DEEP_STRESS_MINUTES) \
@@ -110,6 +111,10 @@ test-deep: deps
 	@if [ -t 0 ]; then cap=; else cap="timeout -k 60 $$(( $(DEEP_MINUTES) * 2 + 10 ))m"; fi; \
 	$$cap $(PY) scripts/conformance.py --examples 100000 --steps 30 \
 		--minutes $(DEEP_MINUTES) --seed $(DEEP_SEED)
+	@# the same model with pyunionfs under -o writeback (docs/differences.md), the kernel as is
+	@if [ -t 0 ]; then cap=; else cap="timeout -k 60 $$(( $(DEEP_WB_MINUTES) * 2 + 10 ))m"; fi; \
+	UNIONFS_OUR_OPTIONS=writeback $$cap $(PY) scripts/conformance.py --examples 100000 \
+		--steps 30 --minutes $(DEEP_WB_MINUTES) --seed $(DEEP_SEED)
 
 test-long: test test-containers test-deep
 

@@ -150,6 +150,10 @@ def test_writeback_scenario_like_kernel(make_pair, writeback: None, scenario: st
     pair.check_all()
 
 
+def _xattrs(path: Path) -> list[str]:
+    return os.listxattr(path, follow_symlinks=False)
+
+
 def _writes_served(merged: Path) -> int:
     return int(stats.fetch(str(merged))["ops"].get("write", {}).get("calls", 0))
 
@@ -175,12 +179,17 @@ def test_writeback_sends_fewer_larger_writes(make_stack) -> None:
 @pytest.mark.parametrize("options, says", [
     ("writeback,timeout=0", "writeback needs a timeout above 0"),
     ("writeback,index=on", "writeback can't be combined with index=on"),
+    ("writeback,nfs_export=on", "writeback can't be combined with index=on"),  # implies it
 ])
 def test_writeback_refused_where_it_would_show_stale_sizes(make_stack, options: str,
                                                            says: str) -> None:
     paths = make_stack(lowers=[{"f": File("x")}], upper={})
+    assert paths.upper is not None
+    upper_before = paths.upper.stat().st_mtime_ns
     r = subprocess.run([PYTHON, "-m", "unionfs", "mount", "-o", options, str(paths.lowers[0]),
                         str(paths.upper), str(paths.work), str(paths.merged)],
                        capture_output=True, text=True, timeout=60, cwd=REPO)
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and says in r.stderr, r.stderr
     assert not os.path.ismount(paths.merged)
+    assert paths.upper is not None and not list(paths.upper.iterdir())
+    assert paths.upper.stat().st_mtime_ns == upper_before and not _xattrs(paths.upper)

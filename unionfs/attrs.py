@@ -28,7 +28,14 @@ def real_stat(fs: State, node: Inode) -> os.stat_result:
             if h.layer is node.layer or node.gone:
                 return os.fstat(h.fd)
     if node.gone and node.kept >= 0:
-        return os.fstat(node.kept)  # an upper file the kernel still holds (dirops)
+        return os.fstat(node.kept)  # a file the kernel still holds (dirops, release)
+    if node.gone and not node.layer.upper and node.data is None:
+        # A lower file hidden by a whiteout is still there, as itself (ops._reopen).
+        layer, where, name = node.real_entry()
+        dfd = fs.stack.dirfd_or_none(layer, where)
+        st = sysio.lstat_or_none(dfd, name) if dfd is not None else None
+        if st is not None:
+            return st
     if node.gone:
         # fstat() of a removed directory still open (no file handle to ask): what it was.
         if node.gone_st is not None:
@@ -50,7 +57,7 @@ def data_blocks(fs: State, node: Inode) -> int:
 
 
 def nlink_of(fs: State, node: Inode, st: os.stat_result) -> int:
-    if node.gone and not node.handles:
+    if node.gone and not node.handles and node.kept < 0 and node.layer.upper:
         return 0  # removed, and only its remembered attributes are left
     # A merged directory's link count means nothing: the kernel reports 1.
     if node.is_dir:
@@ -294,11 +301,31 @@ def _setattr_fd(fd: int, ch: AttrChange) -> None:
                          st.st_mtime_ns if ch.mtime_ns is None else ch.mtime_ns))
 
 
+def _setattr_path(path: str, ch: AttrChange) -> None:
+    """``_setattr_fd`` through a /proc magic link (an O_PATH fd has no fchmod)."""
+    if ch.size is not None:
+        os.truncate(path, ch.size)
+    if ch.uid is not None or ch.gid is not None:
+        os.chown(path, -1 if ch.uid is None else ch.uid, -1 if ch.gid is None else ch.gid)
+    if ch.mode is not None:
+        os.chmod(path, stat.S_IMODE(ch.mode))
+    if ch.atime_ns is not None or ch.mtime_ns is not None:
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns if ch.atime_ns is None else ch.atime_ns,
+                           st.st_mtime_ns if ch.mtime_ns is None else ch.mtime_ns))
+
+
 async def setattr(fs: State, node: Inode, ch: AttrChange) -> None:
     fs.check_writable()
     if node.gone:
         # fchmod(fd) after unlink: the change belongs to the open file, not to whatever
         # has that name now.
+        if ch.fd is None and node.kept >= 0 and node.layer.upper \
+                and not any(h.layer.upper for h in node.handles):
+            # No handle, but the kernel held the file when its last name went (a chmod on
+            # its way, an O_PATH descriptor): through the fd kept for that (dirops).
+            _setattr_path(sysio.proc_fd(node.kept), ch)
+            return
         _setattr_fd(ch.fd if ch.fd is not None else open_fd(node, ch.size is not None), ch)
         return
     # Even a change of nothing (chown(f, -1, -1)) copies up, as in the kernel.

@@ -202,11 +202,6 @@ def apply_options(cfg: MountConfig, ours: dict[str, str]) -> None:
                 raise MountError(f"bad value for '{key}': {ours[key]} (expected "
                                  + "|".join(FEATURE_VALUES[key]) + ")")
             cfg.features[key] = ours[key]
-    if cfg.writeback and cfg.features.get("index") == "on":
-        # Each name of an index entry is a node of its own: the size the kernel keeps for
-        # one would not follow a write through another.
-        raise MountError("writeback can't be combined with index=on (the names of a hard "
-                         "link would show different sizes)")
     if "xattr_permissions" in ours:
         value = ours["xattr_permissions"]
         if value not in ("0", "1", "2"):

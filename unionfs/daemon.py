@@ -156,6 +156,15 @@ def prepare(cfg: MountConfig) -> State:
     acl = cfg.acl and supports_acl(stack)
     if cfg.acl and not acl:
         log.info("no POSIX ACLs: the upper filesystem has none")
+    if features.index and cfg.writeback and cfg.upper is not None \
+            and hasattr(pyfuse3.EntryAttributes, "nodeid"):
+        # Each name of an index entry is a node of its own: the size the kernel keeps for
+        # one would not follow a write through another.  Before anything is written to
+        # UPPER; also where index is on by nfs_export=on or the module's default.
+        cleanup_workdir(stack)
+        stack.close()
+        raise MountError("writeback can't be combined with index=on (the names of a hard "
+                         "link would show different sizes; index=off allows it)")
     init_uuid(stack, features.uuid)
     index_layer = None
     if features.index and not hasattr(pyfuse3.EntryAttributes, "nodeid"):
@@ -278,9 +287,15 @@ def serve(ready_fd: int | None, fs: State, merged: str) -> int:
     rc = 0
     try:
         trio.run(_main, ready_fd, fs, merged)
-    except BaseException:
-        log.exception("the filesystem loop failed")
-        rc = 1
+    except BaseException as e:
+        if _connection_ended(e):
+            # The unmount ended the connection while a worker still read /dev/fuse: the
+            # kernel may say ECONNABORTED there instead of ENODEV (which libfuse takes as
+            # the end), seen when a task was still asleep in our loop (ops._give_back).
+            log.info("the kernel ended the connection")
+        else:
+            log.exception("the filesystem loop failed")
+            rc = 1
     finally:
         # Unmount even after a failure: a dead mount only gives ENOTCONN to everyone.
         try:
@@ -289,6 +304,14 @@ def serve(ready_fd: int | None, fs: State, merged: str) -> int:
             log.exception("unmount failed")
             rc = 1
     return rc
+
+
+def _connection_ended(e: BaseException) -> bool:
+    """Only ECONNABORTED from reading /dev/fuse, in however many task groups."""
+    subs = getattr(e, "exceptions", None)  # an ExceptionGroup (its backport before 3.11)
+    if isinstance(subs, (list, tuple)):
+        return bool(subs) and all(_connection_ended(sub) for sub in subs)
+    return isinstance(e, ConnectionAbortedError)
 
 
 async def _main(ready_fd: int | None, fs: State, merged: str) -> None:

@@ -565,10 +565,12 @@ class InodeTable:
         node.lookups -= n
         self._maybe_drop(node)
 
-    def compact(self) -> bool:
+    def compact(self, before: int) -> bool:
         """After the kernel forgot most of what it held (memory pressure, drop_caches):
-        a dict never shrinks by itself, so copy it.  True if it did."""
+        a dict never shrinks by itself, so copy it.  True if it did.  ``before``: the size
+        before this batch of forgets (one batch may forget almost everything)."""
         size = len(self.inodes)
+        self._peak = max(self._peak, before)
         if self._peak < 4096 or size > self._peak // 4:
             self._peak = max(self._peak, size)
             return False

@@ -395,13 +395,14 @@ class Operations(pyfuse3.Operations):
         self.fs.stats.record("forget", 0, False)
         try:
             inodes = self.fs.inodes
+            before = len(inodes.inodes)
             for ino, n in inode_list:
                 inodes.forget(ino, n)
-            if inodes.compact() or self._settle is not None:
+            if inodes.compact(before) or self._settle is not None:
                 self._settle = trio.current_time() + SETTLE
                 if not self._settling:
-                    self._settling = True
                     trio.lowlevel.spawn_system_task(self._give_back)
+                    self._settling = True
         except Exception:  # forget must never raise
             log.exception("forget")
 
@@ -416,6 +417,7 @@ class Operations(pyfuse3.Operations):
             self.fs.stack.drop_dirfds()  # their keys too are the walk's
             self.fs.inodes.repack()
             sysio.release_free_memory()
+            self.fs.stats.given_back += 1
         except Exception:
             log.exception("giving memory back")
         finally:
@@ -736,10 +738,12 @@ class Operations(pyfuse3.Operations):
 
     @_guard
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        h = self.fs.handles.files[fh]
         try:
-            return os.pread(self.fs.handles.files[fh].fd, size, off)
+            return os.pread(h.fd, size, off)
         except OSError as e:
-            if e.errno == errno.EBADF:
+            if e.errno == errno.EBADF and self.fs.writeback \
+                    and h.flags & os.O_ACCMODE == os.O_WRONLY:
                 # The writeback cache reading around a partial page through a handle that
                 # we could only open write-only (mode 0200 and no CAP_DAC_OVERRIDE): the
                 # caller's write meets the permission it lacks.

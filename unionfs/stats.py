@@ -26,7 +26,7 @@ class Stats:
     time: a clock the vDSO reads without a system call; a handler that waits for a thread
     counts its wait too)."""
 
-    __slots__ = ("calls", "cpu_ns", "errors", "started", "mount", "gauges")
+    __slots__ = ("calls", "cpu_ns", "errors", "started", "mount", "gauges", "given_back")
 
     def __init__(self) -> None:
         self.calls: dict[str, int] = {}
@@ -36,6 +36,7 @@ class Stats:
         self.mount: dict[str, Any] = {}  # which mount this daemon serves (dev, id, point)
         # What the daemon holds now (nodes the kernel holds, open files), read when asked.
         self.gauges: Callable[[], dict[str, int]] = dict
+        self.given_back = 0  # times memory went back after the kernel forgot (ops)
 
     def record(self, op: str, ns: int, failed: bool) -> None:
         self.calls[op] = self.calls.get(op, 0) + 1
@@ -52,6 +53,7 @@ class Stats:
             "daemon_cpu_s": round(use.ru_utime + use.ru_stime, 4),
             "max_rss_kib": use.ru_maxrss,
             "rss_kib": _vm_rss_kib(),
+            "memory_given_back": self.given_back,
             **self.gauges(),
             "requests": sum(self.calls.values()),
             "ops": {op: {"calls": n, "errors": self.errors.get(op, 0),
