@@ -288,31 +288,19 @@ def open_fd(node: Inode, writable: bool = False) -> int:
     raise oserror(errno.ENOENT if node.layer.upper else errno.EEXIST)
 
 
-def _setattr_fd(fd: int, ch: AttrChange) -> None:
+def _setattr_fd(fd: int | str, ch: AttrChange) -> None:
+    """The change on an open file, or on what a /proc magic link leads to (an O_PATH fd
+    has no fchmod)."""
     if ch.size is not None:
-        os.ftruncate(fd, ch.size)
+        os.truncate(fd, ch.size)
     if ch.uid is not None or ch.gid is not None:
-        os.fchown(fd, -1 if ch.uid is None else ch.uid, -1 if ch.gid is None else ch.gid)
+        os.chown(fd, -1 if ch.uid is None else ch.uid, -1 if ch.gid is None else ch.gid)
     if ch.mode is not None:
-        os.fchmod(fd, stat.S_IMODE(ch.mode))
+        os.chmod(fd, stat.S_IMODE(ch.mode))
     if ch.atime_ns is not None or ch.mtime_ns is not None:
-        st = os.fstat(fd)
+        st = os.stat(fd)
         os.utime(fd, ns=(st.st_atime_ns if ch.atime_ns is None else ch.atime_ns,
                          st.st_mtime_ns if ch.mtime_ns is None else ch.mtime_ns))
-
-
-def _setattr_path(path: str, ch: AttrChange) -> None:
-    """``_setattr_fd`` through a /proc magic link (an O_PATH fd has no fchmod)."""
-    if ch.size is not None:
-        os.truncate(path, ch.size)
-    if ch.uid is not None or ch.gid is not None:
-        os.chown(path, -1 if ch.uid is None else ch.uid, -1 if ch.gid is None else ch.gid)
-    if ch.mode is not None:
-        os.chmod(path, stat.S_IMODE(ch.mode))
-    if ch.atime_ns is not None or ch.mtime_ns is not None:
-        st = os.stat(path)
-        os.utime(path, ns=(st.st_atime_ns if ch.atime_ns is None else ch.atime_ns,
-                           st.st_mtime_ns if ch.mtime_ns is None else ch.mtime_ns))
 
 
 async def setattr(fs: State, node: Inode, ch: AttrChange) -> None:
@@ -324,7 +312,7 @@ async def setattr(fs: State, node: Inode, ch: AttrChange) -> None:
                 and not any(h.layer.upper for h in node.handles):
             # No handle, but the kernel held the file when its last name went (a chmod on
             # its way, an O_PATH descriptor): through the fd kept for that (dirops).
-            _setattr_path(sysio.proc_fd(node.kept), ch)
+            _setattr_fd(sysio.proc_fd(node.kept), ch)
             return
         _setattr_fd(ch.fd if ch.fd is not None else open_fd(node, ch.size is not None), ch)
         return
