@@ -201,7 +201,8 @@ def prepare(cfg: MountConfig) -> State:
     # (docs/differences.md).
     inodes.split = hasattr(pyfuse3.EntryAttributes, "nodeid")
     return State(stack, inodes, owners=cfg.owners,
-                 volatile=cfg.volatile, writeback=cfg.writeback, acl=acl, noatime=cfg.noatime, atime=cfg.atime,
+                 volatile=cfg.volatile, writeback=cfg.writeback, acl=acl,
+                 noatime=cfg.noatime, atime=cfg.atime,
                  override_xattr=override,
                  timeout=cfg.timeout, features=features, index=index_layer, export=export_log)
 

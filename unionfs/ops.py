@@ -129,6 +129,24 @@ def _file_info(fh: int, keep_cache: bool, writeback: bool = False) -> pyfuse3.Fi
     return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
 
 
+def _times_only(fields: pyfuse3.SetattrFields) -> bool:
+    """An mtime (with the ctime the kernel adds) and nothing else."""
+    return fields.update_mtime and not (fields.update_size or fields.update_mode
+                                        or fields.update_uid or fields.update_gid
+                                        or fields.update_atime)
+
+
+def _open_wide(opener: Callable[[int], int], flags: int) -> int:
+    """Read-write underneath a write-only open where we may: with the writeback cache the
+    kernel reads the rest of a page that a write covers in part through whichever handle
+    wrote.  Where we may not (mode 0200, no CAP_DAC_OVERRIDE: rootless) such a write then
+    fails with EACCES (read)."""
+    try:
+        return opener(_wide(flags))
+    except PermissionError:
+        return opener(flags)
+
+
 def _wide(flags: int) -> int:
     """A write-only open, read-write: with the writeback cache the kernel reads the rest
     of a page that a write covers in part through whichever handle wrote."""
@@ -182,8 +200,8 @@ class Operations(pyfuse3.Operations):
         # be kept): listings are then snapshots found by their offsets (_snapshot).
         self.no_opendir = self.cache_listings
         self._snapshots: OrderedDict[int, DirHandle] = OrderedDict()
-        self._settle: float | None = None  # when forgetting has settled (_give_back)
-        self._settling = False
+        # When forgetting has settled; not None while a give-back waits (_give_back).
+        self._settle: float | None = None
         self._gen = 0
         if fs.export is not None:
             fs.inodes.forgotten = self._forgotten
@@ -338,12 +356,19 @@ class Operations(pyfuse3.Operations):
                       fields: pyfuse3.SetattrFields, fh: int | None,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        if self.fs.writeback and fields.update_ctime and self._times_kept(node, attr, fields):
-            if node.gone:
-                # An unlink or a rename over it dropped the kernel's link count, and the
-                # kernel takes no attributes from this reply: ask it to ask again.
-                self.fs.attrs_changed(node.ino)
-            return self._attrs(node, attrs.real_stat(self.fs, node))
+        if self.fs.writeback and fields.update_ctime and _times_only(fields):
+            st = attrs.real_stat(self.fs, node)
+            if attr.st_mtime_ns == st.st_mtime_ns:
+                # The kernel sending back times it keeps (writeback), also after a rename
+                # or an unlink moved its ctime, also for a lower file: a time the file has
+                # already changes nothing and must not copy it up.  A caller's own utimes
+                # can't be told apart: one setting the mtime a lower file has anyway is
+                # not copied up (the kernel's overlay would).
+                if node.gone:
+                    # An unlink or a rename over it dropped the kernel's link count, and
+                    # the kernel takes no attributes from this reply: ask it to ask again.
+                    self.fs.attrs_changed(node.ino)
+                return self._attrs(node, st)
         owners = self.fs.owners
         ch = attrs.AttrChange(
             size=attr.st_size if fields.update_size else None,
@@ -368,21 +393,6 @@ class Operations(pyfuse3.Operations):
             self._siblings_changed(node)
         return self._attrs(node, attrs.real_stat(self.fs, node))
 
-    def _times_kept(self, node: Inode, attr: pyfuse3.EntryAttributes,
-                    fields: pyfuse3.SetattrFields) -> bool:
-        """With the writeback cache the kernel keeps a file's times and sends them back
-        later, also after a rename or an unlink moved its ctime, also for a lower file
-        (then hidden, or still unchanged): a time it already has changes nothing and must
-        not copy the file up.  A caller's own utimes can't be told apart; one that sets
-        the time a lower file has anyway is not copied up (the kernel's overlay would)."""
-        if fields.update_size or fields.update_mode or fields.update_uid \
-                or fields.update_gid or fields.update_atime or not fields.update_mtime:
-            return False
-        try:
-            return attr.st_mtime_ns == attrs.real_stat(self.fs, node).st_mtime_ns
-        except OSError:
-            return node.gone  # nothing left to apply them to
-
     @_guard
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._named(inode)
@@ -399,10 +409,9 @@ class Operations(pyfuse3.Operations):
             for ino, n in inode_list:
                 inodes.forget(ino, n)
             if inodes.compact(before) or self._settle is not None:
-                self._settle = trio.current_time() + SETTLE
-                if not self._settling:
+                if self._settle is None:  # no give-back waiting yet
                     trio.lowlevel.spawn_system_task(self._give_back)
-                    self._settling = True
+                self._settle = trio.current_time() + SETTLE
         except Exception:  # forget must never raise
             log.exception("forget")
 
@@ -412,7 +421,7 @@ class Operations(pyfuse3.Operations):
         try:
             while self._settle is not None and trio.current_time() < self._settle:
                 await trio.sleep_until(self._settle)
-            self._settle = None
+            self._settle = None  # from here on no await: no forget comes in between
             gc.collect()  # cycles left by the nodes let go: they pin arenas too
             self.fs.stack.drop_dirfds()  # their keys too are the walk's
             self.fs.inodes.repack()
@@ -421,7 +430,7 @@ class Operations(pyfuse3.Operations):
         except Exception:
             log.exception("giving memory back")
         finally:
-            self._settling = False
+            self._settle = None
 
     @_guard
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -637,12 +646,7 @@ class Operations(pyfuse3.Operations):
         if node.in_upper and node.data is None:
             opener = sysio.open_noatime if self.fs.noatime else sysio.open_at
             if self.fs.writeback and writing:
-                try:
-                    fd = opener(dfd, node.name, _wide(oflags))
-                except PermissionError:
-                    # mode 0200 and no CAP_DAC_OVERRIDE (rootless): a partial page
-                    # written through this handle then fails with EACCES
-                    fd = opener(dfd, node.name, oflags)
+                fd = _open_wide(lambda f: opener(dfd, node.name, f), oflags)
             else:
                 fd = opener(dfd, node.name, oflags)
             if self.fs.noatime:
@@ -678,10 +682,10 @@ class Operations(pyfuse3.Operations):
         for fd, layer in sources:
             if layer.upper or not writing:
                 noatime = self.fs.noatime or not layer.upper
-                wide = _wide(flags) if self.fs.writeback and writing else flags
-                try:
-                    new = sysio.reopen(fd, wide & OPEN_FLAGS, noatime)
-                except PermissionError:
+                if self.fs.writeback and writing:
+                    new = _open_wide(functools.partial(sysio.reopen, fd, noatime=noatime),
+                                     flags & OPEN_FLAGS)
+                else:
                     new = sysio.reopen(fd, flags & OPEN_FLAGS, noatime)
                 break
         else:
