@@ -632,6 +632,43 @@ def test_user_mount_with_writeback(fuse_user, user_mounts, tmp_path: Path) -> No
     assert got["wo"] == "EACCES" and data == b"a" * 5000, got
 
 
+def _changes_after_the_last_name_went(m: Path) -> dict[str, Any]:
+    """chmod and truncate through /proc/self/fd of an O_PATH descriptor held across the unlink
+    of the file's last name: an upper file takes them, a lower one says EEXIST (no name left
+    to copy it up to), as test_posix_misc shows the kernel doing."""
+    (m / "up2").write_bytes(b"upper data")
+    out: dict[str, Any] = {}
+    for name in ("up2", "etc/drop"):
+        held = os.open(m / name, os.O_PATH)
+        link = f"/proc/self/fd/{held}"
+        try:
+            os.unlink(m / name)
+            for what, change in (("chmod", lambda p=link: os.chmod(p, 0o600)),
+                                 ("truncate", lambda p=link: os.truncate(p, 3))):
+                try:
+                    change()
+                    out[f"{name} {what}"] = "ok"
+                except OSError as e:
+                    out[f"{name} {what}"] = errno.errorcode[e.errno]
+            st = os.stat(link)
+            out[name] = (stat.S_IMODE(st.st_mode), st.st_size)
+        finally:
+            os.close(held)
+    return out
+
+
+def test_user_mount_changes_a_file_after_its_last_name_went(fuse_user, user_mounts,
+                                                            tmp_path: Path) -> None:
+    uid, gid = fuse_user
+    paths = build_user_stack(tmp_path / "stack", uid, gid)
+    m = user_mounts(uid, gid, paths, False)
+    got = user_op(uid, gid, _changes_after_the_last_name_went, m.root)
+    m.stop()
+    assert got == {"up2 chmod": "ok", "up2 truncate": "ok", "up2": (0o600, 3),
+                   "etc/drop chmod": "EEXIST", "etc/drop truncate": "EEXIST",
+                   "etc/drop": (0o644, 4)}, got
+
+
 def _kernel_in_user_namespace(uid: int, gid: int, paths: StackPaths) -> None:
     """Kernel overlayfs mounted by the test user in its own user namespace (``unshare -Urm``, the
     userxattr dialect is then required), with ``workload`` run on it there."""
