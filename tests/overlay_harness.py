@@ -63,6 +63,9 @@ DEFAULT_TIME_NS = 1_600_000_000 * 10**9
 IMPL = os.environ.get("UNIONFS_TEST_IMPL", "pyunionfs")
 EXTRA_OPTIONS = os.environ.get("UNIONFS_TEST_OPTIONS", "")
 OUR_OPTIONS = os.environ.get("UNIONFS_OUR_OPTIONS", "")
+# pyunionfs daemons from the warm mount server, as the API gives them by default
+# (UNIONFS_TEST_SERVER=0: each a child process of the test, `pyunionfs mount -f`)
+TEST_SERVER = os.environ.get("UNIONFS_TEST_SERVER", "1") != "0"
 USERNS = os.environ.get("UNIONFS_TEST_USERNS", "") not in ("", "0")
 
 # The overlay's private xattr prefix ("xattr P" in overlay-semantics.md): trusted.overlay. by default,
@@ -393,9 +396,16 @@ class Mount:
 
     @property
     def proc(self) -> subprocess.Popen[bytes]:
+        """The daemon as a child process: for a mount made with ``server=False``."""
         proc = self.overlay.process
-        assert proc is not None, f"{self.impl} has no daemon process"
+        assert proc is not None, f"{self.impl} has no daemon child process (server=False)"
         return proc
+
+    @property
+    def pid(self) -> int:
+        pid = self.overlay.pid
+        assert pid is not None, f"{self.impl} has no daemon process"
+        return pid
 
     def log_tail(self, n: int = 40) -> str:
         lines = self.overlay.log.splitlines()
@@ -427,18 +437,21 @@ class KernelMount(Mount):
 
 
 class PyUnionMount(Mount):
-    """``python -m unionfs mount -f ...`` as a child process; mounted once the mount table says so."""
+    """A daemon from the warm mount server, or (``server=False``, or UNIONFS_TEST_SERVER=0)
+    ``python -m unionfs mount -f ...`` as a child process (``proc``)."""
 
     impl = "pyunionfs"
+    server = TEST_SERVER
 
-    def __init__(self, paths: StackPaths, work: Path | None = None, options: str = ""):
+    def __init__(self, paths: StackPaths, work: Path | None = None, options: str = "",
+                 server: bool | None = None):
         env = dict(os.environ)
-        env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         env.pop("UNIONFS_TEST_IMPL", None)
         # Options of ours alone (writeback, ...), for a whole profile run under them.
         options = ",".join(o for o in (options, OUR_OPTIONS) if o)
-        super().__init__(paths, work, options, program=[PYTHON, "-m", "unionfs"], cwd=REPO,
-                         env=env)
+        server = self.server if server is None else server
+        super().__init__(paths, work, options, program=None if server else
+                         [PYTHON, "-m", "unionfs"], cwd=REPO, env=env, server=server)
 
 
 def mount_stack(paths: StackPaths, impl: str, work: Path | None = None,

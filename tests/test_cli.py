@@ -18,6 +18,7 @@ from overlay_harness import (
     REPO,
     UMOUNT_TIMEOUT,
     File,
+    PyUnionMount,
     force_unmount,
     is_mounted,
     mount_table,
@@ -163,9 +164,10 @@ def test_mount_usage_error_is_one_line(make_stack):
         assert len(lines) == 1 and lines[0].startswith("pyunionfs: "), r.stderr
 
 
-def test_sigterm_unmounts_foreground_daemon(make_stack, mounter):
+def test_sigterm_unmounts_foreground_daemon(make_stack, _registry):
     paths = _dirs(make_stack)
-    m = mounter(paths)
+    m = PyUnionMount(paths, server=False)  # a child: its exit status is checked
+    _registry.items.append(m)
     assert (paths.merged / "g").read_text() == "bottom"
     m.proc.send_signal(signal.SIGTERM)
     rc = m.proc.wait(timeout=UMOUNT_TIMEOUT)

@@ -135,7 +135,7 @@ def test_dead_daemon_is_cleaned_up_without_hanging(make_stack):
     # a crashed daemon leaves "Transport endpoint is not connected": stop() must still remove the
     # mount (lazily), never block, and report the crash
     paths = make_stack(lowers=[{"f": File("x")}])
-    m = PyUnionMount(paths)
+    m = PyUnionMount(paths, server=False)  # its exit status is checked
     try:
         assert (paths.merged / "f").read_text() == "x"
         os.kill(m.proc.pid, signal.SIGKILL)
@@ -154,7 +154,7 @@ def test_watchdog_unblocks_a_hung_request(make_stack, mounter, _registry):
     # a daemon that never answers (here: stopped) must not hang the suite
     paths = make_stack(lowers=[{"f": File("x")}])
     m = mounter(paths, IMPL)
-    os.kill(m.proc.pid, signal.SIGSTOP)  # type: ignore[attr-defined]
+    os.kill(m.pid, signal.SIGSTOP)  # type: ignore[attr-defined]
     t0 = time.monotonic()
     with pytest.raises(OSError) as ei:
         os.stat(paths.merged / "f")

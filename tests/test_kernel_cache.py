@@ -220,7 +220,7 @@ def test_stats_command(make_stack, tmp_path: Path) -> None:
                            capture_output=True, text=True, timeout=60, cwd=REPO)
         data = json.loads(r.stdout)
         assert data["requests"] >= 2 and data["ops"]["lookup"]["calls"] >= 1
-        assert data["pid"] == m.proc.pid
+        assert data["pid"] == m.pid
         assert data["nodes"] >= 2 and data["open_files"] == 0 and data["rss_kib"] > 1000
     finally:
         m.stop()

@@ -10,13 +10,14 @@ PKG = Path(__file__).resolve().parent.parent / "unionfs"
 # Lower number = lower level; a module may import only modules at a lower level,
 # or at its own level where listed in SAME_LEVEL_OK.
 LEVELS = {
-    "errors": 0, "config": 0, "idmap": 0, "acl": 0, "mounttable": 0,
+    "errors": 0, "config": 0, "idmap": 0, "acl": 0, "mounttable": 0, "client": 0,
     "sysio": 1, "stats": 1,
     "layers": 2, "whiteout": 2, "probe": 2, "origin": 2,
     "lookup": 3, "inodes": 3, "handles": 3, "readdir": 3, "state": 3, "index": 3, "export": 3,
     "copyup": 4, "dirops": 4, "attrs": 4, "xattrs": 4,
     "ops": 5,
-    "daemon": 6, "log": 6, "cli": 6, "remount": 6, "__main__": 7,
+    "daemon": 6, "log": 6, "cli": 6, "remount": 6, "__main__": 8,
+    "command": 7, "server": 7,  # the entry point and the warm server: above cli and daemon
     "__init__": 8,  # the public API's face: re-exports unionfs.api (lazily)
     "api": 6, "pytest_plugin": 7,
 }
@@ -28,7 +29,8 @@ SAME_LEVEL_OK = {("probe", "layers"), ("probe", "whiteout"), ("inodes", "lookup"
                  ("dirops", "probe"), ("config", "errors"),
                  ("xattrs", "attrs"), ("layers", "whiteout"), ("config", "idmap"),
                  ("idmap", "errors"), ("inodes", "readdir"),
-                 ("daemon", "remount"), ("cli", "remount"), ("state", "export")}
+                 ("daemon", "remount"), ("cli", "remount"), ("state", "export"),
+                 ("client", "mounttable")}
 PYFUSE3_OK = {"ops", "daemon"}
 
 

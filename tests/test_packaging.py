@@ -42,7 +42,7 @@ def test_wheel_holds_the_package(tmp_path):
                for p in (REPO / "unionfs").rglob("*.py") if "__pycache__" not in p.parts}
     assert modules <= names, sorted(modules - names)
     assert "unionfs/py.typed" in names
-    assert cfg["console_scripts"]["pyunionfs"] == "unionfs.cli:main"
+    assert cfg["console_scripts"]["pyunionfs"] == "unionfs.command:main"
     assert cfg["pytest11"]["unionfs"] == "unionfs.pytest_plugin"
 
 

@@ -236,7 +236,7 @@ def test_random_namespace_churn(make_pair, seed):
 def test_no_fd_leak_in_daemon(make_pair):
     # fuse-overlayfs#210: fds leaked per mkdir/rmdir until EMFILE
     pair = make_pair(lowers=[{"d/x": File("x"), "f": File("f")}])
-    pid = pair.o.mount.proc.pid  # type: ignore[union-attr]
+    pid = pair.o.mount.pid  # type: ignore[union-attr]
 
     def nfds() -> int:
         return len(os.listdir(f"/proc/{pid}/fd"))

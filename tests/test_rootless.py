@@ -24,6 +24,7 @@ import pwd
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -950,3 +951,47 @@ def test_user_runs_pytest_with_the_api_and_plugin(fuse_user, tmp_path: Path) -> 
                        capture_output=True, text=True, timeout=180, cwd=str(work),
                        stdin=subprocess.DEVNULL, check=False)
     assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+def test_user_mounts_come_from_the_users_warm_server(fuse_user, tmp_path: Path) -> None:
+    """As an unprivileged user the first mount starts cold and leaves the user's own server
+    (its socket in a 0700 directory of the user's); the next mount is forked by it, as the
+    user, with the user's mount in the mount table, and unmounts as quickly."""
+    uid, gid = fuse_user
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    os.chown(run, uid, gid)
+    env = [f"PYUNIONFS_SERVER_DIR={run}", "PYUNIONFS_SERVER_IDLE=20"]
+    paths = build_user_stack(tmp_path / "stack", uid, gid)
+    log = paths.base / "warm.log"
+    lowers = ":".join(str(p) for p in paths.lowers)
+    mount = [*env, PYTHON, "-m", "unionfs", "mount", "-d", "--log", str(log), lowers,
+             str(paths.upper), str(paths.work), str(paths.merged)]
+    umount = [*env, PYTHON, "-m", "unionfs", "umount", str(paths.merged)]
+    starts = []
+    try:
+        for _ in range(2):
+            r = run_user(uid, gid, mount, timeout=MOUNT_TIMEOUT + 15)
+            assert r.returncode == 0, r.stderr + log.read_text()
+            row = [r for r in mount_table() if r[0] == os.path.realpath(paths.merged)][-1]
+            assert f"user_id={uid}" in row[3].split(","), row
+            starts.append([ln for ln in log.read_text().splitlines() if "start-up: " in ln][-1])
+            r = run_user(uid, gid, umount)
+            assert r.returncode == 0, r.stderr
+            if len(starts) == 1:  # the server the cold start left
+                assert wait_until(lambda: any(run.glob("s-*")), 30), "no server came up"
+                time.sleep(0.5)
+    finally:
+        force_unmount(str(paths.merged))
+        socks = list(run.glob("s-*"))
+        for sock in socks:  # the user's server, which this test started
+            with contextlib.suppress(OSError), \
+                    socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(str(sock))
+                pid = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                  12)[:4], sys.byteorder)
+                owner = os.stat(f"/proc/{pid}").st_uid
+                os.kill(pid, signal.SIGKILL)
+                assert owner == uid, f"the server runs as {owner}"
+    assert "start-up: command " in starts[0] and "start-up: request " in starts[1], starts
+    assert [s.lstat().st_uid for s in socks] == [uid]

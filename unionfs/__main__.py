@@ -1,3 +1,3 @@
-from unionfs.cli import main
+from unionfs.command import main
 
 raise SystemExit(main())

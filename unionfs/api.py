@@ -5,9 +5,12 @@
         (ov.mountpoint / "etc/motd").write_text("hi")
         assert ov.changes() == [("C", "/etc"), ("A", "/etc/motd")]
 
-The daemon runs as a child process (``pyunionfs mount -f``); ``mount()`` returns once the
-mount table has it and raises ``OverlayError`` with the daemon's one-line error otherwise;
-``unmount()`` (and leaving the ``with`` block, also by an exception) unmounts and reaps it.
+The daemon is forked by the user's warm mount server (server.py) where there is one: no
+interpreter start, no imports, a mount in tens of milliseconds; else, and with
+``server=False``, it runs as a child process (``pyunionfs mount -f``, ``process``), and
+the mount leaves a server for the next one.  ``mount()`` returns once the mount serves and
+raises ``OverlayError`` with the daemon's one-line error otherwise; ``unmount()`` (and
+leaving the ``with`` block, also by an exception) unmounts and waits for the daemon's end.
 ``backend="kernel"`` mounts kernel overlayfs with the same arguments (root only), and
 ``backend="fuse-overlayfs"`` the C peer (its package installed), so that a test or a
 comparison can run on all three.  Layers left out are made as temporary directories, removed
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -28,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from unionfs import mounttable
+from unionfs import client, mounttable
 
 PathLike = str | os.PathLike[str]
 OptionValue = bool | str | int
@@ -85,7 +89,9 @@ class Overlay:
     interpreter's ``-m unionfs``, or ``fuse-overlayfs`` from PATH), ``log_path`` where its
     output goes (default: a temporary file, read back by ``log``), ``env`` its environment,
     and ``detach=True`` mounts with the command a shell user types (no ``-f``: the daemon
-    forks away and is found by its command line) instead of a child process."""
+    forks away and is found by its command line) instead of a child process.  ``server``:
+    whether the default pyunionfs daemon may come from the warm mount server (False: always
+    a child process, for a test that needs its exit status)."""
 
     def __init__(self, lowers: Sequence[PathLike] | None = None, upper: PathLike | None = None,
                  work: PathLike | None = None, mountpoint: PathLike | None = None,
@@ -93,7 +99,8 @@ class Overlay:
                  backend: str = "pyunionfs", readonly: bool = False,
                  timeout: float = MOUNT_TIMEOUT, *, program: Sequence[str] | None = None,
                  log_path: PathLike | None = None, cwd: PathLike | None = None,
-                 env: Mapping[str, str] | None = None, detach: bool = False) -> None:
+                 env: Mapping[str, str] | None = None, detach: bool = False,
+                 server: bool = True) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
         self.backend = backend
@@ -103,6 +110,8 @@ class Overlay:
         self.cwd = Path(cwd) if cwd is not None else None
         self.env = dict(env) if env is not None else None
         self.detach = detach
+        self.server = server
+        self._pidfd: int | None = None  # the warm daemon's (it is not our child)
         self._temp: Path | None = None
         # a read-only overlay needs two lowers (the kernel's rule, and ours)
         self.lowers = [Path(p) for p in lowers] if lowers else \
@@ -187,7 +196,11 @@ class Overlay:
                 raise OverlayError("the fuse-overlayfs backend needs fuse-overlayfs "
                                    "(Debian: apt-get install fuse-overlayfs)")
             return [*prog, *fg, "-o", self.mount_options(), str(self.mountpoint)]
-        args = [*(self.program or [sys.executable, "-m", "unionfs"]), "mount", *fg]
+        return [*(self.program or [sys.executable, "-m", "unionfs"]), *self._command(fg)]
+
+    def _command(self, flags: list[str]) -> list[str]:
+        """``mount FLAGS [-o OPTS] LOWERS [UPPER WORK] MERGED``."""
+        args = ["mount", *flags]
         if self.options:
             args += ["-o", ",".join(self.options)]
         args.append(":".join(str(p).replace(":", "\\:") for p in self.lowers))
@@ -204,6 +217,14 @@ class Overlay:
                        0o644)
 
     def _mount_daemon(self) -> None:
+        env = os.environ if self.env is None else self.env
+        warm = self.server and self.backend == "pyunionfs" and self.program is None \
+            and client.enabled(env) and "debug" not in self.options
+        if warm:
+            done = self._mount_warm(env)
+            if done:
+                return
+            warm = done is None  # no server: leave one for the next mount
         args = self._daemon_args()
         log = self._open_log()
         try:
@@ -216,6 +237,8 @@ class Overlay:
         proc = self._proc
         if mounttable.wait_mounted(self.mountpoint, self.timeout, lambda: proc.poll() is None):
             self.mount_seconds = time.perf_counter() - self._t0
+            if warm:
+                client.spawn_server(env)  # for the next mount
             return
         rc = proc.poll()
         if rc is not None:
@@ -224,6 +247,35 @@ class Overlay:
         self._stop_daemon(kill=True)
         raise OverlayError(f"{self.backend} did not mount '{self.mountpoint}' within "
                            f"{self.timeout:g} s")
+
+    def _mount_warm(self, env: Mapping[str, str]) -> bool | None:
+        """Through the warm server: True once mounted; for a cold start instead, None where
+        there is no server and False where it can't act for us; OverlayError when the mount
+        itself failed."""
+        log = self._open_log()
+        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        cwd = os.open(self.cwd or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        argv = self._command(["--log", str(self.log_path)])
+        try:
+            rc, pid = client.request(argv, dict(env), (null, log, log), cwd=cwd,
+                                     title=[sys.executable, "-m", "unionfs", *argv],
+                                     timeout=self.timeout)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        except (OSError, client.Refused, client.Unsafe):
+            return False
+        except RuntimeError as e:
+            raise OverlayError(f"pyunionfs: {e}") from None
+        finally:
+            for fd in (log, null, cwd):
+                os.close(fd)
+        if rc != 0:
+            raise OverlayError(self._reason(f"pyunionfs exited with status {rc}"))
+        self.mount_seconds = time.perf_counter() - self._t0
+        self._pid = pid
+        with contextlib.suppress(OSError):
+            self._pidfd = os.pidfd_open(pid)
+        return True
 
     def _mount_detached(self) -> None:
         args = self._daemon_args(foreground=False)
@@ -316,6 +368,9 @@ class Overlay:
         detached lazily, so nothing outlives the call), the daemon did not exit, or it exited
         with an error."""
         problems = []
+        if self._pidfd is not None and not self._killed and \
+                select.select([self._pidfd], [], [], 0)[0]:
+            problems.append("the daemon ended before the unmount")  # its status is its parent's
         if self._mounted:
             self._mounted = False
             _live.discard(self)
@@ -377,7 +432,8 @@ class Overlay:
             if proc.returncode not in (0, None) and not self._killed and not kill:
                 problems.append(f"the daemon exited with status {proc.returncode}")
         elif pid is not None:
-            if not mounttable.wait_until(lambda: mounttable.gone(pid), UMOUNT_TIMEOUT, 0.005):
+            pidfd, self._pidfd = self._pidfd, None
+            if not _wait_gone(pid, pidfd, UMOUNT_TIMEOUT):
                 info = mounttable.process(pid)
                 if info is not None and str(self.mountpoint) in info[1]:
                     problems.append(f"the daemon did not exit within {UMOUNT_TIMEOUT:g} s")
@@ -407,6 +463,19 @@ class Overlay:
     def __repr__(self) -> str:
         state = "mounted" if self._mounted else "not mounted"
         return f"<Overlay {self.backend} at {self.mountpoint}, {state}>"
+
+
+def _wait_gone(pid: int, pidfd: int | None, timeout: float) -> bool:
+    """Wait for a daemon that is not our child to end: on its pidfd (woken the moment it
+    exits) where we have one, else by looking every 5 ms."""
+    if pidfd is None:
+        return mounttable.wait_until(lambda: mounttable.gone(pid), timeout, 0.005)
+    try:
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
+    finally:
+        os.close(pidfd)
 
 
 # Overlays mounted and not unmounted yet: the pytest plugin reports those a test leaves.

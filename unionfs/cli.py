@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import shutil
-import subprocess
 import sys
 from typing import Any, NoReturn
 
@@ -40,6 +39,7 @@ def _add_mount_options(p: argparse.ArgumentParser) -> None:
                    "fsname=, and libfuse/mount words (ro, allow_other, noatime, ...)")
 
 
+@functools.cache  # built once: a warm server's workers parse with the one it built
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description="A userspace union filesystem with Linux kernel "
                 "overlayfs semantics.")
@@ -191,7 +191,8 @@ def _image_command(args: argparse.Namespace) -> int:
         return oci_cli.report(e)
 
 
-def _helper_parser() -> argparse.ArgumentParser:
+@functools.cache
+def helper_parser() -> argparse.ArgumentParser:
     """fuse-overlayfs's command line (``PROG -o OPTS MERGED``, as containers-storage runs
     a mount_program) and mount(8)'s helper form (``PROG SOURCE MERGED -o OPTS``)."""
     p = _Parser(prog=PROG, usage=f"{PROG} [-f] [-d] -o lowerdir=...[,upperdir=...,"
@@ -248,29 +249,9 @@ def _mount(cfg: MountConfig) -> int:
 
 
 def _umount(merged: str, lazy: bool) -> int:
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    if not os.path.ismount(merged):
-        try:
-            os.stat(merged)
-        except OSError as e:
-            if e.errno != 107:  # ENOTCONN: a dead mount, still ours to remove
-                print(f"{PROG}: error: '{merged}': {e.strerror}", file=sys.stderr)
-                return 1
-        else:
-            print(f"{PROG}: error: '{merged}' is not mounted", file=sys.stderr)
-            return 1
-    cmd = [tool, "-u"] + (["-z"] if lazy else []) + [merged] if tool else \
-        ["umount"] + (["-l"] if lazy else []) + [merged]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        print(f"{PROG}: error: unmounting '{merged}' failed: {e}", file=sys.stderr)
-        return 1
-    if r.returncode != 0:
-        msg = (r.stderr.strip().splitlines() or ["unknown error"])[-1]
-        print(f"{PROG}: error: unmounting '{merged}' failed: {msg}", file=sys.stderr)
-        return 1
-    return 0
+    from unionfs.client import umount
+
+    return umount(merged, lazy)
 
 
 def _remounting(options: list[str], merged: str) -> bool:
@@ -302,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "--version", "-h", "--help"):
             # "pyunionfs -o OPTS MERGED" (a mount_program), or mount(8) -> mount.fuse3 ->
             # "pyunionfs SOURCE MOUNTPOINT -o OPTS"
-            args = _helper_parser().parse_args(argv)
+            args = helper_parser().parse_args(argv)
             if len(args.paths) > 2:
                 raise MountError("expected [SOURCE] MOUNTPOINT with -o lowerdir=...")
             if _remounting(args.options, args.paths[-1]):

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import pyfuse3
 import trio
 
-from unionfs import export, index, mounttable, remount, stats
+from unionfs import client, export, index, mounttable, remount, stats
 from unionfs import log as logsetup
 from unionfs.attrs import OVERRIDE_XATTRS
 from unionfs.config import MountConfig, check_supported, resolve_features, validate
@@ -37,6 +37,10 @@ from unionfs.whiteout import USER, drop_shared_whiteout
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT = 30.0
+# Set by a warm server's worker (server.py): descriptors the daemon must not keep (the
+# caller's connection), and the daemon's pid for the caller (the API waits on it).
+DETACH_CLOSE: list[int] = []
+LAST_PID: int | None = None
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:
@@ -213,7 +217,9 @@ def mount(cfg: MountConfig) -> int:
     except OSError as e:
         raise MountError(f"cannot open log file '{cfg.log}': {e.strerror}",
                          e.errno or errno.EIO) from None
+    client.mark("pyfuse3 imported")
     fs = prepare(cfg)
+    client.mark("layers prepared")
     # Ours must not touch what we create: the caller's umask is applied already, by the
     # kernel, or by dirops where the kernel left it to us (DONT_MASK, for default ACLs).
     os.umask(0)
@@ -232,6 +238,7 @@ def mount(cfg: MountConfig) -> int:
         raise MountError(f"cannot mount on '{cfg.merged}': {why}")
     if said:
         print("\n".join(said), file=sys.stderr)
+    client.mark("mounted")
     if cfg.foreground:
         return _served(fs, serve(None, fs, merged))
     read_end, write_end = os.pipe()
@@ -239,9 +246,15 @@ def mount(cfg: MountConfig) -> int:
     sys.stderr.flush()
     pid = os.fork()
     if pid:
+        global LAST_PID
+        LAST_PID = pid
         os.close(write_end)
         return _wait_ready(read_end, cfg.merged)
+    client.mark("forked")
     os.close(read_end)
+    for fd in DETACH_CLOSE:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -316,16 +329,20 @@ def _connection_ended(e: BaseException) -> bool:
 
 
 async def _main(ready_fd: int | None, fs: State, merged: str) -> None:
+    client.mark("trio started")
     async with trio.open_nursery() as nursery:
         # Started (not only scheduled) before the first request: the request loop may serve
         # a burst of requests before it lets another task run (eager_read).
         await nursery.start(_on_signals)
         nursery.start_soon(_follow_mount_flags, fs, merged)
+        client.mark("signals")
         await nursery.start(_serve_stats, fs, merged)
+        client.mark("serving")
         if ready_fd is not None:
             os.write(ready_fd, b"1")
             os.close(ready_fd)
         log.info("serving")
+        log.debug("start-up: %s", client.timeline())
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 
@@ -342,7 +359,7 @@ async def _serve_stats(fs: State, merged: str,
     fs.stats.gauges = lambda: {"nodes": len(fs.inodes.inodes),
                                "open_files": len(fs.handles.files)}
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    for name in stats.socket_names(e.dev):
+    for name in mounttable.socket_names(e.dev):
         try:
             await sock.bind(name)
             break

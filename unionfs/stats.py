@@ -62,18 +62,6 @@ class Stats:
         }
 
 
-# A device number comes free when its mount goes, before its daemon has exited: a new
-# mount with the same number takes the next free name, and the identity in the answer
-# tells the asker which one is its daemon.
-NAMES_PER_DEVICE = 8
-
-
-def socket_names(dev: str) -> list[bytes]:
-    """The abstract sockets a daemon serving the mount with device ``dev`` ("0:53") may
-    listen on, in the order it tries them."""
-    return [b"\0pyunionfs-stats-%s-%d" % (dev.encode(), i) for i in range(NAMES_PER_DEVICE)]
-
-
 def _peer_allowed(conn: socket.socket) -> bool:
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _, uid, _ = struct.unpack("3i", creds)
@@ -122,7 +110,7 @@ def fetch(merged: str, timeout: float = 5.0) -> dict[str, Any]:
         raise StatsError(f"'{merged}' is not a mount point")
     if e.fstype != "fuse.pyunionfs":
         raise StatsError(f"'{merged}' is a {e.fstype} mount, not pyunionfs")
-    for name in socket_names(e.dev):
+    for name in mounttable.socket_names(e.dev):
         data = _ask(name, timeout)
         if data is not None and data.get("mount") == {"dev": e.dev, "id": e.mount_id,
                                                       "point": e.point}:

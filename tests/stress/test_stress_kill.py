@@ -103,6 +103,8 @@ class KillableMount(PyUnionMount):
     """A pyunionfs mount whose daemon a test kills on purpose; after that, stop() only
     cleans up (the dead mount is the test's to check and remove first)."""
 
+    server = False  # its exit status is checked
+
     killed = False
 
     def kill(self) -> None:

@@ -100,7 +100,7 @@ def serving_daemon(m: Any) -> int:
     assert isinstance(m, PyUnionMount), "needs a pyunionfs mount"
     os.listdir(m.root)
     time.sleep(0.3)
-    return m.proc.pid
+    return m.pid
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,254 @@
+"""The warm mount server (unionfs/server.py, unionfs/client.py): a mount it forks acts in the
+caller's world, it refuses callers it can't act for (another user, another namespace), and
+the command falls back to a cold start when it is absent, stale or refuses."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from overlay_harness import IMPL, PYTHON, REPO, UMOUNT_TIMEOUT, force_unmount, is_mounted
+
+from unionfs import client, mounttable
+
+pytestmark = [
+    pytest.mark.skipif(IMPL == "kernel", reason="pyunionfs's own mount server"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="mounts as root, and checks other users"),
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse"),
+]
+
+
+@pytest.fixture
+def server_env() -> Iterator[dict[str, str]]:
+    """An environment whose servers live in a directory of this test's own (under /tmp, where
+    another user can reach it if a test opens it), exit after 20 s idle, and are ended at
+    teardown (only those: found by their sockets here)."""
+    base = Path(tempfile.mkdtemp(prefix="pyunionfs-server-test-", dir="/tmp"))
+    run = base / "run"
+    run.mkdir(mode=0o700)
+    env = {**os.environ, "PYUNIONFS_SERVER_DIR": str(run), "PYUNIONFS_SERVER_IDLE": "20"}
+    env.pop("PYUNIONFS_SERVER", None)
+    try:
+        yield env
+    finally:
+        for sock in run.glob("s-*"):
+            pid = _server_pid(sock)
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _server_pid(path: Path) -> int | None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return None
+        raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    return int.from_bytes(raw[:4], "little")
+
+
+def _stack(base: Path, name: str = "s") -> list[Path]:
+    d = base / name
+    dirs = [d / x for x in ("lower", "upper", "work", "merged")]
+    for p in dirs:
+        p.mkdir(parents=True)
+    (dirs[0] / "f").write_text("lower\n")
+    return dirs
+
+
+def _wait_for_server(env: dict[str, str]) -> Path:
+    run = Path(env["PYUNIONFS_SERVER_DIR"])
+    assert mounttable.wait_until(lambda: any(_server_pid(s) for s in run.glob("s-*")), 30), \
+        "no server came up"
+    return next(s for s in run.glob("s-*") if _server_pid(s))
+
+
+def _mount(env: dict[str, str], stack: list[Path], log: Path, cwd: Path | None = None,
+           **kw: object) -> subprocess.CompletedProcess[str]:
+    lower, upper, work, merged = (str(p) for p in stack)
+    return subprocess.run([PYTHON, "-m", "unionfs", "mount", "-d", "--log", str(log), lower,
+                           upper, work, merged], env=env, cwd=cwd or REPO, text=True,
+                          capture_output=True, timeout=60, stdin=subprocess.DEVNULL, **kw)
+
+
+def _umount(env: dict[str, str], merged: Path) -> None:
+    try:
+        r = subprocess.run([PYTHON, "-m", "unionfs", "umount", str(merged)], env=env,
+                           capture_output=True, text=True, timeout=UMOUNT_TIMEOUT)
+        assert r.returncode == 0, r.stderr
+    finally:
+        force_unmount(str(merged))
+
+
+def _started(log: Path) -> str:
+    """'warm' or 'cold': how the last start-up in ``log`` began (its timeline)."""
+    lines = [ln for ln in log.read_text().splitlines() if "start-up: " in ln]
+    assert lines, log.read_text()
+    return "warm" if "start-up: request " in lines[-1] else "cold"
+
+
+def test_cold_start_leaves_a_server_and_the_next_mount_is_warm_in_the_callers_world(
+        tmp_path: Path, server_env: dict[str, str]) -> None:
+    stack = _stack(tmp_path)
+    log = tmp_path / "mount.log"
+    r = _mount(server_env, stack, log)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert _started(log) == "cold"
+    finally:
+        _umount(server_env, stack[3])
+    _wait_for_server(server_env)
+
+    # relative paths from the caller's cwd; its umask, open-files limit and environment
+    rel = _stack(tmp_path, "rel")
+    here = tmp_path / "rel"
+
+    def world() -> None:
+        os.umask(0o027)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (500, 777))
+
+    env = {**server_env, "PYUNIONFS_TEST_MARK": "caller"}
+    r = subprocess.run([PYTHON, "-m", "unionfs", "mount", "--log", "rel.log", "-d",
+                        "lower", "upper", "work", "merged"], env=env, cwd=here, text=True,
+                       capture_output=True, timeout=60, stdin=subprocess.DEVNULL,
+                       preexec_fn=world)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert (rel[3] / "f").read_text() == "lower\n"
+        assert _started(here / "rel.log") == "warm"
+        assert (os.stat(here / "rel.log").st_mode & 0o777) == 0o640  # made with umask 027
+        pid = mounttable.daemon_pid(str(rel[3]))
+        assert pid is not None
+        assert os.readlink(f"/proc/{pid}/cwd") == str(here)
+        with open(f"/proc/{pid}/limits") as f:
+            nofile = next(ln for ln in f if ln.startswith("Max open files")).split()
+        assert nofile[4] == "777", nofile  # the hard limit (the daemon raises the soft one)
+        # ps shows the command the caller ran, as for a cold start
+        argv = mounttable.process(pid)
+        assert argv is not None and str(rel[3]) not in argv[1] and "merged" in argv[1] \
+            and "mount" in argv[1]
+        # no stdio of the caller's: run() above returned, so its pipes reached their end
+    finally:
+        _umount(server_env, rel[3])
+
+
+def test_errors_are_the_cold_starts(tmp_path: Path, server_env: dict[str, str]) -> None:
+    """The same one line and exit status from a worker as from a cold start."""
+    stack = _stack(tmp_path)
+    log = tmp_path / "m.log"
+    assert _mount(server_env, stack, log).returncode == 0
+    _umount(server_env, stack[3])
+    _wait_for_server(server_env)
+    bad = [str(tmp_path / "nowhere"), *(str(p) for p in stack[1:])]
+    cmd = [PYTHON, "-m", "unionfs", "mount", "--log", str(log), *bad]
+    warm = subprocess.run(cmd, env=server_env, capture_output=True, text=True, timeout=60)
+    cold = subprocess.run(cmd, env={**server_env, "PYUNIONFS_SERVER": "0"},
+                          capture_output=True, text=True, timeout=60)
+    assert warm.returncode == cold.returncode != 0
+    assert warm.stderr == cold.stderr and len(warm.stderr.splitlines()) == 1, warm.stderr
+    assert not is_mounted(stack[3])
+
+
+def test_no_server_with_pyunionfs_server_0(tmp_path: Path, server_env: dict[str, str]) -> None:
+    env = {**server_env, "PYUNIONFS_SERVER": "0"}
+    stack = _stack(tmp_path)
+    for _ in range(2):
+        r = _mount(env, stack, tmp_path / "m.log")
+        assert r.returncode == 0, r.stderr
+        _umount(env, stack[3])
+        assert _started(tmp_path / "m.log") == "cold"
+    time.sleep(0.5)
+    assert list(Path(env["PYUNIONFS_SERVER_DIR"]).iterdir()) == []
+
+
+def test_a_stale_socket_means_a_cold_start_and_a_new_server(
+        tmp_path: Path, server_env: dict[str, str]) -> None:
+    path, _ = client.socket_path(server_env)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(path)  # and closed: a server killed without cleaning up leaves this
+    stack = _stack(tmp_path)
+    log = tmp_path / "m.log"
+    for want in ("cold", "warm"):
+        if want == "warm":
+            _wait_for_server(server_env)
+        r = _mount(server_env, stack, log)
+        assert r.returncode == 0, r.stderr
+        _umount(server_env, stack[3])
+        assert _started(log) == want
+
+
+def _raw_request(path: str, ident: str, argv: list[str]) -> str:
+    """What the server answers a request sent past the client's own checks."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(path)
+        proc = os.open("/proc/self", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fields = [ident, str(len(argv)), *argv, "0"]
+            socket.send_fds(s, [client.encode(fields)], [proc, 0, 1, 2])
+        finally:
+            os.close(proc)
+        return s.recv(4096).decode()
+
+
+RAW = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_server import _raw_request
+print(_raw_request({path!r}, {ident!r}, ["mount", "/nonexistent", "/nonexistent"]))
+"""
+
+
+def _started_server(tmp_path: Path, env: dict[str, str]) -> tuple[str, str]:
+    stack = _stack(tmp_path)
+    assert _mount(env, stack, tmp_path / "m.log").returncode == 0
+    _umount(env, stack[3])
+    sock = _wait_for_server(env)
+    return str(sock), client.identity(env)
+
+
+def test_the_server_refuses_another_user(tmp_path: Path, server_env: dict[str, str]) -> None:
+    path, ident = _started_server(tmp_path, server_env)
+    # let uid 65534 reach the socket, as a careless setup might: the peer check still holds
+    os.chmod(Path(path).parent, 0o711)
+    os.chmod(Path(path).parent.parent, 0o711)
+    code = RAW.format(tests=str(REPO / "tests"), path=path, ident=ident)
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        PYTHON, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd="/", env={**server_env, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("no uid 65534 is not this server's user"), r.stdout
+    # and a client refuses a directory others may enter: a cold start, no connection
+    with pytest.raises(client.Unsafe):
+        client.socket_dir(server_env)
+
+
+def test_the_server_refuses_another_mount_namespace(tmp_path: Path,
+                                                    server_env: dict[str, str]) -> None:
+    path, ident = _started_server(tmp_path, server_env)
+    code = RAW.format(tests=str(REPO / "tests"), path=path, ident=ident)
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", PYTHON, "-c", code],
+                       capture_output=True, text=True, timeout=60, cwd="/",
+                       env={**server_env, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("no another mnt namespace"), r.stdout
+    # the command there asks a server of its own world (none yet): a cold start that works
+    stack = _stack(tmp_path, "ns")
+    lower, upper, work, merged = (str(p) for p in stack)
+    script = (f"{PYTHON} -m unionfs mount -d --log {tmp_path}/ns.log {lower} {upper} {work} "
+              f"{merged} && cat {merged}/f && {PYTHON} -m unionfs umount {merged}")
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=120, env=server_env)
+    assert r.returncode == 0 and r.stdout == "lower\n", r.stderr
+    assert _started(tmp_path / "ns.log") == "cold"
