@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import select
 import shlex
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ from benchkit.common import (
     MountFailed,
     log,
 )
-from unionfs import stats
+from unionfs import mounttable, stats
 from unionfs.api import Overlay, OverlayError
 
 
@@ -190,3 +191,46 @@ def requests_served(mount: Mount) -> tuple[int, float] | None:
         return int(data["requests"]), float(data["daemon_cpu_s"])
     except (stats.StatsError, OSError, ValueError, KeyError):
         return None
+
+
+# -- start-up: the commands a user types, timed from outside ------------------------------
+
+
+def mount_command(mount: Mount) -> list[str]:
+    """The command line that mounts ``mount``'s stack (daemonizing for the FUSE ones)."""
+    ov = mount.overlay
+    if mount.name == "kernel":
+        return ["mount", "-t", "overlay", "overlay", "-o", ov.mount_options(), str(ov.mountpoint)]
+    if mount.name == "fuse-overlayfs":
+        return ov._daemon_args(foreground=False)
+    return [*(mount.pyunionfs_cmd or default_pyunionfs_cmd()), *ov._command([])]
+
+
+def umount_command(mount: Mount) -> list[str]:
+    if mount.name == "kernel":
+        return ["umount", str(mount.merged)]
+    if mount.name == "fuse-overlayfs":
+        return ["fusermount3", "-u", str(mount.merged)]
+    return [*(mount.pyunionfs_cmd or default_pyunionfs_cmd()), "umount", str(mount.merged)]
+
+
+def daemon_of(mount: Mount) -> int | None:
+    if mount.name == "kernel":
+        return None
+    if mount.name == "pyunionfs":
+        return mounttable.daemon_pid(str(mount.merged))
+    pids = mounttable.processes_with_arg(str(mount.merged))
+    return pids[-1] if pids else None
+
+
+def wait_gone(pid: int | None, timeout: float) -> None:
+    if pid is None:
+        return
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return  # gone already
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)

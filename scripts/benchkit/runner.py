@@ -12,7 +12,9 @@ import platform
 import shlex
 import shutil
 import signal
+import socket
 import stat
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ from benchkit.common import (
     FS_NAMES,
     FULL,
     FUSE_NAMES,
+    MOUNT_TIMEOUT,
     QUICK,
     RSS_BACK_FRACTION,
     RSS_KIB_PER_INODE_TARGET,
@@ -42,9 +45,13 @@ from benchkit.layers import MainLayers, make_main_layers
 from benchkit.mounts import (
     Mount,
     availability,
+    daemon_of,
     default_pyunionfs_cmd,
+    mount_command,
     requests_served,
+    umount_command,
     version_of,
+    wait_gone,
     watchdog,
 )
 from benchkit.report import (
@@ -59,8 +66,13 @@ from benchkit.report import (
     rss_rows,
 )
 from benchkit.workloads import CHOWN_KEYS, SECTION_KEYS, WORKLOADS, Ctx, Workload, _ents
+from unionfs.api import Overlay
 from unionfs.mounttable import is_mounted as mounted
 from unionfs.mounttable import mounts_under as mounts_below
+from unionfs.mounttable import wait_until
+
+# start-up rows, timed by the commands themselves (startup_one), not by a workload's run
+STARTUP = ("mount_cold", "mount_warm", "umount", "overlay_cycle")
 
 
 class Bench:
@@ -187,6 +199,8 @@ class Bench:
 
     def run_one(self, fs: str, w: Workload, layers: MainLayers) -> tuple[float, dict[str, float]]:
         """The time of one run, and the figures it measured (Ctx.figures)."""
+        if w.key in STARTUP:
+            return self.startup_one(fs, w.key, layers), {}
         lowers, probe = w.lowers(layers) if w.lowers else (layers.dirs, layers.stdlib)
         options = w.options if fs in ("kernel", "pyunionfs") else ""
         if fs in FUSE_NAMES and w.fuse_options:
@@ -217,6 +231,72 @@ class Bench:
             if check is not None:
                 self.timed(mount, f"{w.key} (check)", lambda: check(c))
             return t, c.figures
+
+    def startup_one(self, fs: str, key: str, layers: MainLayers) -> float:
+        """A start-up row: the mount command (cold, or with the server up) until a file reads
+        back, the unmount command until the daemon has gone, or an Overlay's enter + exit."""
+        mount = self.fresh(fs, layers.dirs, layers.stdlib)
+        first = mount.merged / layers.stdlib / "os.py"
+        rd = mount.merged.parent
+        env = dict(os.environ)
+        if key == "mount_cold":
+            env["PYUNIONFS_SERVER"] = "0"
+
+        def run(cmd: list[str]) -> None:
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60,
+                               stdin=subprocess.DEVNULL)
+            if r.returncode != 0:
+                raise BenchError(f"{fs}: {shlex.join(cmd[:3])}...: {r.stderr.strip()[-300:]}")
+
+        def cycle() -> float:
+            t0 = time.perf_counter()
+            run(mount_command(mount))
+            with watchdog(mount, key, MOUNT_TIMEOUT), open(first, "rb") as f:
+                f.read(4096)
+            return time.perf_counter() - t0
+
+        try:
+            if key == "overlay_cycle":
+                ov = Overlay(lowers=layers.dirs, upper=mount.upper, work=mount.work,
+                             mountpoint=mount.merged, backend=fs, timeout=MOUNT_TIMEOUT,
+                             log_path=self.scratch / "logs" / f"{fs}-cycle.log")
+                t0 = time.perf_counter()
+                with ov:
+                    with open(first, "rb") as f:
+                        f.read(4096)
+                return time.perf_counter() - t0
+            if key == "mount_warm" and fs == "pyunionfs":
+                cycle()  # leaves a server (if there was none) for the timed one
+                run(umount_command(mount))
+                self.wait_server(env)
+            t = cycle()
+            if key != "umount":
+                return t
+            pid = daemon_of(mount)
+            t0 = time.perf_counter()
+            run(umount_command(mount))
+            wait_gone(pid, MOUNT_TIMEOUT)
+            return time.perf_counter() - t0
+        finally:
+            if mounted(mount.merged):
+                subprocess.run(umount_command(mount), capture_output=True, timeout=60)
+            if not mounts_below(rd) and not mounted(mount.merged):
+                shutil.rmtree(rd, ignore_errors=True)
+
+    @staticmethod
+    def wait_server(env: dict[str, str]) -> None:
+        from unionfs import client
+
+        def up() -> bool:
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.connect(client.socket_path(env)[0])
+                return True
+            except (OSError, client.Unsafe):
+                return False
+
+        if not wait_until(up, 30):
+            log("pyunionfs: no mount server came up: mount_warm is a cold start")
 
     def warm_lowers(self, layers: MainLayers) -> None:
         """After a drop_caches, read the layers' metadata and small files (and the tarball)

@@ -431,6 +431,15 @@ WORKLOADS = [
         Target("abs", STARTUP_TARGET_S),
     ),
     Workload("mount_bg", lambda L, p: "daemonizing mount command, until it returns", None),
+    # start-up (issue 24): the commands users type, from outside (runner.startup_one)
+    Workload("mount_cold", lambda L, p: f"mount command with nothing warm (PYUNIONFS_SERVER=0) "
+             f"until MERGED/{L.stdlib}/os.py reads back", None, Target("abs", 0.15)),
+    Workload("mount_warm", lambda L, p: "the same with pyunionfs's mount server up", None,
+             Target("abs", 0.03)),
+    Workload("umount", lambda L, p: "unmount command until the daemon has gone", None,
+             Target("abs", 0.03)),
+    Workload("overlay_cycle", lambda L, p: "unionfs.Overlay enter + read + exit, in this process",
+             None, Target("abs", 0.06)),
     Workload("find_cold", lambda L, p: f"find MERGED ({_ents(L.entries)}), after drop_caches",
              w_find, _ratio_t(1.0), cold=True),
     Workload("find_warm", lambda L, p: "find MERGED again, same mount", w_find, _ratio_t(0.5),
