@@ -14,7 +14,7 @@ import pytest
 from overlay_harness import USERNS, environment_problem
 
 import unionfs
-from unionfs import Overlay, OverlayError, mounttable
+from unionfs import Overlay, OverlayError, client, mounttable
 from unionfs.api import mounted
 
 pytest_plugins = ["pytester"]
@@ -244,3 +244,22 @@ def test_plugin_is_registered():
     out = subprocess.run([sys.executable, "-m", "pytest", "--markers", "-p", "no:cacheprovider"],
                          capture_output=True, text=True, timeout=120, cwd="/")
     assert "@pytest.mark.overlay_backends" in out.stdout, out.stdout[-2000:]
+
+
+def test_a_hundred_mounts_in_a_row_leave_nothing_behind():
+    """Overlay enter + exit, 100 times: no daemon, mount, descriptor of ours or temporary
+    directory outlives its cycle; after the first (which may start the warm server) each
+    daemon comes from the server, not from a new interpreter."""
+    fds = set(os.listdir("/proc/self/fd"))
+    seen = []
+    for _ in range(100):
+        with Overlay() as ov:
+            (ov.mountpoint / "f").write_text("x")
+            seen.append((ov.pid, ov.mountpoint, ov.process is None))
+        assert not mounted(ov.mountpoint)
+    assert set(os.listdir("/proc/self/fd")) == fds
+    for pid, point, _ in seen:
+        assert pid is not None and mounttable.process(pid) is None, pid
+        assert not point.parent.exists(), point.parent
+    if client.enabled():
+        assert sum(warm for _, _, warm in seen) >= 98, "mounts that were not the server's"

@@ -252,3 +252,29 @@ def test_the_server_refuses_another_mount_namespace(tmp_path: Path,
                        capture_output=True, text=True, timeout=120, env=server_env)
     assert r.returncode == 0 and r.stdout == "lower\n", r.stderr
     assert _started(tmp_path / "ns.log") == "cold"
+
+
+def test_the_launcher_and_the_server_name_the_same_server(tmp_path: Path,
+                                                          server_env: dict[str, str]) -> None:
+    """The launcher runs python -S (scripts/install-deps.sh), the server python -m: their
+    sys.path and sys.prefix differ, the world they compute must not."""
+    code = ("import os, sys; sys.path.insert(0, sys.argv[1]); from unionfs import client; "
+            "print(client.identity(os.environ))")
+    said = [subprocess.run([PYTHON, *flags, "-c", code, str(REPO)], env=server_env,
+                           capture_output=True, text=True, timeout=60).stdout
+            for flags in (["-S"], [])]
+    assert said[0] == said[1] and "euid=" in said[0], said
+    launcher = REPO / ".venv" / "bin" / "pyunionfs"
+    if not launcher.exists():
+        pytest.skip("no .venv/bin/pyunionfs (make deps)")
+    stack = _stack(tmp_path)
+    lower, upper, work, merged = (str(p) for p in stack)
+    log = tmp_path / "l.log"
+    for want in ("cold", "warm"):
+        r = subprocess.run([str(launcher), "mount", "-d", "--log", str(log), lower, upper, work,
+                            merged], env=server_env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        _umount(server_env, stack[3])
+        assert _started(log) == want
+        if want == "cold":
+            _wait_for_server(server_env)

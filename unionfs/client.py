@@ -47,7 +47,9 @@ def enabled(env: dict[str, str] | os._Environ[str] | None = None) -> bool:
 
 def _code_stamp() -> str:
     """Where our code and pyfuse3 are and when they last changed: an edit or a reinstall
-    starts a new server instead of mounting with the old code."""
+    starts a new server instead of mounting with the old code.  pyfuse3 is looked for where
+    this interpreter installs packages, not on sys.path, which differs between the launcher
+    (python -S) and the server (python -m): both must name the same server."""
     here = os.path.dirname(os.path.abspath(__file__))
     newest = 0
     for d in (here, os.path.join(here, "oci")):
@@ -55,12 +57,13 @@ def _code_stamp() -> str:
             for e in it:
                 if e.name.endswith(".py"):
                     newest = max(newest, e.stat().st_mtime_ns)
-    for p in sys.path:
-        try:
-            newest = max(newest, os.stat(os.path.join(p or ".", "pyfuse3")).st_mtime_ns)
-        except OSError:
-            continue
-        break
+    v = sys.version_info
+    try:
+        newest = max(newest, os.stat(os.path.join(
+            os.path.dirname(os.path.dirname(sys.executable)), "lib", f"python{v[0]}.{v[1]}",
+            "site-packages", "pyfuse3")).st_mtime_ns)
+    except OSError:
+        pass
     return f"{here}|{sys.executable}|{newest}"
 
 

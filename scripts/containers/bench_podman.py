@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                     stack.enter_context(pe.acl_grant(d, pw.pw_uid, "--x"))
         envs: dict[str, pe.PodmanEnv] = {}
         for d in args.drivers:
-            env = pe.PodmanEnv.create(d, user)
+            env = pe.PodmanEnv.create(d, user, wrapped=False)  # as a user configures it
             stack.callback(env.close)
             envs[d] = env
             env.import_base_image()

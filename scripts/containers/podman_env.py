@@ -214,6 +214,7 @@ class PodmanEnv:
     uid: int = 0
     gid: int = 0
     _notes: list[str] = field(default_factory=list)
+    wrapped: bool = True  # mount_program: the logging wrapper (tests), or pyunionfs itself
 
     # layout
     @property
@@ -251,11 +252,16 @@ class PodmanEnv:
             return None
         if self.driver == "fuse-overlayfs":
             return FUSE_OVERLAYFS
+        if not self.wrapped:
+            return pyunionfs_program()
         return str(self.base / "bin" / "pyunionfs-mount")
 
     @classmethod
     def create(cls, driver: str, user: str | None = None, parent: str | Path | None = None,
-               mountopt: str | None = None, pyunionfs_log: bool = True) -> PodmanEnv:
+               mountopt: str | None = None, pyunionfs_log: bool = True,
+               wrapped: bool = True) -> PodmanEnv:
+        """``wrapped=False``: mount_program is the pyunionfs command itself, as a user would
+        configure it (the benchmark), not the wrapper that logs each call (the tests)."""
         if driver not in DRIVERS:
             raise ValueError(f"unknown driver {driver!r} (one of {', '.join(DRIVERS)})")
         # short: podman refuses a runroot longer than 50 characters (for its socket paths)
@@ -266,6 +272,7 @@ class PodmanEnv:
         if mountopt is None and driver != "native":
             mountopt = os.environ.get("PYUNIONFS_CTEST_MOUNTOPT", "nodev")
         env = cls(driver=driver, user=user, base=base, mountopt=mountopt or None)
+        env.wrapped = wrapped
         try:
             env._setup(pyunionfs_log)
         except BaseException:
