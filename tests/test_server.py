@@ -128,8 +128,9 @@ def test_cold_start_leaves_a_server_and_the_next_mount_is_warm_in_the_callers_wo
         assert (rel[3] / "f").read_text() == "lower\n"
         assert _started(here / "rel.log") == "warm"
         assert (os.stat(here / "rel.log").st_mode & 0o777) == 0o640  # made with umask 027
-        pid = mounttable.daemon_pid(str(rel[3]))
-        assert pid is not None
+        found = mounttable.daemon_pid(str(rel[3]))
+        assert found is not None
+        pid = found[0]
         assert os.readlink(f"/proc/{pid}/cwd") == str(here)
         with open(f"/proc/{pid}/limits") as f:
             nofile = next(ln for ln in f if ln.startswith("Max open files")).split()
@@ -278,3 +279,31 @@ def test_the_launcher_and_the_server_name_the_same_server(tmp_path: Path,
         assert _started(log) == want
         if want == "cold":
             _wait_for_server(server_env)
+
+
+def test_umount_says_where_copies_keep_the_daemon_and_returns(tmp_path: Path,
+                                                               server_env: dict[str, str]) -> None:
+    """`pyunionfs umount` returns once the daemon has gone; where a mount namespace made
+    while it was mounted holds a copy (the kernel keeps serving such copies, and so does the
+    daemon), it says so at once instead of waiting, and the daemon ends with that namespace."""
+    stack = _stack(tmp_path)
+    assert _mount(server_env, stack, tmp_path / "m.log").returncode == 0
+    found = mounttable.daemon_pid(str(stack[3]))
+    assert found is not None
+    sleeper = subprocess.Popen(["unshare", "--mount", "--propagation", "private",
+                                "sleep", "60"])
+    try:
+        assert mounttable.wait_until(lambda: mounttable.copies(found[1]) != {}, 10, 0.01)
+        t0 = time.monotonic()
+        r = subprocess.run([PYTHON, "-m", "unionfs", "umount", str(stack[3])], env=server_env,
+                           capture_output=True, text=True, timeout=UMOUNT_TIMEOUT)
+        assert r.returncode == 0 and time.monotonic() - t0 < 5, r.stderr
+        assert "lives on in 1 other mount namespace" in r.stderr and str(sleeper.pid) in \
+            r.stderr, r.stderr
+        assert len(r.stderr.splitlines()) == 1 and not is_mounted(stack[3])
+        assert mounttable.process(found[0]) is not None  # serving the copy
+    finally:
+        sleeper.kill()
+        sleeper.wait(timeout=10)
+        force_unmount(str(stack[3]))
+    assert mounttable.wait_until(lambda: mounttable.process(found[0]) is None, 10, 0.01)

@@ -40,6 +40,7 @@ OptionValue = bool | str | int
 BACKENDS = ("pyunionfs", "kernel", "fuse-overlayfs")
 MOUNT_TIMEOUT = 20.0
 UMOUNT_TIMEOUT = 20.0
+COPIES_GRACE = 0.5  # a daemon still serving this long after the unmount serves copies only
 BUSY_RETRY = 2.0  # seconds an unmount retries EBUSY (a shell that just left the mount)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -415,16 +416,24 @@ class Overlay:
         return [failed or "unmount failed", *(["still mounted"] if mounted(path) else [])]
 
     def _stop_daemon(self, kill: bool = False) -> list[str]:
-        """Wait for the daemon to exit after the unmount (SIGKILL after the timeout)."""
+        """Wait for the daemon to exit after the unmount.  One still serving after a moment
+        serves copies of the mount that other mount namespaces took while it was mounted (a
+        container or unshare started meanwhile, e.g. by a test running beside ours): it is
+        told to end (SIGTERM), those copies then say ENOTCONN.  SIGKILL after the timeout."""
         problems = []
         proc, self._proc = self._proc, None
         pid, self._pid = self._pid, None
+        pidfd, self._pidfd = self._pidfd, None
         if proc is not None:
             try:
-                proc.wait(timeout=0 if kill else UMOUNT_TIMEOUT)
+                proc.wait(timeout=0 if kill else COPIES_GRACE)
             except subprocess.TimeoutExpired:
                 if not kill:
-                    problems.append(f"the daemon did not exit within {UMOUNT_TIMEOUT:g} s")
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=UMOUNT_TIMEOUT)
+                    except subprocess.TimeoutExpired:
+                        problems.append(f"the daemon did not exit within {UMOUNT_TIMEOUT:g} s")
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -432,15 +441,24 @@ class Overlay:
             if proc.returncode not in (0, None) and not self._killed and not kill:
                 problems.append(f"the daemon exited with status {proc.returncode}")
         elif pid is not None:
-            pidfd, self._pidfd = self._pidfd, None
-            if not _wait_gone(pid, pidfd, UMOUNT_TIMEOUT):
-                info = mounttable.process(pid)
-                if info is not None and str(self.mountpoint) in info[1]:
-                    problems.append(f"the daemon did not exit within {UMOUNT_TIMEOUT:g} s")
-                    with contextlib.suppress(ProcessLookupError):
+            try:
+                if not _wait_gone(pid, pidfd, COPIES_GRACE) and self._ours(pid):
+                    os.kill(pid, signal.SIGTERM)
+                    if not _wait_gone(pid, pidfd, UMOUNT_TIMEOUT) and self._ours(pid):
+                        problems.append(f"the daemon did not exit within {UMOUNT_TIMEOUT:g} s")
                         os.kill(pid, signal.SIGKILL)
-                    mounttable.wait_until(lambda: mounttable.gone(pid), 5)
+                        _wait_gone(pid, pidfd, 5)
+            except ProcessLookupError:
+                pass
+            finally:
+                if pidfd is not None:
+                    os.close(pidfd)
         return problems
+
+    def _ours(self, pid: int) -> bool:
+        """``pid`` is still our daemon (its command line names our mount point)."""
+        info = mounttable.process(pid)
+        return info is not None and str(self.mountpoint) in info[1]
 
     def __enter__(self) -> Overlay:
         return self.mount()
@@ -470,12 +488,9 @@ def _wait_gone(pid: int, pidfd: int | None, timeout: float) -> bool:
     exits) where we have one, else by looking every 5 ms."""
     if pidfd is None:
         return mounttable.wait_until(lambda: mounttable.gone(pid), timeout, 0.005)
-    try:
-        poller = select.poll()
-        poller.register(pidfd, select.POLLIN)
-        return bool(poller.poll(timeout * 1000))
-    finally:
-        os.close(pidfd)
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 # Overlays mounted and not unmounted yet: the pytest plugin reports those a test leaves.

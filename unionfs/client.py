@@ -229,6 +229,8 @@ def spawn_server(env: dict[str, str] | os._Environ[str]) -> None:
 # -- pyunionfs umount: light too, and it returns once the daemon has gone ----------------
 
 DAEMON_EXIT_TIMEOUT = 10.0
+# a daemon still there this long after the unmount is looked into: copies elsewhere?
+COPIES_GRACE = 0.5
 UMOUNT_TIMEOUT = 60.0
 
 
@@ -267,6 +269,26 @@ def _run(cmd: list[str], timeout: float) -> tuple[int, str]:
     return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
 
 
+def _wait_daemon(merged: str, pidfd: int, dev: str) -> None:
+    """Until the daemon has gone; where copies of the mount in other mount namespaces keep
+    it serving (a container or unshare made while it was mounted), say so instead."""
+    import select
+
+    if select.select([pidfd], [], [], COPIES_GRACE)[0]:
+        return
+    from unionfs.mounttable import copies
+
+    elsewhere = copies(dev)
+    if elsewhere:
+        pids = ", ".join(map(str, sorted(elsewhere.values())[:5]))
+        print(f"pyunionfs: note: '{merged}' lives on in {len(elsewhere)} other mount "
+              f"namespace(s) made while it was mounted (processes {pids}); its daemon serves "
+              "them until they end", file=sys.stderr)
+    elif not select.select([pidfd], [], [], DAEMON_EXIT_TIMEOUT)[0]:
+        print(f"pyunionfs: warning: the daemon of '{merged}' is still running "
+              f"{DAEMON_EXIT_TIMEOUT + COPIES_GRACE:g} s after the unmount", file=sys.stderr)
+
+
 def umount(merged: str, lazy: bool) -> int:
     """Unmount ``merged`` with fusermount3 (umount(8) without it) and wait for its daemon
     to end, so that what it does last (WORK left empty, nfs_export's records) is done when
@@ -281,14 +303,15 @@ def umount(merged: str, lazy: bool) -> int:
         else:
             print(f"pyunionfs: error: '{merged}' is not mounted", file=sys.stderr)
             return 1
-    pidfd = None
+    pidfd = dev = None
     if not lazy:
         from unionfs.mounttable import daemon_pid
 
-        pid = daemon_pid(merged)
-        if pid is not None:
+        found = daemon_pid(merged)
+        if found is not None:
+            dev = found[1]
             try:
-                pidfd = os.pidfd_open(pid)
+                pidfd = os.pidfd_open(found[0])
             except OSError:
                 pass  # gone already: nothing to wait for
     tool = _which("fusermount3") or _which("fusermount")
@@ -304,12 +327,8 @@ def umount(merged: str, lazy: bool) -> int:
             msg = (said.strip().splitlines() or ["unknown error"])[-1]
             print(f"pyunionfs: error: unmounting '{merged}' failed: {msg}", file=sys.stderr)
             return 1
-        if pidfd is not None:
-            import select
-
-            if not select.select([pidfd], [], [], DAEMON_EXIT_TIMEOUT)[0]:
-                print(f"pyunionfs: warning: the daemon of '{merged}' is still running "
-                      f"{DAEMON_EXIT_TIMEOUT:g} s after the unmount", file=sys.stderr)
+        if pidfd is not None and dev is not None:
+            _wait_daemon(merged, pidfd, dev)
         return 0
     finally:
         if pidfd is not None:

@@ -311,9 +311,11 @@ def serve(ready_fd: int | None, fs: State, merged: str) -> int:
             log.exception("the filesystem loop failed")
             rc = 1
     finally:
-        # Unmount even after a failure: a dead mount only gives ENOTCONN to everyone.
+        # Unmount even after a failure: a dead mount only gives ENOTCONN to everyone.  Not
+        # once our mount has left this namespace (a SIGTERM while copies in other mount
+        # namespaces kept us serving): the path may hold another mount by now.
         try:
-            pyfuse3.close(unmount=True)
+            pyfuse3.close(unmount=not fs.unmounted_here)
         except Exception:
             log.exception("unmount failed")
             rc = 1
@@ -390,9 +392,12 @@ async def _follow_mount_flags(fs: State, merged: str) -> None:
     words = [w for w, on in (("nodiratime", fs.stack.list_noatime and not fs.noatime),
                              ("strictatime", fs.atime == "strictatime")) if on]
     try:
-        await trio.to_thread.run_sync(remount.follow, merged, words,
-                                      fs.stack.upper is None, changed,
-                                      lambda: done, abandon_on_cancel=True)
+        if await trio.to_thread.run_sync(remount.follow, merged, words,
+                                         fs.stack.upper is None, changed,
+                                         lambda: done, abandon_on_cancel=True):
+            fs.unmounted_here = True
+            log.info("unmounted; serving on only for copies of the mount in other mount "
+                     "namespaces, if any")
     finally:
         done = True
 

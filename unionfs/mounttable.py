@@ -131,9 +131,9 @@ def socket_names(dev: str) -> list[bytes]:
 
 
 
-def daemon_pid(merged: str) -> int | None:
-    """The pid of the pyunionfs daemon serving ``merged``, from its stats socket's peer
-    credentials; None if none answers.  An older daemon of a mount that had the device
+def daemon_pid(merged: str) -> tuple[int, str] | None:
+    """(pid, device) of the pyunionfs daemon serving ``merged``, from its stats socket's
+    peer credentials; None if none answers.  An older daemon of a mount that had the device
     number before may answer first: it is on its way out."""
     import socket
 
@@ -147,9 +147,30 @@ def daemon_pid(merged: str) -> int | None:
             except OSError:
                 continue
             raw = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-            return int.from_bytes(raw[:4], sys.byteorder) or None
+            pid = int.from_bytes(raw[:4], sys.byteorder)
+            return (pid, e.dev) if pid else None
     return None
 
+
+def copies(dev: str) -> dict[str, int]:
+    """The mount namespaces other than ours that hold a mount of device ``dev`` (copies a
+    namespace took when it was made, a container's or unshare's), each with one process in
+    it: {namespace: pid}.  Only the processes we may look at are seen."""
+    mine = os.readlink("/proc/self/ns/mnt")
+    found: dict[str, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            ns = os.readlink(f"/proc/{name}/ns/mnt")
+            if ns == mine or ns in found:
+                continue
+            with open(f"/proc/{name}/mountinfo") as f:
+                if any(line.split(" ", 3)[2] == dev for line in f):
+                    found[ns] = int(name)
+        except (OSError, IndexError):
+            continue
+    return found
 
 
 def process(pid: int) -> tuple[int, list[str]] | None:

@@ -135,17 +135,18 @@ def atime_policy(opts: set[str]) -> tuple[str, bool]:
 
 
 def follow(merged: str, words: list[str], readonly: bool,
-           changed: Callable[[set[str]], None], stop: Callable[[], bool]) -> None:
+           changed: Callable[[set[str]], None], stop: Callable[[], bool]) -> bool:
     """Call ``changed(options)`` whenever our mount's per-mount options change (a remount),
     until ``stop()``; blocks, so it runs in a thread.  The mount table is pollable: it says
     POLLPRI when any mount in the namespace changes.  A ``readonly`` mount (no upper layer)
     that somebody remounted rw is made read-only again, as the kernel refuses it (the helper
     then says so).  ``words`` that libfuse wouldn't pass (nodiratime, strictatime) are set on
     the mount first, where we may, so that the mount table shows them, mount(8) keeps them
-    over a remount, and what a remount changes is read against them."""
+    over a remount, and what a remount changes is read against them.  True once our mount
+    has left this namespace's table (unmounted here; copies in other namespaces may live on)."""
     first = _mount_line(merged)
     if first is None or first.fstype != FSTYPE:
-        return
+        return False
     dev, seen = first.dev, first.options
     want = seen.split(",") + words
     if flags_of(want) != flags_of(seen.split(",")):
@@ -164,7 +165,7 @@ def follow(merged: str, words: list[str], readonly: bool,
                 continue
             now = _mount_line(None, dev)
             if now is None:
-                return  # unmounted
+                return True  # unmounted
             if readonly and _writable(now):
                 words = now.options.split(",") + ["ro"]
                 for flags in (MS_REMOUNT | flags_of(words), MS_REMOUNT | MS_BIND | flags_of(words)):
@@ -177,3 +178,4 @@ def follow(merged: str, words: list[str], readonly: bool,
             if now.options != seen:
                 seen = now.options
                 changed(set(seen.split(",")))
+    return False

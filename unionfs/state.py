@@ -37,6 +37,7 @@ class State:
     index: Layer | None = None  # WORK/index with index=on (unionfs/index.py)
     export: ExportLog | None = None  # nfs_export=on: where forgotten nodes were (export.py)
     epoch: int = 0  # moved on by every request that may change the layers (ops._guard)
+    unmounted_here: bool = False  # our mount left our namespace's table (daemon._follow...)
     # Seconds the kernel may trust names and attributes (-o timeout=).  What changes
     # through the mount reaches the kernel in our replies; what changes behind a reply
     # (a copy-up's new ctime and blocks) is told with ``attrs_changed``.

@@ -218,7 +218,8 @@ def daemon_of(mount: Mount) -> int | None:
     if mount.name == "kernel":
         return None
     if mount.name == "pyunionfs":
-        return mounttable.daemon_pid(str(mount.merged))
+        found = mounttable.daemon_pid(str(mount.merged))
+        return found[0] if found else None
     pids = mounttable.processes_with_arg(str(mount.merged))
     return pids[-1] if pids else None
 
