@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import gc
 import os
 import resource
 import select
@@ -194,6 +195,10 @@ def _warm_up() -> None:
         _own_ns(n)
     cli.build_parser()
     cli.helper_parser()
+    # Everything so far to the permanent generation: a worker's collections then never walk
+    # (and so copy, page by page) the server's objects after the fork.
+    gc.collect()
+    gc.freeze()
 
 
 @functools.cache
