@@ -369,9 +369,11 @@ class Overlay:
         detached lazily, so nothing outlives the call), the daemon did not exit, or it exited
         with an error."""
         problems = []
-        if self._pidfd is not None and not self._killed and \
-                select.select([self._pidfd], [], [], 0)[0]:
-            problems.append("the daemon ended before the unmount")  # its status is its parent's
+        if self._pidfd is not None and not self._killed and self._pid is not None and \
+                mounttable.process(self._pid) is None:
+            # its status is its parent's; and not the pidfd, readable only once the last of
+            # its threads has gone
+            problems.append("the daemon ended before the unmount")
         if self._mounted:
             self._mounted = False
             _live.discard(self)

@@ -125,35 +125,70 @@ def main() -> int:
     mine = os.stat(path).st_ino
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # workers are reaped by the kernel
     last = time.monotonic()
+    spare = 0
     try:
         while True:
-            ready, _, _ = select.select([sock], [], [], min(idle, 5.0))
-            if not ready:
-                if time.monotonic() - last >= idle or not _still_ours(path, mine):
-                    return 0
-                continue
+            # A spare worker, forked ahead: it waits in accept() and has the fork (and the
+            # first touch of what a mount uses) behind it when a caller comes.
+            news, took = os.pipe()
+            server = os.getpid()
             try:
-                conn, _ = sock.accept()
+                spare = os.fork()
             except OSError:
+                os.close(news)
+                os.close(took)
+                time.sleep(0.1)
                 continue
-            last = time.monotonic()
-            try:
-                pid = os.fork()
-            except OSError:
-                conn.close()  # the caller reads the end of the stream: a cold start
-                continue
-            if pid == 0:
+            if spare == 0:
                 try:
-                    sock.close()
-                    _worker(conn, ident)
+                    os.close(news)
+                    _spare(sock, took, ident, server)
                 finally:
                     os._exit(70)
-            conn.close()
+            os.close(took)
+            try:
+                while not select.select([news], [], [], min(idle, 5.0))[0]:
+                    if time.monotonic() - last >= idle or not _still_ours(path, mine):
+                        return 0
+            finally:
+                os.close(news)
+            spare = 0  # it took a caller (or died): the next one
+            last = time.monotonic()
     finally:
+        if spare:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(spare, signal.SIGKILL)
         if _still_ours(path, mine):
             with contextlib.suppress(OSError):
                 os.unlink(path)
         sock.close()
+
+
+def _spare(sock: socket.socket, took: int, ident: str, server: int) -> None:
+    """A worker before its caller: warm what every mount touches first, take a caller, tell
+    the server (which forks the next spare), serve it."""
+    client.MARKS[:] = []
+    # An idle spare ends with the server (killed or not); once it has a caller it doesn't.
+    _death_signal(signal.SIGKILL)
+    if os.getppid() != server:
+        return  # it went before the signal was asked for
+    with contextlib.suppress(SystemExit):
+        cli.helper_parser().parse_args(["-o", "lowerdir=/l", "/m"])
+        cli.build_parser().parse_args(["mount", "-o", "ro", "/l", "/u", "/w", "/m"])
+    sock.settimeout(None)
+    try:
+        conn, _ = sock.accept()
+    finally:
+        os.close(took)  # the server's cue, also when accept failed
+    sock.close()
+    _death_signal(0)
+    _worker(conn, ident)
+
+
+def _death_signal(sig: int) -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, sig, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def _still_ours(path: str, ino: int) -> bool:
