@@ -307,3 +307,75 @@ def test_umount_says_where_copies_keep_the_daemon_and_returns(tmp_path: Path,
         sleeper.wait(timeout=10)
         force_unmount(str(stack[3]))
     assert mounttable.wait_until(lambda: mounttable.process(found[0]) is None, 10, 0.01)
+
+
+def _cgroup_dir(name: str) -> tuple[Path, str] | None:
+    """A new cgroup below ours (v2, else the v1 memory hierarchy) and the line of
+    /proc/PID/cgroup a process in it shows; None where none can be made."""
+    with open("/proc/self/cgroup") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        hier, ctrl, rel = line.split(":", 2)
+        base = Path("/sys/fs/cgroup") if hier == "0" and "memory" not in "".join(lines) \
+            else Path("/sys/fs/cgroup/memory") if ctrl == "memory" else None
+        if base is None:
+            continue
+        d = base / rel.lstrip("/") / name
+        try:
+            d.mkdir()
+        except OSError:
+            return None
+        return d, f"{hier}:{ctrl}:{rel.rstrip('/')}/{name}"
+    return None
+
+
+def test_a_caller_in_another_cgroup_gets_its_daemon_there(tmp_path: Path,
+                                                          server_env: dict[str, str]) -> None:
+    """The daemon lives in the caller's cgroup, as a cold start's would: the worker joins
+    it (cgroup v2) or refuses, and the command mounts cold (v1)."""
+    _started_server(tmp_path, server_env)
+    made = _cgroup_dir(f"pyunionfs-test-{os.getpid()}")
+    if made is None:
+        pytest.skip("no cgroup can be made here")
+    cg, line = made
+    stack = _stack(tmp_path, "cg")
+    try:
+        def enter() -> None:
+            (cg / "cgroup.procs").write_text(str(os.getpid()))
+
+        r = _mount(server_env, stack, tmp_path / "cg.log", preexec_fn=enter)
+        assert r.returncode == 0, r.stderr
+        try:
+            found = mounttable.daemon_pid(str(stack[3]))
+            assert found is not None
+            with open(f"/proc/{found[0]}/cgroup") as f:
+                assert line in f.read().splitlines()
+        finally:
+            _umount(server_env, stack[3])
+    finally:
+        mounttable.wait_until(lambda: not (cg / "cgroup.procs").read_text().strip(), 10)
+        with contextlib.suppress(OSError):
+            cg.rmdir()
+
+
+def test_a_caller_with_other_capabilities_mounts_cold(tmp_path: Path,
+                                                      server_env: dict[str, str]) -> None:
+    """A bounding set without CAP_NET_RAW: not what the server is, so a cold start, whose
+    daemon has the caller's capabilities."""
+    _started_server(tmp_path, server_env)
+    stack = _stack(tmp_path, "caps")
+    lower, upper, work, merged = (str(p) for p in stack)
+    log = tmp_path / "caps.log"
+    r = subprocess.run(["setpriv", "--bounding-set", "-net_raw", PYTHON, "-m", "unionfs",
+                        "mount", "-d", "--log", str(log), lower, upper, work, merged],
+                       env=server_env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert _started(log) == "cold"
+        found = mounttable.daemon_pid(merged)
+        assert found is not None
+        with open(f"/proc/{found[0]}/status") as f:
+            bnd = next(ln for ln in f if ln.startswith("CapBnd:")).split()[1]
+        assert not int(bnd, 16) & (1 << 13), bnd  # CAP_NET_RAW
+    finally:
+        _umount(server_env, stack[3])
