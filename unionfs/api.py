@@ -40,7 +40,9 @@ OptionValue = bool | str | int
 BACKENDS = ("pyunionfs", "kernel", "fuse-overlayfs")
 MOUNT_TIMEOUT = 20.0
 UMOUNT_TIMEOUT = 20.0
-COPIES_GRACE = 0.5  # a daemon still serving this long after the unmount serves copies only
+# a daemon still there this long after the unmount serves copies only (or is very slow to
+# go, under load): it is told to end
+COPIES_GRACE = 2.0
 BUSY_RETRY = 2.0  # seconds an unmount retries EBUSY (a shell that just left the mount)
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -421,7 +423,8 @@ class Overlay:
         """Wait for the daemon to exit after the unmount.  One still serving after a moment
         serves copies of the mount that other mount namespaces took while it was mounted (a
         container or unshare started meanwhile, e.g. by a test running beside ours): it is
-        told to end (SIGTERM), those copies then say ENOTCONN.  SIGKILL after the timeout."""
+        told to end (SIGTERM) after COPIES_GRACE, those copies then say ENOTCONN.  SIGKILL
+        after the timeout."""
         problems = []
         proc, self._proc = self._proc, None
         pid, self._pid = self._pid, None
@@ -432,6 +435,7 @@ class Overlay:
             except subprocess.TimeoutExpired:
                 if not kill:
                     proc.terminate()
+                    self._killed = True  # a -15 is ours
                     try:
                         proc.wait(timeout=UMOUNT_TIMEOUT)
                     except subprocess.TimeoutExpired:

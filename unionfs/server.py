@@ -40,7 +40,8 @@ _LIMITS = {
     "Max core file size": resource.RLIMIT_CORE, "Max resident set": resource.RLIMIT_RSS,
     "Max processes": resource.RLIMIT_NPROC, "Max open files": resource.RLIMIT_NOFILE,
     "Max locked memory": resource.RLIMIT_MEMLOCK, "Max address space": resource.RLIMIT_AS,
-    "Max file locks": 10,  # RLIMIT_LOCKS, which Python leaves out "Max pending signals": resource.RLIMIT_SIGPENDING,
+    "Max file locks": 10,  # RLIMIT_LOCKS, which Python's resource module leaves out
+    "Max pending signals": resource.RLIMIT_SIGPENDING,
     "Max msgqueue size": resource.RLIMIT_MSGQUEUE, "Max nice priority": resource.RLIMIT_NICE,
     "Max realtime priority": resource.RLIMIT_RTPRIO,
     "Max realtime timeout": resource.RLIMIT_RTTIME,
@@ -150,9 +151,12 @@ def main() -> int:
                 while not select.select([news], [], [], min(idle, 5.0))[0]:
                     if time.monotonic() - last >= idle or not _still_ours(path, mine):
                         return 0
+                took_one = os.read(news, 1) == b"1"
             finally:
                 os.close(news)
-            spare = 0  # it took a caller (or died): the next one
+            spare = 0  # it took a caller, or died: the next one
+            if not took_one:
+                time.sleep(0.1)  # no faster than this, should spares keep dying
             last = time.monotonic()
     finally:
         if spare:
@@ -178,6 +182,7 @@ def _spare(sock: socket.socket, took: int, ident: str, server: int) -> None:
     sock.settimeout(None)
     try:
         conn, _ = sock.accept()
+        os.write(took, b"1")
     finally:
         os.close(took)  # the server's cue, also when accept failed
     sock.close()
