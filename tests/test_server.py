@@ -379,3 +379,18 @@ def test_a_caller_with_other_capabilities_mounts_cold(tmp_path: Path,
         assert not int(bnd, 16) & (1 << 13), bnd  # CAP_NET_RAW
     finally:
         _umount(server_env, stack[3])
+
+
+def test_a_large_request_arrives_whole(tmp_path: Path, server_env: dict[str, str]) -> None:
+    """Hundreds of KiB of environment (or of lowerdir=): more than a socket buffer takes at
+    once, still one request, and the daemon's environment has all of it."""
+    _started_server(tmp_path, server_env)
+    env = {**server_env, **{f"PYUNIONFS_TEST_BIG{i}": "x" * 100_000 for i in range(4)}}
+    stack = _stack(tmp_path, "big")
+    log = tmp_path / "big.log"
+    r = _mount(env, stack, log)
+    assert r.returncode == 0, r.stderr
+    try:
+        assert _started(log) == "warm"
+    finally:
+        _umount(server_env, stack[3])

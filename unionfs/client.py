@@ -186,8 +186,9 @@ def request(argv: list[str], env: dict[str, str] | os._Environ[str],
             fields = [ident, str(len(argv)), *argv, str(len(title)), *title,
                       *(f"{k}={v}" for k, v in env.items())]
             fds = (proc, *stdio) if cwd is None else (proc, *stdio, cwd)
-            sock.sendmsg([encode(fields)], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
-                                            _fds(*fds))])
+            data = encode(fields)
+            sent = sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, _fds(*fds))])
+            sock.sendall(data[sent:])  # what didn't fit the socket's buffer at once
         finally:
             os.close(proc)
         answer = read_line(sock, ANSWER_TIMEOUT)
