@@ -16,7 +16,7 @@ import socket
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pyfuse3
 import trio
@@ -37,10 +37,10 @@ from unionfs.whiteout import USER, drop_shared_whiteout
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT = 30.0
-# Set by a warm server's worker (server.py): descriptors the daemon must not keep (the
-# caller's connection), and the daemon's pid for the caller (the API waits on it).
-DETACH_CLOSE: list[int] = []
-LAST_PID: int | None = None
+# Set by a warm server's worker (server.py): it serves the mount itself, with no fork (the
+# fork and the copies of every page it then touches were 2-3 ms of a warm mount), and this is
+# called once it serves: it answers the caller and lets go of the caller's stdio.
+SERVE_HERE: Callable[[], None] | None = None
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:
@@ -241,20 +241,19 @@ def mount(cfg: MountConfig) -> int:
     client.mark("mounted")
     if cfg.foreground:
         return _served(fs, serve(None, fs, merged))
+    if SERVE_HERE is not None:
+        with contextlib.suppress(OSError):
+            os.setsid()  # as the forked daemon does
+        os._exit(_served(fs, serve(None, fs, merged)))
     read_end, write_end = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid:
-        global LAST_PID
-        LAST_PID = pid
         os.close(write_end)
         return _wait_ready(read_end, cfg.merged)
     client.mark("forked")
     os.close(read_end)
-    for fd in DETACH_CLOSE:
-        with contextlib.suppress(OSError):
-            os.close(fd)
     os.setsid()
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
@@ -343,6 +342,8 @@ async def _main(ready_fd: int | None, fs: State, merged: str) -> None:
         if ready_fd is not None:
             os.write(ready_fd, b"1")
             os.close(ready_fd)
+        elif SERVE_HERE is not None:
+            SERVE_HERE()
         log.info("serving")
         log.debug("start-up: %s", client.timeline())
         await pyfuse3.main()

@@ -377,7 +377,22 @@ def _worker(conn: socket.socket, ident: str) -> None:
     os.environ.update(env)
     set_title(title)
     client.mark("caller's world taken on")
-    daemon.DETACH_CLOSE.append(conn.fileno())
+
+    def serving() -> None:
+        """The mount serves: the caller's answer, as a cold start gives it once its daemon
+        serves; then none of the caller's stdio is kept."""
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        with contextlib.suppress(OSError):
+            conn.sendall(f"rc 0 {os.getpid()}\n".encode())
+        conn.close()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+
+    daemon.SERVE_HERE = serving
     try:
         rc = cli.main(argv)
     except SystemExit as e:
@@ -393,7 +408,7 @@ def _worker(conn: socket.socket, ident: str) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
     with contextlib.suppress(OSError):
-        conn.sendall(f"rc {rc} {daemon.LAST_PID or 0}\n".encode())
+        conn.sendall(f"rc {rc} 0\n".encode())  # a mount that serves never gets here
     os._exit(0)
 
 
