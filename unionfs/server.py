@@ -1,12 +1,14 @@
 """The warm mount server: one per user and world (namespaces, code, start-up environment),
-with everything a mount needs imported, forking a worker per ``pyunionfs mount``.
+with everything a mount needs imported, a worker per ``pyunionfs mount`` forked ahead (it
+waits in accept()), which becomes the mount's daemon.
 
 A worker acts only for a caller that is exactly what this server is (user, groups,
 capabilities, namespaces, root, no_new_privs, seccomp, security label) and takes on the rest
 of the caller's world before it runs the command: its working directory, umask, environment,
 resource limits, cgroup, niceness and OOM score, its stdin/stdout/stderr, and its command line
 (what ps shows).  Anything it can't match or take on, it refuses with a reason, and the
-caller mounts by itself.  Started by the command after a cold mount (client.spawn_server),
+caller mounts by itself.  Once the mount serves, the caller gets the cold start's answer and
+the worker lets go of its stdio.  Started by the command after a cold mount (client.spawn_server),
 ``python -m unionfs.server``; exits after PYUNIONFS_SERVER_IDLE seconds (default 60) without
 a request, or once its socket is gone or taken by another server.
 """
