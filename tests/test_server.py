@@ -98,16 +98,19 @@ def _started(log: Path) -> str:
     return "warm" if "start-up: request " in lines[-1] else "cold"
 
 
-def test_cold_start_leaves_a_server_and_the_next_mount_is_warm_in_the_callers_world(
-        tmp_path: Path, server_env: dict[str, str]) -> None:
-    stack = _stack(tmp_path)
-    log = tmp_path / "mount.log"
-    r = _mount(server_env, stack, log)
+def _mount_started(env: dict[str, str], stack: list[Path], log: Path, want: str) -> None:
+    """Mount, check how the start-up began ('cold' or 'warm'), unmount."""
+    r = _mount(env, stack, log)
     assert r.returncode == 0, r.stderr
     try:
-        assert _started(log) == "cold"
+        assert _started(log) == want
     finally:
-        _umount(server_env, stack[3])
+        _umount(env, stack[3])
+
+
+def test_cold_start_leaves_a_server_and_the_next_mount_is_warm_in_the_callers_world(
+        tmp_path: Path, server_env: dict[str, str]) -> None:
+    _mount_started(server_env, _stack(tmp_path), tmp_path / "mount.log", "cold")
     _wait_for_server(server_env)
 
     # relative paths from the caller's cwd; its umask, open-files limit and environment
@@ -386,11 +389,4 @@ def test_a_large_request_arrives_whole(tmp_path: Path, server_env: dict[str, str
     once, still one request, and the daemon's environment has all of it."""
     _started_server(tmp_path, server_env)
     env = {**server_env, **{f"PYUNIONFS_TEST_BIG{i}": "x" * 100_000 for i in range(4)}}
-    stack = _stack(tmp_path, "big")
-    log = tmp_path / "big.log"
-    r = _mount(env, stack, log)
-    assert r.returncode == 0, r.stderr
-    try:
-        assert _started(log) == "warm"
-    finally:
-        _umount(server_env, stack[3])
+    _mount_started(env, _stack(tmp_path, "big"), tmp_path / "big.log", "warm")
