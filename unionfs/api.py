@@ -5,7 +5,7 @@
         (ov.mountpoint / "etc/motd").write_text("hi")
         assert ov.changes() == [("C", "/etc"), ("A", "/etc/motd")]
 
-The daemon is forked by the user's warm mount server (server.py) where there is one: no
+The daemon comes from the user's warm mount server (server.py) where there is one: no
 interpreter start, no imports, a mount in tens of milliseconds; else, and with
 ``server=False``, it runs as a child process (``pyunionfs mount -f``, ``process``), and
 the mount leaves a server for the next one.  ``mount()`` returns once the mount serves and
@@ -223,11 +223,12 @@ class Overlay:
         env = os.environ if self.env is None else self.env
         warm = self.server and self.backend == "pyunionfs" and self.program is None \
             and client.enabled(env) and "debug" not in self.options
+        spawn = False
         if warm:
             done = self._mount_warm(env)
             if done:
                 return
-            warm = done is None  # no server: leave one for the next mount
+            spawn = done is None  # no server: leave one for the next mount
         args = self._daemon_args()
         log = self._open_log()
         try:
@@ -240,8 +241,8 @@ class Overlay:
         proc = self._proc
         if mounttable.wait_mounted(self.mountpoint, self.timeout, lambda: proc.poll() is None):
             self.mount_seconds = time.perf_counter() - self._t0
-            if warm:
-                client.spawn_server(env)  # for the next mount
+            if spawn:
+                client.spawn_server(env)
             return
         rc = proc.poll()
         if rc is not None:
@@ -352,10 +353,9 @@ class Overlay:
         blocked on the mount return ENOTCONN); unmount() then cleans up without
         complaining about how it exited."""
         pid = self.pid
-        info = mounttable.process(pid) if pid is not None else None
-        if pid is None or info is None:
+        if pid is None or mounttable.process(pid) is None:
             return
-        if self._proc is None and str(self.mountpoint) not in info[1]:
+        if self._proc is None and not self._ours(pid):
             return  # the number went to another process
         self._killed = True
         with contextlib.suppress(ProcessLookupError):

@@ -2,7 +2,7 @@
 light ``pyunionfs umount``.
 
 A daemonizing ``pyunionfs mount`` (command.py) and ``unionfs.Overlay`` first ask a server
-that has everything imported to fork the daemon; when there is none, or it is stale or
+that has everything imported for a worker that becomes the daemon; when there is none, or it is stale or
 refuses, they mount by themselves (a cold start) and leave a server for the next mount.
 This runs before anything else, so it imports only what the interpreter has loaded already
 (no typing, no socket module, no argparse): the warm path costs an interpreter start and
@@ -23,7 +23,8 @@ NAMESPACES = ("user", "mnt", "pid", "net", "ipc", "uts", "cgroup")
 _START_ENV = ("PYTHON", "LD_", "MALLOC_", "GLIBC_TUNABLES")
 # the caller waits this long for the server's yes or no, then mounts by itself
 ANSWER_TIMEOUT = 5.0
-# and this long for the mount it handed over (the daemon's own readiness wait is 30 s)
+# and this long for the worker's answer once the mount serves (a cold start waits 30 s for
+# its daemon)
 MOUNT_TIMEOUT = 120.0
 # (step, time.perf_counter()) of this start-up, logged by the daemon once it serves
 MARKS: list[tuple[str, float]] = []
@@ -47,9 +48,10 @@ def enabled(env: dict[str, str] | os._Environ[str] | None = None) -> bool:
 
 def _code_stamp() -> str:
     """Where our code and pyfuse3 are and when they last changed: an edit or a reinstall
-    starts a new server instead of mounting with the old code.  pyfuse3 is looked for where
-    this interpreter installs packages, not on sys.path, which differs between the launcher
-    (python -S) and the server (python -m): both must name the same server."""
+    starts a new server instead of mounting with the old code.  pyfuse3 is looked for
+    beside this interpreter (a venv's site-packages), not on sys.path or sys.prefix, which
+    differ between the launcher (python -S) and the server (python -m): both must name one
+    server."""
     here = os.path.dirname(os.path.abspath(__file__))
     newest = 0
     for d in (here, os.path.join(here, "oci")):
@@ -102,17 +104,15 @@ def socket_dir(env: dict[str, str] | os._Environ[str]) -> str:
     uid = os.geteuid()
     base = env.get("PYUNIONFS_SERVER_DIR")
     if not base:
-        for cand in (env.get("XDG_RUNTIME_DIR"), f"/run/user/{uid}"):
+        base = "/run/pyunionfs" if uid == 0 else f"/tmp/pyunionfs-{uid}"
+        for cand in (env.get("XDG_RUNTIME_DIR") or "", f"/run/user/{uid}"):
             try:
-                st = os.lstat(cand) if cand else None
+                st = os.lstat(cand)
             except OSError:
                 continue
-            if st is not None and st.st_uid == uid and (st.st_mode & 0o7077) == 0 \
-                    and os.path.isabs(cand or ""):
-                base = os.path.join(cand or "", "pyunionfs")
+            if os.path.isabs(cand) and st.st_uid == uid and not st.st_mode & 0o7077:
+                base = os.path.join(cand, "pyunionfs")
                 break
-        else:
-            base = "/run/pyunionfs" if uid == 0 else f"/tmp/pyunionfs-{uid}"
     try:
         os.mkdir(base, 0o700)
     except FileExistsError:
@@ -236,6 +236,7 @@ UMOUNT_TIMEOUT = 60.0
 
 
 def _which(name: str) -> str | None:
+    """shutil.which, without shutil's import."""
     for d in os.environ.get("PATH", os.defpath).split(os.pathsep):
         path = os.path.join(d or ".", name)
         if os.access(path, os.X_OK) and not os.path.isdir(path):

@@ -14,6 +14,11 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
 
+def _cold_words(opts: str) -> bool:
+    """-o words a cold start must handle: a remount, libfuse's debug output."""
+    return any(w in ("remount", "debug") for w in opts.split(","))
+
+
 def _warm_candidate(argv: list[str]) -> bool:
     """A mount that daemonizes: the only command where the server saves anything.  In the
     foreground, debugging to the terminal or asking for help the command needs the terminal
@@ -25,12 +30,12 @@ def _warm_candidate(argv: list[str]) -> bool:
     for a in rest:
         if value:
             value = False
-            if any(w in ("remount", "debug") for w in a.split(",")):
+            if _cold_words(a):
                 return False
         elif a in ("-o", "--log"):
             value, logged = True, logged or a == "--log"
         elif a.startswith("-o"):
-            if any(w in ("remount", "debug") for w in a[2:].split(",")):
+            if _cold_words(a[2:]):
                 return False
         elif a.startswith("--log="):
             logged = True

@@ -255,11 +255,17 @@ def mount(cfg: MountConfig) -> int:
     client.mark("forked")
     os.close(read_end)
     os.setsid()
+    release_stdio()
+    os._exit(_served(fs, serve(write_end, fs, merged)))
+
+
+def release_stdio() -> None:
+    """A daemon keeps none of its caller's stdin/stdout/stderr (a caller reading our output
+    to its end would wait for us): /dev/null instead."""
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
-    os._exit(_served(fs, serve(write_end, fs, merged)))
 
 
 def _served(fs: State, rc: int) -> int:
@@ -339,13 +345,14 @@ async def _main(ready_fd: int | None, fs: State, merged: str) -> None:
         client.mark("signals")
         await nursery.start(_serve_stats, fs, merged)
         client.mark("serving")
+        # logged before the caller hears of it: what it reads next in the log is there
+        log.info("serving")
+        log.debug("start-up: %s", client.timeline())
         if ready_fd is not None:
             os.write(ready_fd, b"1")
             os.close(ready_fd)
         elif SERVE_HERE is not None:
             SERVE_HERE()
-        log.info("serving")
-        log.debug("start-up: %s", client.timeline())
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
 

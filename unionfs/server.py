@@ -336,7 +336,7 @@ def _take_on(proc: int, status: dict[str, str], pid: int) -> None:
 def _worker(conn: socket.socket, ident: str) -> None:
     client.MARKS[:] = []
     client.mark("request")
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # fusermount3 and the daemon are waited for
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # fusermount3 is waited for
     fds: list[int] = []
     try:
         fields, fds = _receive(conn)
@@ -351,10 +351,10 @@ def _worker(conn: socket.socket, ident: str) -> None:
         status = _check(conn, proc, ident, their_ident)
         pid = int(os.readlink(f"/proc/self/fd/{proc}").rsplit("/", 1)[1])
         _take_on(proc, status, pid)
-        cwd = fds[4] if len(fds) == 5 else os.open("cwd", os.O_PATH | os.O_DIRECTORY,
-                                                   dir_fd=proc)
+        if len(fds) == 4:
+            fds.append(os.open("cwd", os.O_PATH | os.O_DIRECTORY, dir_fd=proc))
         try:
-            os.fchdir(cwd)
+            os.fchdir(fds[4])
         except OSError as e:
             raise Refuse(f"can't enter the caller's working directory: {e.strerror}") \
                 from None
@@ -389,10 +389,7 @@ def _worker(conn: socket.socket, ident: str) -> None:
         with contextlib.suppress(OSError):
             conn.sendall(f"rc 0 {os.getpid()}\n".encode())
         conn.close()
-        null = os.open(os.devnull, os.O_RDWR)
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.close(null)
+        daemon.release_stdio()
 
     daemon.SERVE_HERE = serving
     try:
