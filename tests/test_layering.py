@@ -11,7 +11,7 @@ PKG = Path(__file__).resolve().parent.parent / "unionfs"
 # or at its own level where listed in SAME_LEVEL_OK.
 LEVELS = {
     "errors": 0, "config": 0, "idmap": 0, "acl": 0, "mounttable": 0, "client": 0,
-    "sysio": 1, "stats": 1,
+    "sysio": 1, "stats": 1, "claim": 1,
     "layers": 2, "whiteout": 2, "probe": 2, "origin": 2,
     "lookup": 3, "inodes": 3, "handles": 3, "readdir": 3, "state": 3, "index": 3, "export": 3,
     "copyup": 4, "dirops": 4, "attrs": 4, "xattrs": 4,

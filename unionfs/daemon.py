@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 import pyfuse3
 import trio
 
-from unionfs import client, export, index, mounttable, remount, stats
+from unionfs import claim, client, export, index, mounttable, remount, stats
 from unionfs import log as logsetup
 from unionfs.attrs import OVERRIDE_XATTRS
 from unionfs.config import MountConfig, check_supported, resolve_features, validate
@@ -128,6 +128,14 @@ def prepare(cfg: MountConfig) -> State:
     except OSError as e:
         raise MountError(f"cannot open layer '{e.filename}': {e.strerror}",
                          e.errno or errno.EIO) from None
+    if stack.upper is not None and stack.work_path is not None:
+        # before anything is written: prepare_workdir wipes WORK/work
+        try:
+            stack.claim_fds = claim.take([("upper", stack.upper.path, stack.upper.fd),
+                                          ("work", stack.work_path, stack.workroot_fd)])
+        except BaseException:
+            stack.close()
+            raise
     if cfg.upper is not None:
         why = stack.own_upper_mount(cfg.atime, cfg.nodiratime)
         if why is not None:
@@ -185,6 +193,15 @@ def prepare(cfg: MountConfig) -> State:
             raise
         if index_layer is None:
             features = dataclasses.replace(features, index=False)
+        else:
+            try:
+                done = index.cleanup(stack, index_layer, features.nfs_export)
+            except BaseException:
+                os.close(index_layer.fd)
+                cleanup_workdir(stack)
+                stack.close()
+                raise
+            log.info("index: %s", ", ".join(f"{n} {k}" for k, n in done.items()))
     export_log = None
     if features.nfs_export and not features.index:
         log.info("nfs_export=on needs index=on, which is off: falling back to nfs_export=off")

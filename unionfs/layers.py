@@ -63,6 +63,7 @@ class LayerStack:
         self.work_path = work
         self.work_fd = -1  # WORK/work, set up by probe.prepare_workdir
         self.mount_fd = -1  # our private clone of UPPER's mount (own_upper_mount)
+        self.claim_fds: list[int] = []  # the exclusive claim on UPPER and WORK (claim.py)
         # How markers are read and written; probe.prepare_workdir picks it for the upper.
         self.dialect: Dialect = KERNEL
         # Lookups go on where a directory's overlay.redirect points (redirect_dir= other
@@ -200,6 +201,7 @@ class LayerStack:
         self.drop_dirfds()
         for layer in self.layers:
             os.close(layer.fd)
-        for fd in (self.work_fd, self.workroot_fd, self.mount_fd):
+        for fd in (self.work_fd, self.workroot_fd, self.mount_fd, *self.claim_fds):
             if fd >= 0:
                 os.close(fd)
+        self.claim_fds = []
