@@ -7,6 +7,7 @@ implementation; an upper is refused over other lowers."""
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,101 @@ def test_userns_falls_back_to_index_off(make_pair):
         d = side.paths.work / "index"
         assert not d.exists() or not [n for n in os.listdir(d) if not n.startswith("#")]
     pair.check_all()
+
+
+ORIGIN = PRIVATE_PREFIX + "origin"
+
+
+def _entry_of(side, name: str) -> str:
+    """The index entry (hex name) that upper ``name`` is linked to."""
+    ino = os.lstat(side.paths.upper / name).st_ino
+    d = side.paths.work / "index"
+    return next(n for n in os.listdir(d) if os.lstat(d / n).st_ino == ino)
+
+
+def _damage(side) -> dict[str, str]:
+    """What a crash or hand edits can leave in WORK/index, made the same way on each side's own
+    copy of the stack: {label: entry name}."""
+    up, low, d = side.paths.upper, side.paths.lowers[0], side.paths.work / "index"
+    names = {"kept": _entry_of(side, "d/a"), "orphan": _entry_of(side, "l/x"),
+             "stale": _entry_of(side, "g/p2")}
+    # orphan: its last upper name went, and its link count with it (a crash between the two)
+    os.unlink(up / "l/x")
+    os.removexattr(d / names["orphan"], NLINK, follow_symlinks=False)
+    # stale: its upper name went and the lower file it came from is gone
+    os.unlink(up / "g/p2")
+    for n in ("g/p1", "g/p2"):
+        os.unlink(low / n)
+    # a whiteout and a directory with valid handle names: legitimate, left alone
+    base = bytearray.fromhex(names["kept"])
+    for label, last in (("whiteout", 1), ("dir", 2)):
+        fake = bytes(base[:-1]) + bytes([base[-1] ^ last])
+        names[label] = fake.hex()
+    os.mknod(d / names["whiteout"], 0o600 | 0o020000, 0)
+    os.mkdir(d / names["dir"])
+    # leftovers of an interrupted change
+    (d / "#leftover").write_text("x")
+    os.makedirs(d / "#leftdir/sub")
+    names["leftover"], names["leftdir"] = "#leftover", "#leftdir"
+    return names
+
+
+def _outcome(side, names: dict[str, str]) -> dict[str, str | None]:
+    d = side.paths.work / "index"
+    out: dict[str, str | None] = {}
+    for label, n in names.items():
+        try:
+            st = os.lstat(d / n)
+        except FileNotFoundError:
+            out[label] = None
+            continue
+        out[label] = ("whiteout" if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 else
+                      "dir" if stat.S_ISDIR(st.st_mode) else f"file nlink={st.st_nlink}")
+    return out
+
+
+@kernel_index
+@pytest.mark.parametrize("options", [ON, "nfs_export=on"])
+def test_mount_cleans_the_index_as_the_kernel_does(make_pair, options):
+    pair = make_pair(**IMAGE, options=options)
+    for n in ("d/a", "l/x", "g/p2"):
+        pair.same(lambda m, n=n: os.lchown(m / n, 0, 0), expect="ok", what=f"chown {n}")
+    pair.stop()
+    got = {}
+    for side in pair.sides:
+        names = _damage(side)
+        with mount_stack(side.paths, side.impl, options=options) as m:
+            view = (_view(("d/a", "d/b", "c"))(m.root), ls_op("l")(m.root), ls_op("g")(m.root))
+        got[side.impl] = (_outcome(side, names), view)
+    k, o = got["kernel"], got[IMPL]
+    assert k == o, f"index after mount: kernel {k}, ours {o}"
+    # the premise: the kernel removed the stale and orphan entries and the leftovers
+    assert k[0]["stale"] is None and k[0]["leftover"] is None and k[0]["kept"] is not None
+    assert k[0]["orphan"] == ("whiteout" if options.startswith("nfs") else None)
+
+
+@kernel_index
+@pytest.mark.parametrize("case", ["not hex", "short handle", "no origin"])
+def test_malformed_index_entry_refuses_the_mount(make_pair, case):
+    pair = make_pair(**IMAGE, options=ON)
+    pair.same(lambda m: os.lchown(m / "d/a", 0, 0), expect="ok")
+    pair.stop()
+    for side in pair.sides:
+        d = side.paths.work / "index"
+        before = sorted(os.listdir(d))
+        if case == "not hex":
+            bad = "zz" * 30
+            (d / bad).write_text("")
+        elif case == "short handle":
+            bad = _entry_of(side, "d/a")[:20]
+            (d / bad).write_text("")
+        else:
+            bad = _entry_of(side, "d/a")
+            os.removexattr(d / bad, ORIGIN)
+        with pytest.raises(MountError) as e:
+            mount_stack(side.paths, side.impl, options=ON).stop()
+        if side.impl != "kernel":
+            line = str(e.value).splitlines()[0]
+            assert f"malformed index entry '{side.paths.work}/index/{bad}'" in line, line
+        assert sorted(os.listdir(d)) == sorted({*before, bad}), "a refused mount changed the index"
+        mount_stack(side.paths, side.impl, options="index=off").stop()

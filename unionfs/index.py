@@ -14,6 +14,12 @@ refuses it, since the index names handles of those lowers.
 
 Index entries need file handles that we may open (CAP_DAC_READ_SEARCH): without them,
 as the kernel does, index=on falls back to off.
+
+At mount the index is checked as the kernel's ovl_indexdir_cleanup checks it (``cleanup``):
+leftovers of an interrupted change (``#...``) and entries whose origin no longer resolves go,
+an entry whose names are all gone goes too (with nfs_export=on it becomes a whiteout, which
+makes the file's handle stale for good), and a malformed entry refuses the mount: an index
+we don't understand must not be changed.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import stat
 from unionfs import origin, sysio
 from unionfs.errors import MountError
 from unionfs.layers import Layer, LayerStack
+from unionfs.probe import remove_tree_at
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,90 @@ def prepare(stack: LayerStack, with_uuid: bool) -> Layer | None:
         raise
     return Layer(upper.index, f"{stack.work_path}/{INDEX_NAME}", fd, upper.dev, upper=False,
                  entries=True)
+
+
+def cleanup(stack: LayerStack, index: Layer, nfs_export: bool) -> dict[str, int]:
+    """Check every entry of WORK/index at mount; counts of what was done, by kind."""
+    done = {"kept": 0, "leftover": 0, "stale": 0, "orphan": 0}
+    where = f"{stack.work_path}/{INDEX_NAME}"
+    for name, _, _ in sysio.scandir_fd(index.fd):
+        st = sysio.lstat_or_none(index.fd, name)
+        if st is None:
+            continue
+        if name.startswith("#"):
+            remove_tree_at(index.fd, name)
+            done["leftover"] += 1
+            continue
+        verdict = _verify(stack, index, name, st, nfs_export, where)
+        if verdict is None:
+            done["kept"] += 1
+            continue
+        kind, why = verdict
+        log.warning("index=on: %s index entry '%s/%s' (%s): %s", kind, where, name, why,
+                    "whited out" if kind == "orphan" and nfs_export else "removed")
+        try:
+            if kind == "orphan" and nfs_export:
+                # a handle of the file must stay stale, not come back as ENOENT's lookup
+                tmp = f"#{name[:32]}.orphan"
+                sysio.renameat2(index.fd, name, index.fd, tmp, sysio.RENAME_WHITEOUT)
+                remove_tree_at(index.fd, tmp)
+            else:
+                remove_tree_at(index.fd, name)
+        except OSError as e:
+            raise MountError(f"index=on: cannot clean {kind} index entry '{where}/{name}': "
+                             f"{e.strerror}", e.errno or errno.EIO) from None
+        done[kind] += 1
+    return done
+
+
+def _verify(stack: LayerStack, index: Layer, name: str, st: os.stat_result,
+            nfs_export: bool, where: str) -> tuple[str, str] | None:
+    """None for a sound entry, else ("stale"|"orphan", why); raises for a malformed one
+    (ovl_verify_index: every answer but ESTALE and ENOENT aborts the kernel's mount)."""
+    def malformed(why: str, code: int = errno.EINVAL) -> MountError:
+        return MountError(f"index=on: malformed index entry '{where}/{name}' ({why}); remove "
+                          "it or mount with index=off", code)
+
+    try:
+        value = bytes.fromhex(name)
+    except ValueError:
+        raise malformed("its name is not a hex file handle") from None
+    if len(value) < origin.HEADER or origin.parse(value) is None:
+        raise malformed("its name is not a valid file handle")
+    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+        return None  # a whiteout: the handle of a removed file, stale on purpose
+    if stat.S_ISDIR(st.st_mode):
+        if not nfs_export:
+            return None  # the kernel verifies directory entries only for nfs_export
+        upper_fh = sysio.getxattr_or_none(index.fd, name, stack.dialect.prefix + "upper")
+        parsed = origin.parse(upper_fh) if upper_fh else None
+        if parsed is None:
+            return "stale", "no valid 'upper' handle"
+        assert stack.upper is not None
+        if origin.stat_by_handle(parsed, [(stack.upper.dev, stack.upper.fd)]) is None:
+            return "orphan", "its upper directory is gone"
+        return None
+    have = sysio.getxattr_or_none(index.fd, name, stack.dialect.prefix + "origin")
+    if have is None:
+        raise malformed("it has no origin", errno.ENODATA)
+    if have != value:
+        return "stale", "its origin is not the one its name holds"
+    if st.st_nlink != 1:
+        return None  # upper names are linked to it
+    found = origin.stat_by_handle(origin.parse(value) or (0, b"", b""),
+                                  [(layer.dev, layer.fd) for layer in stack.lowers])
+    if found is None:
+        return "stale", "its origin no longer resolves in the lower layers"
+    if stat.S_IFMT(found.st_mode) != stat.S_IFMT(st.st_mode):
+        return "stale", "its origin is of another file type"
+    nlink = None
+    if found.st_nlink > 1:
+        nlink = parse_nlink(sysio.getxattr_or_none(index.fd, name,
+                                                   stack.dialect.prefix + "nlink"),
+                            st.st_nlink, found.st_nlink)
+    if nlink is None:
+        return "orphan", "all its names are gone"
+    return None
 
 
 def _verify_or_set(fd: int, attr: str, value: bytes, why: str) -> None:
