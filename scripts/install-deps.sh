@@ -39,9 +39,9 @@ show_log_and_die() {
 # headers: building pyfuse3 (PyPI ships only an sdist); fuse-overlayfs: benchmark peer;
 # attr: getfattr/setfattr for the demo and tests; acl: getfacl/setfacl for the ACL tests; make: the Makefile itself; strace: tests
 # that check which calls a copy-up makes (fsync before rename); fio: the stress suite's
-# verified I/O.
+# verified I/O; btrfs-progs: a real EDQUOT from a qgroup (tests/test_faults.py).
 apt_packages() {
-    local pkgs=(fuse3 libfuse3-dev pkg-config fuse-overlayfs attr acl make strace fio)
+    local pkgs=(fuse3 libfuse3-dev pkg-config fuse-overlayfs attr acl make strace fio btrfs-progs)
     command -v cc >/dev/null 2>&1 || command -v gcc >/dev/null 2>&1 || pkgs+=(gcc libc6-dev)
     command -v git >/dev/null 2>&1 || pkgs+=(patch) # applies scripts/pyfuse3-unionfs.patch
     command -v "$PYTHON" >/dev/null 2>&1 || pkgs+=(python3 python3-venv python3-dev)

@@ -7,6 +7,7 @@ Parents go first, each with its own metadata.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -80,8 +81,11 @@ def rename_into(wfd: int, tmp: str, udfd: int, name: str) -> None:
 
 
 def restore_times(dirfd: int, before: os.stat_result) -> None:
-    """Inserting a copied-up child must not change its parent's times (as in the kernel)."""
-    os.utime(sysio.proc_fd(dirfd), ns=(before.st_atime_ns, before.st_mtime_ns))
+    """Inserting a copied-up child must not change its parent's times (as in the kernel).
+    Best effort, as the kernel's: the child is in place already, and failing here would
+    leave a finished copy that the caller was told failed and that we don't know of."""
+    with contextlib.suppress(OSError):
+        os.utime(sysio.proc_fd(dirfd), ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
 def is_impure(fs: State, node: Inode) -> bool:
