@@ -101,14 +101,29 @@ class _Source:
 
     def json(self, name: str) -> Any:
         with self.open(name) as f:
-            try:
-                return json.load(f)
-            except ValueError as e:
-                raise LayerError(f"'{self.path}': {name} is not JSON ({e})") from None
+            return _loads(f.read(), f"'{self.path}': {name}")
 
     def close(self) -> None:
         if self.tar is not None:
             self.tar.close()
+
+
+def _loads(raw: bytes, what: str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise LayerError(f"{what} is not JSON ({e})") from None
+    except RecursionError:
+        # json's decoder recurses per level: a document of "[[[[..." exhausts the stack
+        raise LayerError(f"{what} is not JSON we read (nested too deep)") from None
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    """A list of strings from a manifest or config, or the one-line refusal: every one
+    goes on to name a file or a digest."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise LayerError(f"{what} is not a list of strings")
+    return value
 
 
 @dataclass
@@ -147,7 +162,7 @@ def _read_image(src: _Source) -> Image:
                  for d in manifest.get("layers", [])]
         tags = [m.get("annotations", {}).get("org.opencontainers.image.ref.name", "")
                 for m in index.get("manifests", [])]
-        tags = [t for t in tags if t]
+        tags = [t for t in _strings(tags, f"'{src.path}': a tag in index.json") if t]
     elif src.has("manifest.json"):
         manifests = src.json("manifest.json")
         if not isinstance(manifests, list) or not manifests:
@@ -155,16 +170,19 @@ def _read_image(src: _Source) -> Image:
         if len(manifests) > 1:
             raise LayerError(f"'{src.path}': holds {len(manifests)} images; save one")
         m = manifests[0]
-        with src.open(m["Config"]) as f:
+        config_name = _strings([m["Config"]], f"'{src.path}': Config of manifest.json")[0]
+        with src.open(config_name) as f:
             raw = f.read()
-        config = json.loads(raw)
+        config = _loads(raw, f"'{src.path}': {config_name}")
         config_digest = "sha256:" + hashlib.sha256(raw).hexdigest()
-        blobs = [(name, None) for name in m.get("Layers", [])]
-        tags = list(m.get("RepoTags") or [])
+        blobs = [(name, None) for name in _strings(m.get("Layers", []),
+                                                   f"'{src.path}': Layers of manifest.json")]
+        tags = _strings(m.get("RepoTags") or [], f"'{src.path}': RepoTags of manifest.json")
     else:
         raise LayerError(f"'{src.path}': neither a docker save archive (manifest.json) nor an "
                          "OCI image layout (index.json, oci-layout)")
-    diff_ids = (config.get("rootfs") or {}).get("diff_ids") or []
+    diff_ids = _strings((config.get("rootfs") or {}).get("diff_ids") or [],
+                        f"'{src.path}': diff_ids of the config")
     if len(diff_ids) != len(blobs):
         raise LayerError(f"'{src.path}': the config names {len(diff_ids)} layers, the manifest "
                          f"{len(blobs)}")

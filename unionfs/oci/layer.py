@@ -215,6 +215,13 @@ class _Applier:
                 return
             raise LayerError(f"entry {m.name!r}: the layer root must be a directory")
         parent, leaf = _split(path)
+        above = [p for p in parent.split("/") if p.startswith(WH_PREFIX)]
+        if any(p.startswith(WH_PREFIX + WH_PREFIX) for p in above):
+            return  # inside AUFS bookkeeping (.wh..wh.plnk/...): not content
+        if above:
+            # a directory named .wh.X would be a whiteout of X to the next reader (our
+            # export, an OCI reader of the layer): a whiteout holds nothing
+            raise LayerError(f"entry {m.name!r}: below the whiteout name {above[0]!r}")
         if leaf == WH_OPAQUE:
             self.dirs.get(parent, m.name)
             self.opaque.add(parent)
@@ -338,7 +345,8 @@ class _Applier:
                 except OSError as e:
                     # security.* or trusted.* need privileges; user.* can't go on a symlink
                     if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EACCES):
-                        raise
+                        raise LayerError(f"entry {m.name!r}: xattr {name!r}: "
+                                         f"{e.strerror}") from None
         ns = int(m.mtime * 1e9)
         if leaf is None:
             os.fchmod(dfd, m.mode & 0o7777)
@@ -399,7 +407,15 @@ def apply(src: str, dest: str, userxattr: bool = False,
                 try:
                     with tarfile.open(fileobj=plain or buffered, mode="r|") as tar:
                         for m in tar:
-                            applier.add(tar, m)
+                            try:
+                                applier.add(tar, m)
+                            except OSError as e:
+                                if e.errno is None:
+                                    raise  # the stream's, below: a corrupt one
+                                # what the filesystem refused of this entry (a long
+                                # name, an xattr value it can't take): name the entry
+                                raise LayerError(f"entry {m.name!r}: {e.strerror}") \
+                                    from None
                         # tarfile takes a damaged header for the end: only zeros may
                         # follow (read through tarfile's stream, which buffers ahead)
                         while chunk := tar.fileobj.read(CHUNK):
