@@ -186,7 +186,7 @@ def find(index: Layer, ldfd: int, name: str, with_uuid: bool
 
 def lookup(index: Layer, value: bytes) -> tuple[str, os.stat_result] | None:
     """The index entry for an origin value, if there is one."""
-    if not value:
+    if not _names_an_entry(value):
         return None
     hexname = entry_name(value)
     st = sysio.lstat_or_none(index.fd, hexname)
@@ -205,26 +205,47 @@ def origin_number(stack: LayerStack, value: bytes) -> tuple[int, int] | None:
 
 def is_entry_of(index: Layer, origin_value: bytes | None, st: os.stat_result) -> bool:
     """Is the upper file ``st``, with this origin, the index entry of its lower file?"""
-    if not origin_value:
+    if not origin_value or not _names_an_entry(origin_value):
         return False
     got = sysio.lstat_or_none(index.fd, entry_name(origin_value))
     return got is not None and (got.st_dev, got.st_ino) == (st.st_dev, st.st_ino)
+
+
+def _names_an_entry(value: bytes) -> bool:
+    """Could an origin value name an entry?  One we can't decode (as the kernel ignores
+    it), or one whose hex name would pass NAME_MAX (ENAMETOOLONG to the caller), can't."""
+    return bool(value) and len(value) * 2 <= NAME_MAX and origin.parse(value) is not None
+
+
+NAME_MAX = 255
+INT_MAX = (1 << 31) - 1
 
 
 def parse_nlink(value: bytes | None, upper_nlink: int, lower_nlink: int) -> int | None:
     """The overlay's link count from ``overlay.nlink`` ("U+1", "L-1"; ovl_get_nlink):
     relative to the upper inode's links (U) or to the lower's (L, written by the kernel
     while a link or unlink is under way).  None if absent or broken (the kernel then
-    falls back to the real count)."""
-    if not value or len(value) < 3 or value[:1] not in (b"U", b"L") or \
-            value[1:2] not in (b"+", b"-"):
+    falls back to the real count).  Read as the kernel reads it: at most 12 bytes into a C
+    string, then kstrtoint of what follows the letter (a sign, ASCII digits, one optional
+    newline, a 32-bit int); a count of 0 or less, or past an int, is broken."""
+    if not value or len(value) > 12:
         return None
-    try:
-        diff = int(value[1:])
-    except ValueError:
+    value = value.split(b"\0", 1)[0]
+    if value[:1] not in (b"U", b"L") or value[1:2] not in (b"+", b"-"):
+        return None
+    negative = value[1:2] == b"-"
+    digits = value[2:]
+    if negative and digits[:1] == b"+":
+        digits = digits[1:]  # kstrtoll hands "+5" of "-+5" to kstrtoull, which takes a "+"
+    if digits.endswith(b"\n"):
+        digits = digits[:-1]
+    if not digits or not digits.isdigit():
+        return None
+    diff = -int(digits) if negative else int(digits)
+    if not -INT_MAX - 1 <= diff <= INT_MAX:
         return None
     n = (upper_nlink if value[:1] == b"U" else lower_nlink) + diff
-    return n if n > 0 else None
+    return n if 0 < n <= INT_MAX else None
 
 
 def nlink_value(overlay_nlink: int, upper_nlink: int) -> bytes:
