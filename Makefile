@@ -11,7 +11,8 @@
 #                then layer tars: apply/export vs GNU tar (scripts/bench_layers.py, BENCH_LAYERS_ARGS=)
 #   make test-containers  podman/buildah with pyunionfs as mount_program, root + rootless
 #   make bench-podman  `podman run --rm IMG true`: kernel overlay vs fuse-overlayfs vs pyunionfs
-#   make stress  the stress suite's long profile (STRESS_MINUTES=10): kills, fsx, concurrency, fio
+#   make stress  the stress suite's long profile (STRESS_MINUTES=10): kills, fsx, concurrency, fio, faults
+#   make fuzz    atheris on every parser of untrusted bytes (tests/fuzz/), FUZZ_SECONDS=30 per target
 #   make clean   caches and build output; never unmounts anything
 #   make man     pyunionfs(1) into build/man from the argparse definitions
 #   make install the command and its man page under PREFIX=/usr/local (DESTDIR= to stage)
@@ -96,6 +97,16 @@ stress: deps
 	echo "--- stress summary ($(STRESS_REPORT)) ---"; cat $(STRESS_REPORT); \
 	if [ $$rc -eq 124 ]; then echo "make stress: error: exceeded its time limit" >&2; fi; \
 	exit $$rc
+
+# Coverage-guided fuzzing of what parses untrusted bytes (tests/fuzz/, docs/development.md).
+# atheris is installed here, not by `make deps`: it is a fuzzing tool, not a test dependency.
+FUZZ_SECONDS ?= 30
+FUZZ_ARGS    ?=
+.PHONY: fuzz
+fuzz: deps
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install -q atheris
+	@if [ -t 0 ]; then cap=; else cap="timeout -k 30 $$(( $(FUZZ_SECONDS) * 12 + 300 ))"; fi; \
+	$$cap $(PY) scripts/fuzz.py --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
 
 # The second tier: the stress suite's long profile and a conformance run of DEEP_MINUTES with
 # a fixed seed (DEEP_SEED; the same examples on every run, so CI stays reproducible).
