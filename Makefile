@@ -13,6 +13,7 @@
 #   make bench-podman  `podman run --rm IMG true`: kernel overlay vs fuse-overlayfs vs pyunionfs
 #   make stress  the stress suite's long profile (STRESS_MINUTES=10): kills, fsx, concurrency, fio, faults
 #   make fuzz    atheris on every parser of untrusted bytes (tests/fuzz/), FUZZ_SECONDS=30 per target
+#   make soak    mixed load on one pyunionfs mount for DURATION=120 s: 0 errors, daemon RSS/fds flat, kernel replay (SOAK_ARGS=)
 #   make clean   caches and build output; never unmounts anything
 #   make man     pyunionfs(1) into build/man from the argparse definitions
 #   make install the command and its man page under PREFIX=/usr/local (DESTDIR= to stage)
@@ -107,6 +108,21 @@ fuzz: deps
 	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install -q atheris
 	@if [ -t 0 ]; then cap=; else cap="timeout -k 30 $$(( $(FUZZ_SECONDS) * 12 + 300 ))"; fi; \
 	$$cap $(PY) scripts/fuzz.py --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
+
+# The soak (scripts/soak.py): generators, readers, big-file copy-ups, rename storms and mount
+# cycles of a second overlay against one pyunionfs mount for DURATION seconds; the daemon's RSS
+# and fds must stay flat, a seeded part replays identically on kernel overlayfs. timeout(1)
+# sends SIGTERM first, so a capped run still writes its partial report (SOAK_JSON).
+DURATION  ?= 120
+SOAK_JSON ?= bench-out/soak.json
+SOAK_ARGS ?=
+.PHONY: soak
+soak: deps
+	@mkdir -p $(dir $(SOAK_JSON))
+	@rc=0; if [ -t 0 ]; then cap=; else cap="timeout -k 60 $$(( $(DURATION) * 3 / 2 + 600 ))"; fi; \
+	$$cap $(PY) scripts/soak.py --duration $(DURATION) --json $(SOAK_JSON) $(SOAK_ARGS) || rc=$$?; \
+	if [ $$rc -eq 124 ]; then echo "make soak: error: exceeded its time limit" >&2; fi; \
+	exit $$rc
 
 # The second tier: the stress suite's long profile and a conformance run of DEEP_MINUTES with
 # a fixed seed (DEEP_SEED; the same examples on every run, so CI stays reproducible).
