@@ -238,8 +238,14 @@ async def _copy_one(fs: State, node: Inode, data: bool, metacopy: bool = False) 
     except BaseException:
         _discard(wfd, tmp)
         raise
+    # The copy is in UPPER now: whatever fails from here on, the node must learn where it
+    # is (else every later change tries the copy-up again and gets EEXIST until a remount).
+    unfinished: OSError | None = None
     if late:
-        set_mode_and_times(udfd, name, st)
+        try:
+            set_mode_and_times(udfd, name, st)
+        except OSError as e:
+            unfinished = e
     restore_times(udfd, pst)
     new_st = sysio.lstat(udfd, name)
     if kind == stat.S_IFDIR:
@@ -260,6 +266,8 @@ async def _copy_one(fs: State, node: Inode, data: bool, metacopy: bool = False) 
         shown = Resolution(fs.index, new_st, [], [entry], data=res.data)
         for other in fs.inodes.repoint(old_key, shown):
             fs.attrs_changed(other.ino)
+    if unfinished is not None:
+        raise unfinished
 
 
 def _into_index(fs: State, wfd: int, tmp: str, udfd: int, name: str, value: bytes
