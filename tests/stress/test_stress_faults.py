@@ -29,7 +29,8 @@ from typing import Any
 
 import pytest
 from faultfs import FaultFS
-from overlay_harness import IMPL, PYTHON, USERNS, File, Mount, PyUnionMount, StackPaths
+from overlay_harness import IMPL, USERNS, File, Mount, PyUnionMount, StackPaths
+from test_faults import on_faultfs
 from views import LONG, SEED, budget, report, watchdog_seconds
 
 pytestmark = [
@@ -56,17 +57,7 @@ def _summary() -> Iterator[None]:
 
 def _stack(make_stack: Callable[..., StackPaths], lowers: list[Any], track: bool
            ) -> tuple[FaultFS, StackPaths, Path]:
-    paths = make_stack(lowers, upper={})
-    assert paths.upper is not None and paths.work is not None
-    backing = paths.base / "backing"
-    backing.mkdir()
-    os.rename(paths.upper, backing / "upper")
-    os.rename(paths.work, backing / "work")
-    mnt = paths.base / "ffs"
-    mnt.mkdir()
-    ffs = FaultFS(backing, mnt, track=track, python=PYTHON)
-    return ffs, StackPaths(paths.base, paths.lowers, mnt / "upper", mnt / "work",
-                           paths.merged), backing
+    return on_faultfs(make_stack(lowers, upper={}), track=track)
 
 
 def _leftovers(backing: Path) -> list[str]:
