@@ -27,6 +27,15 @@ from overlay_harness import (
     run_cmd,
 )
 
+# The test user's fixtures and the "as whom" layer, for every module (rootless_support.py).
+from rootless_support import (  # noqa: F401
+    fuse_user,
+    pytest_pyfunc_call,
+    test_user,
+    user_mounts,
+    who,
+)
+
 _PROBLEM = environment_problem()
 
 
@@ -73,9 +82,10 @@ def pytest_configure(config: pytest.Config) -> None:
 HOST_WIDE = {"test_attrs.py", "test_caching.py", "test_posix_misc.py", "test_regressions.py",
              "test_remount.py", "test_rootless.py", "test_rootless_userns.py", "test_direct_io.py",
              "test_bench.py", "test_mount_faults.py", "test_durability.py", "test_kernel_cache.py",
-             "test_packaging.py",
+             "test_packaging.py", "test_faults.py", "test_soak.py",
              "test_stress_concurrent.py", "test_stress_resources.py", "test_stress_integrity.py",
-             "test_stress_fio.py", "test_stress_hostile.py", "test_stress_kill.py"}
+             "test_stress_fio.py", "test_stress_hostile.py", "test_stress_kill.py",
+             "test_stress_faults.py"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

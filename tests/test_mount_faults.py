@@ -1,10 +1,14 @@
 """Mounting where it can't work (issue 8, items 3 and 4): over the dead mount a killed daemon
 left, and without a usable /dev/fuse.  Each is one 'pyunionfs: error: ' line that says what to
-do, a non-zero exit, and nothing created in WORK."""
+do, a non-zero exit, and nothing created in WORK.
+
+Each runs as root, as the plain test user (through fusermount3, /dev/fuse granted by an ACL) and
+as root of a user namespace (the ``who`` fixture, rootless_support.py)."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -23,16 +27,21 @@ from overlay_harness import (
     is_mounted,
     unionfs_pids,
 )
+from rootless_support import Who
 
 PYTHON = sys.executable
-pytestmark = pytest.mark.skipif(USERNS, reason="kills daemons and makes mount namespaces as "
-                                               "real root")
 
 
-def _cli(*args: str, timeout: float = MOUNT_TIMEOUT + 15) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PYTHON, "-m", "unionfs", *args], capture_output=True, text=True,
-                          cwd=str(REPO), timeout=timeout, stdin=subprocess.DEVNULL,
+def _cli(who: Who, *args: str,
+         timeout: float = MOUNT_TIMEOUT + 15) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(who.argv([PYTHON, "-m", "unionfs", *args]), capture_output=True,
+                          text=True, cwd=str(REPO), timeout=timeout, stdin=subprocess.DEVNULL,
                           env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def _read_f(m: Path) -> str:
+    os.stat(m)
+    return (m / "f").read_text()
 
 
 def _one_error_line(r: subprocess.CompletedProcess[str], *needles: str) -> str:
@@ -52,40 +61,43 @@ def _daemon_pid(merged: Path) -> int:
 
 
 TRIES = 10
+USER_TRIES = 5  # a try as the user costs 2 s (four commands through setpriv, a fork to read)
 
 
-def test_mount_over_killed_daemon_is_refused_every_time(make_stack) -> None:
+def test_mount_over_killed_daemon_is_refused_every_time(make_stack, who: Who) -> None:
     """The kernel answers stat() of a dead mount from its cache; we must not stack a new mount
-    on it.  After each kill: refused in one line; `pyunionfs umount` clears it; mount works."""
+    on it.  After each kill: refused in one line; `pyunionfs umount` clears it; mount works.
+    (The daemon is killed by root, also the user's: what an OOM kill does.)"""
     paths = make_stack([{"f": File("lower")}], upper={})
+    who.own(paths.base)
     lowers, up, wk, m = str(paths.lowers[0]), str(paths.upper), str(paths.work), str(paths.merged)
     refused = 0
+    tries = USER_TRIES if who.user else TRIES
     try:
-        for _ in range(TRIES):
-            r = _cli("mount", lowers, up, wk, m)
+        for _ in range(tries):
+            r = _cli(who, "mount", lowers, up, wk, m)
             assert r.returncode == 0, r.stderr
-            assert (paths.merged / "f").read_text() == "lower"  # warm the kernel's caches
-            os.stat(paths.merged)
+            assert who.call(_read_f, paths.merged) == "lower"  # warm the kernel's caches
             pid = _daemon_pid(paths.merged)
             os.kill(pid, signal.SIGKILL)
             deadline = time.monotonic() + CMD_TIMEOUT
             while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
                 time.sleep(0.01)
-            r = _cli("mount", lowers, up, wk, m)
+            r = _cli(who, "mount", lowers, up, wk, m)
             _one_error_line(r, "stale FUSE mount", "pyunionfs umount")
             refused += 1
             assert sum(1 for line in open("/proc/self/mountinfo") if f" {m} " in line) == 1
-            r = _cli("umount", m)
+            r = _cli(who, "umount", m)
             assert r.returncode == 0, r.stderr
             assert not is_mounted(paths.merged)
-        r = _cli("mount", lowers, up, wk, m)
+        r = _cli(who, "mount", lowers, up, wk, m)
         assert r.returncode == 0, r.stderr
-        assert (paths.merged / "f").read_text() == "lower"
-        assert _cli("umount", m).returncode == 0
+        assert who.call(_read_f, paths.merged) == "lower"
+        assert _cli(who, "umount", m).returncode == 0
     finally:
         if is_mounted(paths.merged):
             force_unmount(m)
-    assert refused == TRIES
+    assert refused == tries
 
 
 def _in_mount_ns(script: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -106,24 +118,39 @@ CASES = {
     "other-device": ("mount --bind /dev/null /dev/fuse", ("not the FUSE device",)),
     # no device at all: a /dev of its own without it
     "missing": ("mount -t tmpfs none /dev", ("no /dev/fuse", "modprobe fuse")),
-    # the device, but not ours to open: root without CAP_DAC_OVERRIDE, a node owned by another
+    # the device, but not ours to open: root without CAP_DAC_OVERRIDE (or the plain user), a
+    # node owned by another
     "no-access": ("mknod -m 600 \"$4/fuse\" c 10 229; chown 4242 \"$4/fuse\"; "
                   "mount --bind \"$4/fuse\" /dev/fuse",
                   ("may not open /dev/fuse", "setfacl")),
 }
+# Root of a user namespace may not mknod a FUSE node of its own (CAP_MKNOD counts in the initial
+# namespace only), and is the owner of the real one (uid 0 is mapped): the node not ours to
+# open is the real /dev/fuse, opened as another uid of the namespace without capabilities.
+NO_ACCESS_IN_USERNS = "setpriv --reuid=4242 --regid=4242 --clear-groups --inh-caps=-all " \
+    "--bounding-set=-all --"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_no_usable_dev_fuse_is_one_line_and_creates_nothing(make_stack, tmp_path: Path,
-                                                           case: str) -> None:
+                                                           case: str, who: Who) -> None:
+    """The user's case: root swaps /dev/fuse in a private mount namespace (as the root case
+    does), then the user mounts there."""
     if not os.path.exists("/dev/fuse"):
         pytest.skip("no /dev/fuse here to stand in for")
     setup, needles = CASES[case]
     paths = make_stack([{"f": File("x")}], upper={})
+    who.own(paths.base)
     spare = tmp_path / "spare"
     spare.mkdir()
-    run = f"{PYTHON} -m unionfs mount \"$1\" \"$2\" \"$3\" \"$5\""
-    if case == "no-access":
+    cmd = shlex.join(who.argv([PYTHON, "-m", "unionfs", "mount"]))
+    run = f"{cmd} \"$1\" \"$2\" \"$3\" \"$5\""
+    if case == "no-access" and USERNS:
+        if os.stat("/dev/fuse").st_mode & 0o006 == 0o006:
+            pytest.skip("/dev/fuse is rw for everyone here: no uid of a user namespace lacks "
+                        "access to it, and root of one can't mknod a node that is not its own")
+        setup, run = "true", f"{NO_ACCESS_IN_USERNS} {run}"
+    elif case == "no-access" and not who.user:
         run = f"setpriv --inh-caps=-all --bounding-set=-all -- {run}"
     r = _in_mount_ns(f"{setup}; exec {run}", str(paths.lowers[0]), str(paths.upper),
                      str(paths.work), str(spare), str(paths.merged))
@@ -133,3 +160,21 @@ def test_no_usable_dev_fuse_is_one_line_and_creates_nothing(make_stack, tmp_path
     finally:
         if is_mounted(paths.merged):
             force_unmount(str(paths.merged))
+
+
+def test_work_left_by_a_root_kernel_mount_is_reused(make_stack, who: Who) -> None:
+    """A kernel overlay mounted by root leaves WORK/work empty, mode 000 and root's: a later
+    mount by anyone who may write WORK replaces it (it was EPERM for a plain user, who may
+    remove that directory but not list it)."""
+    paths = make_stack([{"a": File("lower")}], upper={})
+    who.own(paths.base)
+    left = paths.work / "work"
+    left.mkdir()
+    os.chmod(left, 0)
+    if who.user:
+        os.chown(left, 0, 0)
+    m = who.mount(paths)
+    assert who.call(lambda r: (r / "a").read_text(), m.root) == "lower"
+    who.call(lambda r: (r / "a").write_text("upper"), m.root)
+    m.stop()
+    assert (paths.upper / "a").read_text() == "upper"

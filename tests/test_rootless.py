@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
-import pickle
-import pwd
 import re
 import shutil
 import signal
@@ -29,7 +26,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +40,6 @@ from overlay_harness import (
     USER_PREFIX,
     USERNS,
     File,
-    KernelMount,
     Snapshot,
     StackPaths,
     StackSpec,
@@ -57,21 +53,21 @@ from overlay_harness import (
     mount_table,
     read_xattrs,
     run_as,
-    snapshot_merged,
     snapshot_upper,
-    stop_all,
     unionfs_pids,
     wait_until,
 )
+from rootless_support import (
+    TEST_USER,
+    as_user,
+    kernel_mount,
+    run_user,
+    user_op,
+    user_snapshot,
+)
 
-from unionfs import acl
-
-TEST_USER = "pyunionfs-test"
-FUSE_DEV = "/dev/fuse"
-# serialises the ACL grants of concurrent test sessions on this machine
-FUSE_LOCK = ("/run/lock" if os.path.isdir("/run/lock") else "/tmp") + "/pyunionfs-test-acl.lock"
-LOCK_TIMEOUT = 300.0
-USER_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
+# The test user's fixtures (test_user, fuse_user, user_mounts) and the rest of the machinery are in
+# rootless_support.py.
 
 # The differential modules re-run in userns mode, and the userns-only counterparts of what they skip.
 USERNS_SUITE = ["tests/test_lookup.py", "tests/test_dirops.py", "tests/test_rename.py",
@@ -128,288 +124,6 @@ def test_differential_suite_in_userns(tmp_path: Path) -> None:
     tail = "\n".join(out.splitlines()[-60:])
     assert proc.returncode == 0, f"userns suite failed (exit {proc.returncode}):\n{tail}"
     assert counts.get("passed", 0) > 0, f"userns suite ran no test:\n{tail}"
-
-
-# --------------------------------------------------------------------------------------------------
-# The test user and its access to /dev/fuse
-# --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def test_user() -> tuple[int, int]:
-    """(uid, gid) of TEST_USER, a system user created here if missing (and kept: another test
-    session may be using it at the same moment)."""
-    try:
-        pw = pwd.getpwnam(TEST_USER)
-    except KeyError:
-        r = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
-                            "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", TEST_USER],
-                           capture_output=True, text=True, timeout=CMD_TIMEOUT)
-        if r.returncode != 0 and "already exists" not in r.stderr:
-            pytest.skip(f"cannot create the test user {TEST_USER}: {r.stderr.strip()}")
-        pw = pwd.getpwnam(TEST_USER)
-    return pw.pw_uid, pw.pw_gid
-
-
-# The access ACL xattr, in the format unionfs.acl reads and writes.
-ACL_XATTR = acl.ACCESS
-ACL_UNDEFINED_ID = 0xFFFFFFFF
-
-
-def _acl_pack(entries: list[list[int]]) -> bytes:
-    return acl.pack(sorted(entries))  # the kernel wants the entries in tag order
-
-
-def _acl_get(path: str) -> bytes | None:
-    try:
-        return os.getxattr(path, ACL_XATTR)
-    except OSError as e:
-        if e.errno == errno.ENODATA:
-            return None
-        raise
-
-
-def _acl_with_user(raw: bytes | None, mode: int, uid: int, perm: int) -> bytes:
-    """``raw`` (or the ACL equivalent to ``mode``) plus ``user:uid:perm``, mask widened to cover
-    it: what ``setfacl -m u:USER:perm`` makes."""
-    if raw is None:
-        entries = [[acl.USER_OBJ, (mode >> 6) & 7, ACL_UNDEFINED_ID],
-                   [acl.GROUP_OBJ, (mode >> 3) & 7, ACL_UNDEFINED_ID],
-                   [acl.OTHER, mode & 7, ACL_UNDEFINED_ID]]
-    else:
-        entries = acl.parse(raw)
-    entries = [e for e in entries if not (e[0] == acl.USER and e[2] == uid) and e[0] != acl.MASK]
-    entries.append([acl.USER, perm, uid])
-    mask = 0
-    for tag, p, _ in entries:
-        if tag in (acl.USER, acl.GROUP_OBJ, acl.GROUP):
-            mask |= p
-    entries.append([acl.MASK, mask, ACL_UNDEFINED_ID])
-    return _acl_pack(entries)
-
-
-def _acl_without_user(raw: bytes, uid: int) -> bytes:
-    return _acl_pack([e for e in acl.parse(raw) if not (e[0] == acl.USER and e[2] == uid)])
-
-
-@contextlib.contextmanager
-def acl_grant(path: str, uid: int, perm: int) -> Iterator[None]:
-    """``user:uid:perm`` on ``path`` (like ``setfacl -m``) while active. Afterwards the exact
-    previous ACL and mode come back (``getfacl``/``setfacl --restore``), unless someone else changed
-    the ACL meanwhile: then only our entry is taken out of theirs."""
-    st = os.stat(path)
-    before = _acl_get(path)
-    ours = _acl_with_user(before, stat.S_IMODE(st.st_mode), uid, perm)
-    try:
-        os.setxattr(path, ACL_XATTR, ours)
-    except OSError as e:
-        pytest.skip(f"cannot grant {TEST_USER} access to {path} with a POSIX ACL: {e}")
-    try:
-        yield
-    finally:
-        now = _acl_get(path)
-        if now == ours:  # untouched since our grant: restore exactly
-            if before is None:
-                os.removexattr(path, ACL_XATTR)
-            else:
-                os.setxattr(path, ACL_XATTR, before)
-            os.chmod(path, stat.S_IMODE(st.st_mode))
-        elif now is not None:
-            os.setxattr(path, ACL_XATTR, _acl_without_user(now, uid))
-
-
-def _unsearchable_dirs(uid: int, gid: int, path: str) -> list[str]:
-    """Ancestors of ``path`` (symlinks resolved) that uid/gid may not search."""
-    real = Path(os.path.realpath(path))
-    dirs = [str(d) for d in reversed(real.parents)]
-    res = run_as(uid, gid, lambda _: [d for d in dirs if not os.access(d, os.X_OK)], real)
-    assert res[0] == "ok", res
-    return res[1]
-
-
-@contextlib.contextmanager
-def _file_lock(path: str, timeout: float) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    pytest.skip(f"{path} held by another test session for {timeout}s")
-                time.sleep(0.2)
-        yield
-    finally:
-        os.close(fd)
-
-
-@pytest.fixture(scope="module")
-def fuse_user(test_user: tuple[int, int]) -> Iterator[tuple[int, int]]:
-    """TEST_USER, for this module with rw on /dev/fuse and search (x) on the dirs above the venv's
-    real python (e.g. /root for a pyenv build), each an ACL entry that is removed afterwards."""
-    uid, gid = test_user
-    with _file_lock(FUSE_LOCK, LOCK_TIMEOUT), contextlib.ExitStack() as grants:
-        grants.enter_context(acl_grant(FUSE_DEV, uid, 6))
-        for d in _unsearchable_dirs(uid, gid, PYTHON):
-            grants.enter_context(acl_grant(d, uid, 1))
-        r = run_user(uid, gid, [PYTHON, "-c", "import os, unionfs; os.close(os.open("
-                                f"{FUSE_DEV!r}, os.O_RDWR))"])
-        assert r.returncode == 0, f"{TEST_USER} can't run pyunionfs or open {FUSE_DEV}: {r.stderr}"
-        yield test_user
-
-
-# --------------------------------------------------------------------------------------------------
-# Running things as the test user
-# --------------------------------------------------------------------------------------------------
-
-
-def as_user(uid: int, gid: int, argv: list[str]) -> list[str]:
-    """``argv`` as uid/gid (no supplementary groups, no capabilities) with a clean environment."""
-    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--",
-            "env", "-i", f"PATH={USER_PATH}", "HOME=/nonexistent", "LANG=C.UTF-8",
-            f"PYTHONPATH={REPO}", "PYTHONDONTWRITEBYTECODE=1", *argv]
-
-
-def run_user(uid: int, gid: int, argv: list[str],
-             timeout: float = CMD_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(as_user(uid, gid, argv), capture_output=True, text=True, timeout=timeout,
-                          cwd=str(REPO), stdin=subprocess.DEVNULL, check=False)
-
-
-def user_snapshot(uid: int, gid: int, root: Path, mtimes: bool = True) -> Snapshot:
-    """The merged view as the user sees it (a FUSE mount without allow_other is the mounting
-    user's only, and the kernel mount is looked at with the same credentials)."""
-    res = run_as(uid, gid, lambda m: pickle.dumps(snapshot_merged(m, mtimes)), root)
-    assert res[0] == "ok", f"snapshot of {root} as {uid}: {res}"
-    return pickle.loads(res[1])
-
-
-def user_op(uid: int, gid: int, fn: Callable[[Path], Any], root: Path) -> Any:
-    res = run_as(uid, gid, fn, root)
-    assert res[0] == "ok", f"{getattr(fn, '__name__', 'op')} as {uid}: {res}"
-    return res[1]
-
-
-
-
-class UserMount:
-    """``python -m unionfs mount LOWERS UPPER WORK MERGED`` as the test user (daemon form, or
-    ``-f`` as a child process); ``stop()`` unmounts with the user's fusermount3 -u (root's -uz as
-    the last resort) and waits for the daemon to exit."""
-
-    def __init__(self, uid: int, gid: int, paths: StackPaths, foreground: bool,
-                 work: Path | None = None, options: str = ""):
-        self.uid, self.gid, self.paths, self.foreground = uid, gid, paths, foreground
-        self.root = paths.merged
-        self.log = paths.base / "pyunionfs-user.log"
-        self.stderr = ""
-        self.proc: subprocess.Popen[bytes] | None = None
-        lowers = ":".join(str(p) for p in paths.lowers)
-        args = [PYTHON, "-m", "unionfs", "mount", *(["-o", options] if options else []), lowers,
-                str(paths.upper), str(work or paths.work), str(paths.merged)]
-        if foreground:
-            self._err = open(paths.base / "pyunionfs-user.stderr", "w+b")
-            self.proc = subprocess.Popen(as_user(uid, gid, [*args[:4], "-f", *args[4:]]),
-                                         cwd=str(REPO), stdin=subprocess.DEVNULL,
-                                         stdout=self._err, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-            try:
-                if not wait_until(lambda: is_mounted(self.root) or self.proc.poll() is not None,
-                                  MOUNT_TIMEOUT):
-                    raise AssertionError(f"not mounted after {MOUNT_TIMEOUT}s")
-                assert is_mounted(self.root), (
-                    f"pyunionfs -f exited {self.proc.poll()}:\n{self.read_stderr()}")
-            except BaseException:
-                self.stop()
-                raise
-        else:
-            r = run_user(uid, gid, [*args[:4], "--log", str(self.log), *args[4:]],
-                         timeout=MOUNT_TIMEOUT + 15)
-            self.stderr = r.stderr
-            if r.returncode != 0 or not is_mounted(self.root):
-                self.stop()
-                raise AssertionError(f"background mount as {TEST_USER} failed ({r.returncode}):\n"
-                                     f"{r.stderr}{self.read_log()}")
-        row = [r for r in mount_table() if r[0] == os.path.realpath(self.root)][-1]
-        if row[1] != "fuse.pyunionfs" or f"user_id={uid}" not in row[3].split(","):
-            self.stop()
-            raise AssertionError(f"not {TEST_USER}'s pyunionfs mount: {row}")
-
-    def read_stderr(self) -> str:
-        if self.proc is None:
-            return self.stderr
-        self._err.seek(0)
-        return self._err.read().decode(errors="replace")
-
-    def read_log(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def output(self) -> str:
-        return self.read_stderr() + self.read_log()
-
-    def stop(self) -> None:
-        """Idempotent; raises if the unmount needed the fallbacks or the daemon lingered."""
-        problems = []
-        merged = str(self.root)
-        pids = [self.proc.pid] if self.proc is not None else unionfs_pids(self.root)
-        if is_mounted(merged):
-            try:
-                r = run_user(self.uid, self.gid, ["fusermount3", "-u", merged],
-                             timeout=UMOUNT_TIMEOUT)
-                if r.returncode != 0:
-                    problems.append(f"fusermount3 -u as {TEST_USER}: {r.stderr.strip()}")
-            except subprocess.TimeoutExpired:
-                problems.append("fusermount3 -u timed out")
-            force_unmount(merged)
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=UMOUNT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                problems.append("pyunionfs -f did not exit after unmount")
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=CMD_TIMEOUT)
-        elif not wait_until(lambda: not unionfs_pids(self.root), UMOUNT_TIMEOUT):
-            problems.append("daemon did not exit after unmount")
-            for pid in unionfs_pids(self.root):
-                if pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-        if is_mounted(merged):
-            problems.append("still mounted")
-        if problems:
-            raise AssertionError("; ".join(problems) + "\n" + self.output())
-
-
-@pytest.fixture
-def user_mounts() -> Iterator[Callable[..., UserMount]]:
-    """``user_mounts(uid, gid, paths, foreground, work=None, options="")``; all stopped at
-    teardown."""
-    made: list[UserMount] = []
-
-    def factory(uid: int, gid: int, paths: StackPaths, foreground: bool,
-                work: Path | None = None, options: str = "") -> UserMount:
-        m = UserMount(uid, gid, paths, foreground, work, options)
-        made.append(m)
-        return m
-
-    yield factory
-    stop_all(reversed(made))
-
-
-@contextlib.contextmanager
-def kernel_mount(paths: StackPaths, work: Path) -> Iterator[KernelMount]:
-    """Root's kernel overlayfs with ``-o userxattr`` on the same layers."""
-    m = KernelMount(paths, work, userxattr=True)
-    try:
-        yield m
-    finally:
-        m.stop()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,6 +15,11 @@ Writing *through* a symlink that points outside would be the caller's own path w
 (lchown, lutimes, lsetxattr, link, rename, unlink, O_NOFOLLOW and O_EXCL opens, mkdir/symlink
 over it); names that resolve inside the mount also get writes, truncate, chmod and creates through
 them. What must never happen is the daemon following a symlink stored in a layer.
+
+The tests built on ``Twin`` (long names and paths past PATH_MAX, the 2000-deep chain) and the
+stale WORK run as root, as the plain test user (its pyunionfs through fusermount3 on layers it
+owns, against root's kernel overlayfs with ``-o userxattr``, every operation run as the user) and
+as root of a user namespace: the ``who`` fixture (rootless_support.py).
 """
 
 from __future__ import annotations
@@ -40,7 +45,6 @@ from overlay_harness import (
     Dir,
     Fifo,
     File,
-    Mount,
     Pair,
     StackPaths,
     StackSpec,
@@ -50,6 +54,7 @@ from overlay_harness import (
     snapshot_raw,
     stat_summary,
 )
+from rootless_support import Who
 from views import assert_log_clean, fd_tree, fd_tree_diff, raise_nofile, report
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -134,25 +139,28 @@ class Tried:
 
 
 class TwinSide:
-    def __init__(self, impl: str, paths: StackPaths, mount: Mount):
+    def __init__(self, impl: str, paths: StackPaths, mount: Any):
         self.impl, self.paths, self.mount = impl, paths, mount
         self.root, self.upper = paths.merged, paths.upper
 
 
 class Twin:
     """Pair.same for stacks deeper than PATH_MAX, which Pair can't snapshot by path: the same
-    layers built twice, mounted by the kernel and by pyunionfs; lowers checked by fd walks."""
+    layers built twice, mounted by the kernel and by pyunionfs; lowers checked by fd walks.
+    Layers, mounts and operations are ``who``'s."""
 
-    def __init__(self, make_stack: Callable[..., StackPaths], mounter: Callable[..., Mount],
-                 lowers: list, upper: Any = None):
+    def __init__(self, make_stack: Callable[..., StackPaths], who: Who, lowers: list,
+                 upper: Any = None):
         kp, op = make_stack(lowers, upper), make_stack(lowers, upper)
+        who.own(kp.base, op.base)
+        self.who = who
         self.lowers_before = [[fd_tree(p) for p in sp.lowers] for sp in (kp, op)]
-        self.k = TwinSide("kernel", kp, mounter(kp, "kernel"))
-        self.o = TwinSide(IMPL, op, mounter(op))
+        self.k = TwinSide("kernel", kp, who.mount(kp, "kernel"))
+        self.o = TwinSide(IMPL, op, who.mount(op))
         self.sides = (self.k, self.o)
 
     def same(self, fn: Callable[[Path], Any], expect: Any = ..., what: str = "") -> Any:
-        k, o = outcome(fn, self.k.root), outcome(fn, self.o.root)
+        k, o = self.who.op(fn, self.k.root), self.who.op(fn, self.o.root)
         if expect is not ...:
             premise = (k[0] == "ok") if expect == "ok" else (k == ("err", expect))
             assert premise, f"test premise: kernel gave {k} for {what}, test expects {expect}"
@@ -160,9 +168,9 @@ class Twin:
         return k[1]
 
     def check_all(self) -> None:
-        km, om = fd_tree(self.k.root), fd_tree(self.o.root)
+        km, om = self.who.call(fd_tree, self.k.root), self.who.call(fd_tree, self.o.root)
         assert km == om, "merged trees differ:\n" + fd_tree_diff(km, om)
-        ku, ou = fd_tree(self.k.upper, upper=True), fd_tree(self.o.upper, upper=True)
+        ku, ou = (fd_tree(side.upper, upper=True, prefix=self.who.prefix) for side in self.sides)
         assert ku == ou, "uppers differ:\n" + fd_tree_diff(ku, ou)
         for side, before in zip(self.sides, self.lowers_before):
             for i, (p, b) in enumerate(zip(side.paths.lowers, before)):
@@ -560,9 +568,9 @@ def _at_bottom(fn: Callable[[int], Any]) -> Callable[[Path], Any]:
     return _walk_down(LONG_LEVELS, fn)
 
 
-def test_long_and_odd_names_and_paths_past_path_max(make_stack, mounter, outside):
+def test_long_and_odd_names_and_paths_past_path_max(make_stack, outside, who: Who):
     canary = Canary(outside)
-    pair = Twin(make_stack, mounter, [_long_lower])
+    pair = Twin(make_stack, who, [_long_lower])
     t = Tried(pair)
     for n in [N255, f"{D255}/{N255}", "s" * 255, *ODD]:
         t.same(lambda m, n=n: stat_summary(os.lstat(m / n)), f"lstat {n!r}")
@@ -660,11 +668,11 @@ def _remove_deep(twin: Twin) -> None:
             subprocess.run(["rm", "-rf", "--", str(d)], timeout=CMD_TIMEOUT * 2, check=False)
 
 
-def test_2000_deep_chain_find_write_rm(make_stack, mounter, outside):
+def test_2000_deep_chain_find_write_rm(make_stack, outside, who: Who):
     raise_nofile()
     canary = Canary(outside)
     t0 = time.monotonic()
-    pair = Twin(make_stack, mounter, [_deep_lower])
+    pair = Twin(make_stack, who, [_deep_lower])
     try:
         _deep_chain_steps(pair, canary, t0)
     finally:
@@ -919,17 +927,18 @@ def _plant_work(work: Path, o: Path, variant: str) -> None:
 
 
 @pytest.mark.parametrize("variant", ["symlinks-in-work", "work-is-a-symlink"])
-def test_stale_workdir_with_symlinks_out(make_stack, mounter, outside, variant):
+def test_stale_workdir_with_symlinks_out(make_stack, outside, variant, who: Who):
     canary = Canary(outside)
     lower = {"d/f": File("f\n"), "d/g": File("g\n"), "e/h": File("h\n")}
     stacks = {impl: make_stack([lower]) for impl in ("kernel", IMPL)}
     for sp in stacks.values():
         _plant_work(sp.work, outside, variant)
+        who.own(sp.base)  # the user's stale WORK: its own leftovers
     canary.check("planting")
     results: dict[str, Any] = {}
     for impl, sp in stacks.items():
         try:
-            m = mounter(sp, impl)
+            m = who.mount(sp, impl)
         except Exception as e:  # noqa: BLE001 - refusing such a WORK is fine too; compared below
             results[impl] = ("refused", type(e).__name__)
             canary.check(f"{impl} refusing the mount")
@@ -943,9 +952,9 @@ def test_stale_workdir_with_symlinks_out(make_stack, mounter, outside, variant):
             ("create", lambda r: (r / "new").write_bytes(b"new\n")),
             ("rename over", lambda r: os.rename(r / "new", r / "d" / "f")),
         ]:
-            out.append((what, outcome(fn, m.root)))
+            out.append((what, who.op(fn, m.root)))
             canary.check(f"{impl}: {what}")
-        out.append(("tree", sorted(os.listdir(m.root / "d"))))
+        out.append(("tree", who.call(lambda r: sorted(os.listdir(r / "d")), m.root)))
         m.stop()
         canary.check(f"{impl} unmount")
         assert os.path.islink(sp.work / "index") == (variant == "symlinks-in-work"), impl

@@ -18,6 +18,11 @@ anything else) at a random moment of the workload, on a fresh upper each time, a
    upper, WORK/work empty after the mount and again after its clean unmount;
 4. the kernel's overlayfs mounts the same lowers and upper and shows the same tree.
 
+Each test runs as root, as the plain test user (its ``pyunionfs mount -f`` through fusermount3
+on layers it owns, the workload and every look at the mount as the user, the kernel's view with
+``-o userxattr``; lower owners and ``trusted.*`` xattrs are what such a user can have) and as root
+of a user namespace (a nested pytest): the ``who`` fixture, rootless_support.py.
+
 A one-line summary goes to stdout (``pytest -s``) and is appended to the file named by
 PYUNIONFS_STRESS_REPORT.  PYUNIONFS_STRESS_SEED fixes the random choices (except the
 kill moments, which depend on the machine's timing anyway).
@@ -47,10 +52,10 @@ import pytest
 from overlay_harness import (
     DEFAULT_TIME_NS,
     IMPL,
-    PRIVATE_PREFIX,
     PYTHON,
     REPO,
     UMOUNT_TIMEOUT,
+    USERNS,
     Dir,
     File,
     KernelMount,
@@ -65,8 +70,8 @@ from overlay_harness import (
     mounts_under,
     read_xattrs,
     snapshot_diff,
-    snapshot_merged,
 )
+from rootless_support import Who
 from views import LONG, MINUTES, budget, report
 
 
@@ -76,6 +81,9 @@ def by_profile(short: int, long: int) -> int:
 
 
 KILLS = max(1, int(budget(5, 25)))  # kills per workload
+# As the user and in a user namespace the bounded profile kills fewer times (`make test` runs
+# each workload as all three, one after the other); the long profile as many as root.
+ROOTLESS_KILLS = KILLS if LONG else 3
 # Long runs get the stress conftest's per-test timeout (max(600 s, the budget)); leave
 # the watchdog and the last try room below it.
 TEST_LIMIT = max(600.0, MINUTES * 60) if LONG else 180.0
@@ -86,6 +94,9 @@ CLI_TIMEOUT = 30.0
 SEED = int(os.environ.get("PYUNIONFS_STRESS_SEED") or random.SystemRandom().randrange(1 << 30))
 KILL_ERRNOS = {"107", "103"}  # ENOTCONN, ECONNABORTED: what a dead daemon's mount gives
 KILL_STRERRORS = tuple(os.strerror(int(e)) for e in KILL_ERRNOS)
+
+# Each userns case is a nested pytest of its own: together they would outlast one test's limit.
+USERNS_ONE_BY_ONE = True
 
 pytestmark = [
     pytest.mark.watchdog(WATCHDOG),
@@ -121,16 +132,46 @@ class KillableMount(PyUnionMount):
             self.overlay.unmount()
 
 
+class UserKillableMount:
+    """KillableMount for the test user: its ``pyunionfs mount -f``, through fusermount3."""
+
+    killed = False
+
+    def __init__(self, who: Who, paths: StackPaths):
+        self.paths = paths
+        self.mount = who.mount(paths, foreground=True)
+
+    @property
+    def root(self) -> Path:
+        return self.paths.merged
+
+    @property
+    def proc(self) -> subprocess.Popen[bytes]:
+        return self.mount.proc  # setpriv and env exec'd into the daemon: this pid is its
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.killed = True
+        self.proc.wait(timeout=UMOUNT_TIMEOUT)
+
+    def stop(self) -> None:
+        if not self.killed:
+            self.mount.stop()
+            return
+        with contextlib.suppress(AssertionError):  # a dead mount's unmount may need fallbacks
+            self.mount.stop()
+
+
 def lowerdir_arg(lowers: list[Path]) -> str:
     return ":".join(str(p).replace("\\", "\\\\").replace(":", "\\:") for p in lowers)
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(who: Who, *args: str) -> subprocess.CompletedProcess[str]:
     """``python -m unionfs ARGS`` as a user runs it (not in the foreground)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([PYTHON, "-m", "unionfs", *args], capture_output=True, text=True,
-                          timeout=CLI_TIMEOUT, cwd=str(REPO), env=env, check=False)
+    return subprocess.run(who.argv([PYTHON, "-m", "unionfs", *args]), capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT, cwd=str(REPO), env=env, check=False)
 
 
 def work_entries(paths: StackPaths) -> list[str]:
@@ -146,29 +187,28 @@ def mount_count(path: Path) -> int:
     return sum(1 for row in mount_table() if row[0] == p)
 
 
-def check_dead_mount(paths: StackPaths) -> list[str]:
+def check_dead_mount(paths: StackPaths, who: Who) -> list[str]:
     """The dead mount point: refused by ``mount`` with one line, removed by ``umount``."""
     problems = []
     merged = paths.merged
     # (Not stat: the kernel answers that from the root's cached attributes even now.)
-    try:
-        os.listdir(merged)
+    listed = who.op(os.listdir, merged)
+    if listed[0] == "ok":
         problems.append("after the kill, the mount point can still be listed (want ENOTCONN)")
-    except OSError as e:
-        if e.errno != 107:
-            problems.append(f"after the kill, listing the mount point gave {e!r} "
-                            "(want ENOTCONN)")
+    elif listed[1] != "ENOTCONN":
+        problems.append(f"after the kill, listing the mount point gave {listed[1]} "
+                        "(want ENOTCONN)")
     if not is_mounted(merged):
         return [*problems, "after the kill, the dead mount is not in the mount table"]
     work_before = work_entries(paths)
     assert paths.upper is not None and paths.work is not None
-    r = cli("mount", lowerdir_arg(paths.lowers), str(paths.upper), str(paths.work),
+    r = cli(who, "mount", lowerdir_arg(paths.lowers), str(paths.upper), str(paths.work),
             str(merged))
     lines = r.stderr.strip().splitlines()
     if mount_count(merged) != 1:
         problems.append("`pyunionfs mount` on the dead mount point stacked a new mount on it")
         with contextlib.suppress(subprocess.TimeoutExpired):
-            subprocess.run(["fusermount3", "-u", str(merged)], capture_output=True,
+            subprocess.run(who.argv(["fusermount3", "-u", str(merged)]), capture_output=True,
                            timeout=UMOUNT_TIMEOUT, check=False)
     if r.returncode == 0 or len(lines) != 1 or "stale" not in lines[0].lower() or \
             "Traceback" in r.stderr:
@@ -176,7 +216,7 @@ def check_dead_mount(paths: StackPaths) -> list[str]:
                         f"stderr {r.stderr.strip()!r} (want one 'stale' line, exit != 0)")
     if work_entries(paths) != work_before:
         problems.append("the refused mount changed WORK/work")
-    r = cli("umount", str(merged))
+    r = cli(who, "umount", str(merged))
     if r.returncode != 0 or r.stderr.strip():
         problems.append(f"`pyunionfs umount` of the dead mount: exit {r.returncode}, "
                         f"stderr {r.stderr.strip()!r}")
@@ -186,7 +226,7 @@ def check_dead_mount(paths: StackPaths) -> list[str]:
     return problems
 
 
-def upper_problems(upper: Path, merged: Snapshot) -> list[str]:
+def upper_problems(upper: Path, merged: Snapshot, prefix: str) -> list[str]:
     """What must never be in an upper, whatever moment the daemon died at: a half-built
     object (copy-ups and swaps are built in WORK/work under '#' names), a whited-out
     name that is visible anyway, an OCI marker beside its own name, or an upper object
@@ -203,7 +243,7 @@ def upper_problems(upper: Path, merged: Snapshot) -> list[str]:
                 problems.append(f"upper holds a temporary object {rel}")
             whiteout = (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0) or (
                 stat.S_ISREG(st.st_mode) and st.st_size == 0
-                and PRIVATE_PREFIX + "whiteout" in read_xattrs(path))
+                and prefix + "whiteout" in read_xattrs(path))
             if whiteout:
                 if rel in merged.nodes:
                     problems.append(f"{rel} is whited out in upper but visible")
@@ -259,6 +299,16 @@ class Plan:
 class Workload:
     name = ""
 
+    def __init__(self, who: Who):
+        self.who = who
+        self.late: list[str] = []  # directories a kill left with LATE_DIR_METADATA
+        if who.user:  # an ordinary user can't give files away: its layers are all its own
+            self.UID, self.GID = who.uid, who.gid
+
+    def keep_xattr(self, name: str) -> bool:
+        """Only root of the initial namespace may set and read ``trusted.*``."""
+        return self.who.trusted or not name.startswith("trusted.")
+
     def build(self, base: Path) -> list[Path]:
         """Make the lower layers (once per test)."""
         raise NotImplementedError
@@ -307,6 +357,10 @@ class CopyUp(Workload):
     REL = "data/big.bin"
     MODE, NEW_MODE, UID, GID = 0o640, 0o600, 1234, 2345
     XATTRS = {"user.origin": b"lower", "user.big": b"x" * 2000, "trusted.test.t": b"t"}
+
+    def __init__(self, who: Who):
+        super().__init__(who)
+        self.XATTRS = {k: v for k, v in CopyUp.XATTRS.items() if self.keep_xattr(k)}
 
     def build(self, base: Path) -> list[Path]:
         size = by_profile(64, 128) << 20
@@ -376,7 +430,8 @@ class CopyUp(Workload):
                      f"{node.uid}:{node.gid}")
         if copied:
             ust = os.lstat(up)
-            ux = {k: v for k, v in read_xattrs(str(up)).items() if not k.startswith(PRIVATE_PREFIX)}
+            ux = {k: v for k, v in read_xattrs(str(up)).items()
+                  if not k.startswith(self.who.prefix)}
             if ux != self.XATTRS or (ust.st_uid, ust.st_gid) != (self.UID, self.GID):
                 p.append(f"the copy in upper lacks metadata: xattrs {sorted(ux)}, owner "
                          f"{ust.st_uid}:{ust.st_gid}")
@@ -575,7 +630,7 @@ class RmRf(Workload):
 
     def plan(self, rng: random.Random, trydir: Path, merged: Path) -> Plan:
         if self.orig is None:  # the first (control) run: the view before anything changed
-            self.orig = snapshot_merged(merged)
+            self.orig = self.who.snapshot(merged)
         return Plan(["sh", "-c", 'echo go; rm -rf "$1" && echo done', "rm",
                      str(merged / "tree")])
 
@@ -598,8 +653,8 @@ class RmRf(Workload):
         return p[:10]
 
     def finish(self, plan: Plan, merged: Path) -> list[str]:
-        r = subprocess.run(["rm", "-rf", str(merged / "tree")], capture_output=True, text=True,
-                           timeout=CHILD_TIMEOUT, check=False)
+        r = subprocess.run(self.who.argv(["rm", "-rf", str(merged / "tree")]),
+                           capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False)
         if r.returncode != 0 or os.path.lexists(merged / "tree"):
             return [f"rm -rf of the rest after the remount: exit {r.returncode}, "
                     f"{r.stderr.strip()[:300]!r}, tree still there: "
@@ -631,7 +686,8 @@ class XattrDirs(Workload):
         self.xattrs: dict[str, tuple[tuple[str, bytes], ...]] = {}
         for d in dirs:
             xs = {f"user.k{j:02}": rng.randbytes(rng.randrange(1, 40)) for j in range(48)}
-            xs["trusted.test.a"] = d.encode()
+            if self.keep_xattr("trusted.test.a"):
+                xs["trusted.test.a"] = d.encode()
             xs["user.path"] = d.encode()
             spec[d] = Dir(mode=self.OLD_MODE, uid=self.UID, gid=self.GID, xattrs=xs)
             self.xattrs[d] = tuple(sorted(xs.items()))
@@ -664,6 +720,11 @@ class XattrDirs(Workload):
         # parent of the directory in flight with the time of that rename.
         in_flight = self.dirs[rep.acked] if not rep.done and rep.acked < n else None
         window = os.path.dirname(in_flight) if touch and in_flight else None
+        late = None
+        if self.who.user and in_flight and os.path.lexists(paths.upper / in_flight) and \
+                stat.S_IMODE(os.lstat(paths.upper / in_flight).st_mode) == 0o700:
+            late = in_flight  # LATE_DIR_METADATA: the test xfails once the rest holds
+            self.late.append(in_flight)
 
         def changed(d: str) -> bool:
             if d == window and times[d] not in (self.NEW_TIME, DEFAULT_TIME_NS):
@@ -681,6 +742,10 @@ class XattrDirs(Workload):
             p.append(f"{k} directories changed, the child saw {rep.acked} of {n} complete")
         for i, d in enumerate(self.dirs):
             node = snap.nodes[d]
+            if d == late:
+                continue
+            if not touch and node.mode not in (self.OLD_MODE, self.NEW_MODE):
+                p.append(f"{d}: mode {node.mode:o}, neither the old nor the new one")
             if node.xattrs != self.xattrs[d]:
                 p.append(f"{d}: merged xattrs {len(node.xattrs)}, want {len(self.xattrs[d])}")
             if (node.uid, node.gid) != (self.UID, self.GID):
@@ -691,7 +756,7 @@ class XattrDirs(Workload):
             if not os.path.lexists(up):
                 continue
             ux = {k_: v for k_, v in read_xattrs(str(up)).items()
-                  if not k_.startswith(PRIVATE_PREFIX)}
+                  if not k_.startswith(self.who.prefix)}
             if tuple(sorted(ux.items())) != self.xattrs[d]:
                 p.append(f"{d}: the copy in upper has {len(ux)} of the "
                          f"{len(self.xattrs[d])} xattrs")
@@ -766,9 +831,10 @@ class Outcome:
 
 
 class Runner:
-    def __init__(self, wl: Workload, base: Path, registry: Any, rng: random.Random):
-        self.wl, self.base, self.registry, self.rng = wl, base, registry, rng
+    def __init__(self, wl: Workload, base: Path, registry: Any, rng: random.Random, who: Who):
+        self.wl, self.base, self.registry, self.rng, self.who = wl, base, registry, rng, who
         self.lowers = wl.build(base / "lowers")
+        who.own(base / "lowers")
         self.n = 0
         self.kept = 0
 
@@ -777,9 +843,12 @@ class Runner:
         d = self.base / f"try{self.n}"
         for sub in ("upper", "work", "merged"):
             (d / sub).mkdir(parents=True)
+        self.who.own(d)
         return StackPaths(d, self.lowers, d / "upper", d / "work", d / "merged")
 
-    def _mount(self, paths: StackPaths) -> KillableMount:
+    def _mount(self, paths: StackPaths) -> KillableMount | UserKillableMount:
+        if self.who.user:  # who.mount registers it
+            return UserKillableMount(self.who, paths)
         m = KillableMount(paths)
         self.registry.items.append(m)
         return m
@@ -816,7 +885,8 @@ class Runner:
     def _run(self, paths: StackPaths, kill_after: float | None) -> Outcome:
         m = self._mount(paths)
         plan = self.wl.plan(self.rng, paths.base, paths.merged)
-        proc = subprocess.Popen(plan.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        proc = subprocess.Popen(self.who.argv(plan.argv), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
         try:
             head = read_go(proc, 30)
@@ -854,7 +924,7 @@ class Runner:
             if m.proc.returncode != -signal.SIGKILL:
                 problems.append(f"daemon exit status {m.proc.returncode}, want SIGKILL")
             left_work = bool(set(work_entries(paths)) - {"#whiteout"})
-            dead = check_dead_mount(paths)
+            dead = check_dead_mount(paths, self.who)
             m.stop()
         problems += self._verify(paths, plan, rep)
         return Outcome(problems, dead, rep, mid_op, left_work)
@@ -865,21 +935,26 @@ class Runner:
         try:
             if work_entries(paths):
                 problems.append(f"WORK/work not empty after the remount: {work_entries(paths)[:5]}")
-            snap = snapshot_merged(paths.merged)
+            snap = self.who.snapshot(paths.merged)
             assert paths.upper is not None
-            problems += upper_problems(paths.upper, snap)
+            problems += upper_problems(paths.upper, snap, self.who.prefix)
             problems += self.wl.check(plan, rep, snap, paths)
         finally:
             m.stop()
         if work_entries(paths):
             problems.append(f"WORK/work not empty after a clean unmount: {work_entries(paths)[:5]}")
         try:
-            k = KernelMount(paths)
+            if self.who.user:  # root's kernel mount leaves a WORK/work the user can't reuse
+                kwork = paths.base / "work-kernel"
+                kwork.mkdir(exist_ok=True)
+                k = KernelMount(paths, kwork, userxattr=True)
+            else:
+                k = KernelMount(paths)
         except MountError as e:
             return [*problems, f"the kernel can't mount the upper we wrote: {e}"]
         self.registry.items.append(k)
         try:
-            ksnap = snapshot_merged(paths.merged)
+            ksnap = self.who.snapshot(paths.merged)
         finally:
             k.stop()
         if ksnap != snap:
@@ -896,21 +971,31 @@ class Runner:
 
 WORKLOADS: list[type[Workload]] = [CopyUp, Renames, RmRf, XattrDirs]
 
+# A pyunionfs bug the user's xattr-dirs case can hit (a race: only when a kill falls in the
+# window), reproduced deterministically by injecting SIGKILL at the daemon's first chmod after
+# a directory copy-up (strace -f -p PID -e inject=chmod,fchmodat:signal=SIGKILL:when=1).
+LATE_DIR_METADATA = (
+    "pyunionfs bug: as an ordinary user a directory's copy-up is renamed into upper with mode "
+    "0700 and its mode and times are set after the rename (unionfs/copyup.py, 'late'), so a "
+    "daemon killed in between leaves a directory that is neither the old one nor the new one "
+    "(mode 0700, the rename's mtime) on every later mount")
+
 
 @pytest.mark.parametrize("workload", WORKLOADS, ids=[w.name for w in WORKLOADS])
-def test_kill_daemon_mid_workload(workload: type[Workload], tmp_path: Path, _registry: Any
-                                  ) -> None:
+def test_kill_daemon_mid_workload(workload: type[Workload], tmp_path: Path, _registry: Any,
+                                  who: Who) -> None:
     start = time.monotonic()
-    wl = workload()
+    wl = workload(who)
     rng = random.Random(f"{SEED}-{wl.name}")
-    runner = Runner(wl, tmp_path, _registry, rng)
+    runner = Runner(wl, who.base, _registry, rng, who)
     control = runner.run(None)
     assert not control.problems, f"{wl.name}, control run without a kill (seed {SEED}):\n" + \
         "\n".join(control.problems)
     span = max(control.rep.seconds, 0.01)
-    tally = TALLY.setdefault(wl.name, Tally())
+    tally = TALLY.setdefault(wl.name if who.name == "root" else f"{wl.name} as {who.name}",
+                             Tally())
     failures, dead = [], []
-    for i in range(KILLS):
+    for i in range(ROOTLESS_KILLS if who.user or USERNS else KILLS):
         if time.monotonic() - start > DEADLINE:
             break
         delay = rng.uniform(0, span * 1.1)
@@ -932,3 +1017,5 @@ def test_kill_daemon_mid_workload(workload: type[Workload], tmp_path: Path, _reg
         "overlay:\n" + "\n".join(failures[:3])
     assert not dead, f"{wl.name}: after {len(dead)} of {tally.tried} kills the dead mount " \
         "was not refused and removed as it should be:\n" + "\n".join(dead[:3])
+    if wl.late:
+        pytest.xfail(f"{LATE_DIR_METADATA}: {wl.late}")
