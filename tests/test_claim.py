@@ -50,14 +50,10 @@ def work_state(paths: StackPaths) -> tuple[int, list[str]]:
     return os.lstat(w).st_ino, sorted(os.listdir(w))
 
 
-@pytest.mark.parametrize("shared", ["upper", "work"])
-def test_second_mount_is_refused_naming_the_first(make_stack: Callable[..., StackPaths],
-                                                  mounter: Callable[..., Mount],
-                                                  shared: str) -> None:
-    paths = make_stack(**IMAGE)
-    first = mounter(paths)
-    (first.root / "a").write_text("changed")  # a copy-up: WORK/work was used
-    before = work_state(paths)
+def second_mount(paths: StackPaths, shared: str
+                 ) -> tuple[subprocess.CompletedProcess[str], Path, Path]:
+    """A mount that shares only ``shared`` ("upper" or "work") with ``paths``, at merged2;
+    unmounted again if it went ahead.  (its result, the other upper, the other work)."""
     other_upper, other_work = paths.base / "upper2", paths.base / "work2"
     other_upper.mkdir()
     m2 = paths.base / "merged2"
@@ -67,6 +63,18 @@ def test_second_mount_is_refused_naming_the_first(make_stack: Callable[..., Stac
         assert not is_mounted(m2)
     finally:
         unmount(m2)
+    return r, other_upper, other_work
+
+
+@pytest.mark.parametrize("shared", ["upper", "work"])
+def test_second_mount_is_refused_naming_the_first(make_stack: Callable[..., StackPaths],
+                                                  mounter: Callable[..., Mount],
+                                                  shared: str) -> None:
+    paths = make_stack(**IMAGE)
+    first = mounter(paths)
+    (first.root / "a").write_text("changed")  # a copy-up: WORK/work was used
+    before = work_state(paths)
+    r, other_upper, other_work = second_mount(paths, shared)
     assert r.returncode != 0
     held = paths.upper if shared == "upper" else paths.work
     want = (f"pyunionfs: error: {shared} directory '{held}' is in use by the pyunionfs mount "
@@ -126,15 +134,9 @@ def test_kernel_mount_on_the_same_dirs_is_refused(make_stack: Callable[..., Stac
                                                   shared: str) -> None:
     paths = make_stack(**IMAGE)
     k = mounter(paths, "kernel")
-    other_upper, other_work = paths.base / "upper2", paths.base / "work2"
-    other_upper.mkdir()
-    m2 = paths.base / "merged2"
     try:
-        r = cli_mount(paths.lowers, paths.upper if shared == "upper" else other_upper,
-                      other_work if shared == "upper" else paths.work, m2)
-        assert not is_mounted(m2)
+        r, other_upper, _ = second_mount(paths, shared)
     finally:
-        unmount(m2)
         k.stop()
     held = paths.upper if shared == "upper" else paths.work
     assert r.returncode != 0
@@ -159,3 +161,34 @@ def test_other_dirs_mount_side_by_side(make_stack: Callable[..., StackPaths],
     finally:
         unmount(m2)
     assert (paths.upper / "a").exists() is False and (u2 / "a").read_text() == "second"
+
+
+def test_the_claim_holds_for_every_user(who, make_stack: Callable[..., StackPaths]) -> None:
+    """As root, as a plain user (fusermount3) and as root of a user namespace: the second
+    mount on the same upper is refused naming the first, and goes ahead once it is gone."""
+    paths = make_stack(**IMAGE)
+    w2, m2 = paths.base / "work2", paths.base / "merged2"
+    w2.mkdir()
+    m2.mkdir()
+    who.own(paths.base)
+    first = who.mount(paths)
+    argv = [PYTHON, "-m", "unionfs", "mount", ":".join(map(str, paths.lowers)), str(paths.upper),
+            str(w2), str(m2)]
+    try:
+        r = subprocess.run(who.argv(argv), capture_output=True, text=True, cwd=str(REPO),
+                           timeout=MOUNT_TIMEOUT + 15, stdin=subprocess.DEVNULL)
+        assert not is_mounted(m2)
+        assert r.returncode == 1
+        assert r.stderr.startswith(f"pyunionfs: error: upper directory '{paths.upper}' is in "
+                                   f"use by the pyunionfs mount on '{first.root}' (pid "), r.stderr
+        assert r.stderr.count("\n") == 1
+        first.stop()
+        r = subprocess.run(who.argv(argv), capture_output=True, text=True, cwd=str(REPO),
+                           timeout=MOUNT_TIMEOUT + 15, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        assert who.call(lambda m: (m / "u").read_text(), m2) == "up"
+    finally:
+        if is_mounted(m2):
+            r = subprocess.run(who.argv([PYTHON, "-m", "unionfs", "umount", str(m2)]),
+                               capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
+        force_unmount(str(m2))
