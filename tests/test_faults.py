@@ -514,7 +514,8 @@ def test_rootless_faults_below(fuse_user: tuple[int, int],
     their errno, nothing half-built stays, and the mount serves on."""
     uid, gid = fuse_user
     paths = make_stack([{"f": File(SMALL, uid=uid, gid=gid), "d/g": File("g", uid=uid, gid=gid),
-                         "e/x": File("x", uid=uid, gid=gid)}], upper={})
+                         "e": Dir(mode=0o555, uid=uid, gid=gid), "e/x": File("x", uid=uid, gid=gid)}],
+                       upper={})
     for d, dirs, _ in os.walk(paths.base):
         for p in (d, *(os.path.join(d, n) for n in dirs)):
             os.chown(p, uid, gid)
@@ -547,17 +548,19 @@ def test_rootless_faults_below(fuse_user: tuple[int, int],
 
         _rootless.user_op(uid, gid, again, fpaths.merged)
         assert (backing / "upper" / "f").read_bytes() == SMALL
-        # Unprivileged, a copied-up directory gets its mode and times after its rename into
-        # UPPER: when that step fails the caller hears it, and the directory, which is in
-        # UPPER by then, is known to be there (it was EEXIST for every later change).
+        # Unprivileged, a copied-up directory without u+w gets its mode and times after its
+        # rename into UPPER: when that step fails the caller hears it, and the directory,
+        # which is in UPPER by then, is known to be there (it was EEXIST for every later
+        # change).
+        def chmod_x(m: Path) -> str:
+            return errname(lambda: os.chmod(m / "e" / "x", 0o640))
+
         with ffs.failing({"op": "setattr", "path": "upper/e", "errno": "EIO"}):
-            first = _rootless.user_op(
-                uid, gid, lambda m: errname(lambda: (m / "e" / "new").write_text("n")),
-                fpaths.merged)
+            first = _rootless.user_op(uid, gid, chmod_x, fpaths.merged)
         assert first == "EIO", first
-        later = _rootless.user_op(
-            uid, gid, lambda m: errname(lambda: (m / "e" / "new").write_text("n")), fpaths.merged)
-        assert later == "ok" and (backing / "upper" / "e" / "new").read_text() == "n", later
+        later = _rootless.user_op(uid, gid, chmod_x, fpaths.merged)
+        assert later == "ok", later
+        assert stat.S_IMODE(os.lstat(backing / "upper" / "e" / "x").st_mode) == 0o640
         names = [x for p in (backing / "upper", backing / "upper" / "d", backing / "upper" / "f")
                  for x in os.listxattr(p)]
         assert names and all(x.startswith("user.overlay.") for x in names), names

@@ -210,8 +210,9 @@ async def _copy_one(fs: State, node: Inode, data: bool, metacopy: bool = False) 
         ldfd = stack.dirfd(node.layer, lppath)
         udfd = stack.dirfd(upper, ppath)
         # Unprivileged, a directory without u+w can't be moved (its ".." changes):
-        # its own mode and times go on after the rename.
-        late = kind == stat.S_IFDIR and os.geteuid() != 0
+        # the mode of such a one, and its times, go on after the rename.  Only then: a
+        # daemon killed in between leaves a directory in neither its old state nor its new.
+        late = kind == stat.S_IFDIR and os.geteuid() != 0 and not st.st_mode & stat.S_IWUSR
         copy_metadata(fs.dialect, ldfd, name, wfd, tmp, st, mode_and_times=not late)
         # Where it came from, as the kernel records it: not for a file with other names
         # whose link is broken here (a new file, with a number of its own), but for one
