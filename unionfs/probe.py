@@ -24,6 +24,14 @@ def remove_tree_at(dirfd: int, name: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         sysio.unlink(dirfd, name)
         return
+    try:
+        # an empty directory goes without being read: the kernel leaves WORK/work mode 000
+        # and root's, which a plain user may remove but not list
+        sysio.rmdir(dirfd, name)
+        return
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
     # (parent fd, name, own fd, children still to remove), one per level being emptied
     levels: list[tuple[int, str, int, list[tuple[str, int, int]]]] = []
     try:
