@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from fuzz import common, index_entry, nlink_xattr
 
+from unionfs import index
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -174,14 +176,24 @@ def test_image_oci_tag_not_a_string(box: common.Sandbox) -> None:
                              merged), f"'{root}': a tag in index.json is not a list of strings")
 
 
-# -- on-disk formats owned by index.py (the fixes are described in issue 25, not made here:
-#    index.py is being changed by another piece of work) ---------------------------------
+# -- on-disk formats read by index.py --------------------------------------------------
 
 
 @pytest.mark.parametrize("value", [b"U+2147483647", b"U+99999999999", b"U+1_0", b"U+1 ",
                                    b"U+" + b"9" * 40])
 def test_nlink_read_as_the_kernel_reads_it(value: bytes) -> None:
     nlink_xattr.one_input(b"\x01\x01" + value)
+
+
+# What ovl_get_nlink makes of each value (upper 2 links, lower 3), pinned here rather than
+# only compared with the fuzz target's model of it.
+@pytest.mark.parametrize(("value", "want"), [
+    (b"U+1", 3), (b"U+0", 2), (b"U-1", 1), (b"U-2", None), (b"L-1", 2), (b"L+0\n", 3),
+    (b"L-+1", None), (b"U++1", None), (b"U+1\0junk", 3), (b"U+2147483645", 2147483647),
+    (b"U+2147483646", None), (b"U+0000000001", 3), (b"U+00000000001", None), (b"U+1 ", None),
+    (b"X+1", None), (b"U", None), (b"", None)])
+def test_nlink_values(value: bytes, want: int | None) -> None:
+    assert index.parse_nlink(value, 2, 3) == want
 
 
 def test_index_lookup_of_a_long_origin() -> None:

@@ -18,9 +18,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Targets with a known finding in code another change owns (index.py), which the fuzzer
-# finds again within seconds: their runs may crash (tests/test_fuzz_regressions.py, xfail).
-KNOWN_FINDINGS: set[str] = set()
 
 
 def _target(name: str) -> ModuleType:
@@ -49,8 +46,7 @@ def test_atheris_runs_each_target(name: str, tmp_path: object) -> None:
                         "the fuzz targets is skipped (.venv/bin/pip install atheris)")
     res = _load_script().run_target(name, seconds=20, runs=200, timeout=10, rss_mb=2048,
                                  python=sys.executable, out=str(tmp_path))
-    if name not in KNOWN_FINDINGS:
-        assert not res.crashes, open(os.path.join(str(tmp_path), name, "last-run.log")).read()
+    assert not res.crashes, open(os.path.join(str(tmp_path), name, "last-run.log")).read()
     assert res.execs > 0
 
 

@@ -28,6 +28,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 
 from unionfs import origin, sysio
 from unionfs.errors import MountError
@@ -73,28 +74,39 @@ def prepare(stack: LayerStack, with_uuid: bool) -> Layer | None:
 
 
 def cleanup(stack: LayerStack, index: Layer, nfs_export: bool) -> dict[str, int]:
-    """Check every entry of WORK/index at mount; counts of what was done, by kind."""
-    done = {"kept": 0, "leftover": 0, "stale": 0, "orphan": 0}
+    """Check every entry of WORK/index at mount; counts of what was done, by kind.  All
+    entries are judged before any is touched, so a malformed one (which refuses the mount)
+    leaves the index as it was."""
     where = f"{stack.work_path}/{INDEX_NAME}"
-    for name, _, _ in sysio.scandir_fd(index.fd):
-        st = sysio.lstat_or_none(index.fd, name)
-        if st is None:
-            continue
-        if name.startswith("#"):
-            remove_tree_at(index.fd, name)
-            done["leftover"] += 1
-            continue
-        verdict = _verify(stack, index, name, st, nfs_export, where)
-        if verdict is None:
-            done["kept"] += 1
-            continue
-        kind, why = verdict
-        log.warning("index=on: %s index entry '%s/%s' (%s): %s", kind, where, name, why,
-                    "whited out" if kind == "orphan" and nfs_export else "removed")
+    verdicts: list[tuple[str, str, str, int]] = []  # (name, kind, why, inode)
+    kept = 0
+    try:
+        for name, _, _ in sysio.scandir_fd(index.fd):
+            st = sysio.lstat_or_none(index.fd, name)
+            if st is None:
+                continue
+            if name.startswith("#"):
+                verdicts.append((name, "leftover", "of an interrupted change", st.st_ino))
+                continue
+            verdict = _verify(stack, index, name, st, nfs_export, where)
+            if verdict is None:
+                kept += 1
+            else:
+                verdicts.append((name, *verdict, st.st_ino))
+    except OSError as e:
+        raise MountError(f"index=on: cannot check '{where}': {e.strerror}",
+                         e.errno or errno.EIO) from None
+    done = {"kept": kept, "leftover": 0, "stale": 0, "orphan": 0}
+    for name, kind, why, ino in verdicts:
+        whiteout = kind == "orphan" and nfs_export
+        if kind != "leftover":
+            log.warning("index=on: %s index entry '%s/%s' (%s): %s", kind, where, name, why,
+                        "whited out" if whiteout else "removed")
         try:
-            if kind == "orphan" and nfs_export:
-                # a handle of the file must stay stale, not come back as ENOENT's lookup
-                tmp = f"#{name[:32]}.orphan"
+            if whiteout:
+                # the file's handle must stay stale, not come back as ENOENT's lookup
+                tmp = f"#orphan.{ino:x}"
+                remove_tree_at(index.fd, tmp)  # a cleanup killed here before
                 sysio.renameat2(index.fd, name, index.fd, tmp, sysio.RENAME_WHITEOUT)
                 remove_tree_at(index.fd, tmp)
             else:
@@ -106,6 +118,9 @@ def cleanup(stack: LayerStack, index: Layer, nfs_export: bool) -> dict[str, int]
     return done
 
 
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
 def _verify(stack: LayerStack, index: Layer, name: str, st: os.stat_result,
             nfs_export: bool, where: str) -> tuple[str, str] | None:
     """None for a sound entry, else ("stale"|"orphan", why); raises for a malformed one
@@ -114,12 +129,15 @@ def _verify(stack: LayerStack, index: Layer, name: str, st: os.stat_result,
         return MountError(f"index=on: malformed index entry '{where}/{name}' ({why}); remove "
                           "it or mount with index=off", code)
 
-    try:
-        value = bytes.fromhex(name)
-    except ValueError:
-        raise malformed("its name is not a hex file handle") from None
-    if len(value) < origin.HEADER or origin.parse(value) is None:
+    # As the kernel reads a name: pairs of hex digits (an odd last one ignored), a handle
+    # whose own length fits in them (more may follow).
+    if not _HEX.issuperset(name):
+        raise malformed("its name is not a hex file handle")
+    value = bytes.fromhex(name[:len(name) // 2 * 2])
+    if len(value) < origin.HEADER or value[1] != origin.MAGIC or value[2] > len(value) \
+            or origin.parse(value[:value[2]]) is None:
         raise malformed("its name is not a valid file handle")
+    value = value[:value[2]]
     if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
         return None  # a whiteout: the handle of a removed file, stale on purpose
     if stat.S_ISDIR(st.st_mode):
@@ -130,22 +148,28 @@ def _verify(stack: LayerStack, index: Layer, name: str, st: os.stat_result,
         if parsed is None:
             return "stale", "no valid 'upper' handle"
         assert stack.upper is not None
-        if origin.stat_by_handle(parsed, [(stack.upper.dev, stack.upper.fd)]) is None:
+        fd = origin.open_origin(parsed, stack.upper.fd, strict=True)
+        if fd is None:
             return "orphan", "its upper directory is gone"
-        return None
+        try:
+            if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise malformed("its 'upper' handle names no directory", errno.EIO)
+            have = sysio.fd_getxattr_or_none(fd, stack.dialect.prefix + "origin")
+        finally:
+            os.close(fd)
+        return _compare_origin(have, value, malformed)
     have = sysio.getxattr_or_none(index.fd, name, stack.dialect.prefix + "origin")
-    if have is None:
-        raise malformed("it has no origin", errno.ENODATA)
-    if have != value:
-        return "stale", "its origin is not the one its name holds"
-    if st.st_nlink != 1:
-        return None  # upper names are linked to it
-    found = origin.stat_by_handle(origin.parse(value) or (0, b"", b""),
-                                  [(layer.dev, layer.fd) for layer in stack.lowers])
-    if found is None:
+    verdict = _compare_origin(have, value, malformed)
+    if verdict is not None or st.st_nlink != 1:
+        return verdict  # (upper names are linked to a sound one)
+    parsed = origin.parse(value)
+    assert parsed is not None
+    found = origin.stat_by_handle(parsed, [(layer.dev, layer.fd) for layer in stack.lowers],
+                                  strict=True)
+    if found is None or found.st_nlink == 0:
         return "stale", "its origin no longer resolves in the lower layers"
     if stat.S_IFMT(found.st_mode) != stat.S_IFMT(st.st_mode):
-        return "stale", "its origin is of another file type"
+        raise malformed("its origin is of another file type", errno.EIO)
     nlink = None
     if found.st_nlink > 1:
         nlink = parse_nlink(sysio.getxattr_or_none(index.fd, name,
@@ -153,6 +177,17 @@ def _verify(stack: LayerStack, index: Layer, name: str, st: os.stat_result,
                             st.st_nlink, found.st_nlink)
     if nlink is None:
         return "orphan", "all its names are gone"
+    return None
+
+
+def _compare_origin(have: bytes | None, value: bytes,
+                    malformed: Callable[[str, int], MountError]) -> tuple[str, str] | None:
+    """An entry's (or its upper directory's) ``overlay.origin`` against the handle its name
+    holds (ovl_verify_fh): none or unreadable refuses the mount, another one is stale."""
+    if have is None or origin.parse(have) is None:
+        raise malformed("it has no valid origin", errno.ENODATA)
+    if have != value:
+        return "stale", "its origin is not the one its name holds"
     return None
 
 
@@ -234,9 +269,7 @@ def parse_nlink(value: bytes | None, upper_nlink: int, lower_nlink: int) -> int 
     if value[:1] not in (b"U", b"L") or value[1:2] not in (b"+", b"-"):
         return None
     negative = value[1:2] == b"-"
-    digits = value[2:]
-    if negative and digits[:1] == b"+":
-        digits = digits[1:]  # kstrtoll hands "+5" of "-+5" to kstrtoull, which takes a "+"
+    digits = value[2:]  # (kstrtoll hands "5" of "-5" to _kstrtoull, which takes no "+")
     if digits.endswith(b"\n"):
         digits = digits[:-1]
     if not digits or not digits.isdigit():

@@ -82,9 +82,12 @@ def matches(parsed: tuple[int, bytes, bytes], dirfd: int, name: str) -> bool:
     return (got_kind, got_fid) == (kind, fid) and uuid in (NULL_UUID, fs_uuid(dirfd))
 
 
-def open_origin(parsed: tuple[int, bytes, bytes], mount_fd: int) -> int | None:
+def open_origin(parsed: tuple[int, bytes, bytes], mount_fd: int, strict: bool = False
+                ) -> int | None:
     """An O_PATH fd for the origin on the filesystem of ``mount_fd``, or None (gone, or
-    not ours to open: open_by_handle_at needs CAP_DAC_READ_SEARCH)."""
+    not ours to open: open_by_handle_at needs CAP_DAC_READ_SEARCH).  ``strict``: only a
+    handle that is gone (ESTALE, ENOENT) or of another filesystem is None, any other
+    failure raises, as the kernel's ovl_decode_real_fh passes it on."""
     kind, uuid, fid = parsed
     if uuid not in (NULL_UUID, fs_uuid(mount_fd)):
         return None
@@ -92,26 +95,30 @@ def open_origin(parsed: tuple[int, bytes, bytes], mount_fd: int) -> int | None:
         # open_by_handle_at takes no O_PATH fd for the filesystem
         fs_fd = os.open(sysio.proc_fd(mount_fd), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
+        if strict:
+            raise
         return None
     try:
         return sysio.open_by_handle(fs_fd, kind, fid)
-    except OSError:
+    except OSError as e:
+        if strict and e.errno not in (errno.ESTALE, errno.ENOENT):
+            raise
         return None
     finally:
         os.close(fs_fd)
 
 
-def stat_by_handle(parsed: tuple[int, bytes, bytes], roots: list[tuple[int, int]]
-                   ) -> os.stat_result | None:
+def stat_by_handle(parsed: tuple[int, bytes, bytes], roots: list[tuple[int, int]],
+                   strict: bool = False) -> os.stat_result | None:
     """The stat of the object an origin names, opened by its handle on the first of the
     filesystems of ``roots`` ((st_dev, fd) of layer roots, each filesystem tried once)
-    where it opens."""
+    where it opens (``strict``: as open_origin's)."""
     tried: set[int] = set()
     for dev, root in roots:
         if dev in tried:
             continue
         tried.add(dev)
-        fd = open_origin(parsed, root)
+        fd = open_origin(parsed, root, strict)
         if fd is None:
             continue
         try:

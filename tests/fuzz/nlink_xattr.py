@@ -11,7 +11,8 @@ from unionfs import index
 
 from .common import Finding
 
-_KSTRTOINT = re.compile(rb"([+-]?)\+?([0-9]+)\n?")
+# "-5": _kstrtoull of "5" (no "+" taken); "+5": kstrtoull, which takes the "+" itself
+_KSTRTOINT = re.compile(rb"(-|\+)([0-9]+)\n?")
 INT_MAX = (1 << 31) - 1
 
 
@@ -23,7 +24,7 @@ def kernel_nlink(value: bytes | None, upper: int, lower: int) -> int | None:
     if value[:1] not in (b"U", b"L") or value[1:2] not in (b"+", b"-"):
         return None
     m = _KSTRTOINT.fullmatch(value[1:])
-    if m is None or (m.group(1) == b"+" and value[2:3] == b"+"):
+    if m is None:
         return None
     n = int(m.group(2))
     diff = -n if m.group(1) == b"-" else n
