@@ -24,6 +24,8 @@ from overlay_harness import (
     run_cmd,
 )
 
+from unionfs import claim
+
 IMAGE: dict = dict(lowers=[{"a": File("lower a"), "d/b": File("b")}], upper={"u": File("up")})
 
 
@@ -106,7 +108,7 @@ def test_claim_dies_with_a_killed_daemon(make_stack: Callable[..., StackPaths],
         unmount(m2)
         first.stop()
     # no waiting on a dead holder: the kernel dropped its lock with its last descriptor
-    assert took < MOUNT_TIMEOUT
+    assert took < claim.UNSEEN_WAIT, took
 
 
 def test_mount_right_after_fusermount_waits_for_the_exiting_daemon(
@@ -192,3 +194,27 @@ def test_the_claim_holds_for_every_user(who, make_stack: Callable[..., StackPath
             r = subprocess.run(who.argv([PYTHON, "-m", "unionfs", "umount", str(m2)]),
                                capture_output=True, text=True, timeout=MOUNT_TIMEOUT)
         force_unmount(str(m2))
+
+
+def test_a_strangers_lock_does_not_keep_the_owner_out(make_stack: Callable[..., StackPaths]
+                                                      ) -> None:
+    """Whoever may open the upper may flock it: a lock held by a uid that is neither ours,
+    root's nor the directory owner's is not a claim (a warning, and the mount goes ahead)."""
+    paths = make_stack(**IMAGE)
+    os.chmod(paths.base, 0o755)
+    holder = subprocess.Popen(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", PYTHON, "-c",
+         "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+         str(paths.upper)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        t0 = time.monotonic()
+        r = cli_mount(paths.lowers, paths.upper, paths.work, paths.merged)
+        assert r.returncode == 0, r.stderr
+        assert time.monotonic() - t0 < claim.UNSEEN_WAIT
+        assert (paths.merged / "u").read_text() == "up"
+    finally:
+        unmount(paths.merged)
+        holder.kill()
+        holder.wait(timeout=10)

@@ -25,8 +25,10 @@ from unionfs.errors import MountError
 log = logging.getLogger(__name__)
 
 # A daemon whose mount has just gone (fusermount3 -u, a lazy umount) still holds its claim
-# while it exits: a new mount waits that long for it rather than failing.
-EXIT_WAIT = 3.0
+# while it exits: a new mount waits that long for it rather than failing.  Less for a holder
+# we can't see at all (another user's, or one that forked away from the pid we know).
+EXIT_WAIT = 10.0
+UNSEEN_WAIT = 3.0
 
 
 def take(dirs: list[tuple[str, str, int]]) -> list[int]:
@@ -62,7 +64,7 @@ def _lock_fd(what: str, path: str, fd: int) -> int | None:
 
 
 def _lock(what: str, path: str, fd: int, st: os.stat_result) -> None:
-    deadline = time.monotonic() + EXIT_WAIT
+    start = time.monotonic()
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -74,8 +76,16 @@ def _lock(what: str, path: str, fd: int, st: os.stat_result) -> None:
                             "mount on it would not be refused", what, path, e.strerror)
                 return
         pid = holder(st)
+        uid = _uid(pid) if pid is not None else None
+        if uid is not None and uid not in (os.geteuid(), 0, st.st_uid):
+            # Anyone who may open the directory may flock it: a lock of a stranger (not
+            # us, not root, not the directory's owner) doesn't keep its owner out.
+            log.warning("%s directory '%s': ignoring a lock held by uid %d (pid %d), who is "
+                        "not its owner; the mount is not exclusive", what, path, uid, pid)
+            return
         point = _served_by(pid) if pid is not None else None
-        if point is not None or time.monotonic() >= deadline:
+        waited = time.monotonic() - start
+        if point is not None or waited >= (EXIT_WAIT if uid is not None else UNSEEN_WAIT):
             raise MountError(f"{what} directory '{path}' is in use by "
                              f"{describe(pid, point)}", errno.EBUSY)
         time.sleep(0.05)
@@ -92,10 +102,13 @@ def describe(pid: int | None, point: str | None) -> str:
 
 
 def holder(st: os.stat_result) -> int | None:
-    """The pid of a process holding a flock on the file ``st``: each descriptor's fdinfo
-    lists the locks its open file holds.  /proc/locks alone would name the process that
-    took the lock, which for a daemon that forked away from its starter has exited."""
-    key = f" {os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+    """The pid of a process holding a flock on the file ``st``.  Each descriptor's fdinfo
+    lists the locks its open file holds; else /proc/locks names the process that took the
+    lock (which, for a daemon that forked away from its starter, has exited).  Matched by
+    inode number and then by a stat of the descriptor: the device in those lines is the
+    superblock's, which is not st_dev on btrfs or an overlay."""
+    ino = f":{st.st_ino} "
+    key = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -108,21 +121,45 @@ def holder(st: os.stat_result) -> int | None:
             try:
                 with open(f"{base}/{fd}") as f:
                     text = f.read()
+                if not any(line.startswith("lock:") and "FLOCK" in line and ino in line
+                           for line in text.splitlines()):
+                    continue
+                got = os.stat(f"/proc/{name}/fd/{fd}")
             except OSError:
                 continue
-            if any(line.startswith("lock:") and "FLOCK" in line and key in line
-                   for line in text.splitlines()):
+            if (got.st_dev, got.st_ino) == (st.st_dev, st.st_ino):
                 return int(name)
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                # here the device must match too: nothing confirms what the line names
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == key \
+                        and fields[4].isdigit() and mounttable.process(int(fields[4])):
+                    return int(fields[4])
+    except OSError:
+        pass
+    return None
+
+
+def _uid(pid: int) -> int | None:
+    """The real uid of a live process (/proc/PID/status is readable by all)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
     return None
 
 
 def _served_by(pid: int) -> str | None:
-    """The mount point of the pyunionfs mount ``pid`` serves, if it is visible here."""
+    """The mount point of the pyunionfs mount ``pid`` serves, if it is visible here.  By
+    the mounts' devices, never their paths: a hung daemon elsewhere must not hang us."""
     for e in mounttable.mount_table():
-        if e.fstype == "fuse.pyunionfs":
-            got = mounttable.daemon_pid(e.point)
-            if got is not None and got[0] == pid:
-                return e.point
+        if e.fstype == "fuse.pyunionfs" and mounttable.serving_pid(e.dev) == pid:
+            return e.point
     return None
 
 

@@ -134,12 +134,19 @@ def daemon_pid(merged: str) -> tuple[int, str] | None:
     """(pid, device) of the pyunionfs daemon serving ``merged``, from its stats socket's
     peer credentials; None if none answers.  An older daemon of a mount that had the device
     number before may answer first: it is on its way out."""
-    import _socket  # not socket: its enum and selectors cost `pyunionfs umount` 5 ms
-
     e = entry(merged)
     if e is None or e.fstype != "fuse.pyunionfs":
         return None
-    for name in socket_names(e.dev):
+    pid = serving_pid(e.dev)
+    return (pid, e.dev) if pid else None
+
+
+def serving_pid(dev: str) -> int | None:
+    """The pid of the daemon answering on the stats socket of device ``dev`` ("0:53"), if
+    any; no path is looked up, so no mount is touched."""
+    import _socket  # not socket: its enum and selectors cost `pyunionfs umount` 5 ms
+
+    for name in socket_names(dev):
         s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
         try:
             s.connect(name)
@@ -148,8 +155,7 @@ def daemon_pid(merged: str) -> tuple[int, str] | None:
             continue
         finally:
             s.close()
-        pid = int.from_bytes(raw[:4], sys.byteorder)
-        return (pid, e.dev) if pid else None
+        return int.from_bytes(raw[:4], sys.byteorder) or None
     return None
 
 
