@@ -3,7 +3,7 @@
 daemon's memory and file descriptors, then a replay of a deterministic part on kernel overlayfs.
 
     .venv/bin/python scripts/soak.py --duration 3600            # make soak DURATION=3600
-    .venv/bin/python scripts/soak.py --duration 20 --small      # what tests/test_soak.py runs
+    .venv/bin/python scripts/soak.py --duration 15 --small      # what tests/test_soak.py runs
 
 The load, all at once, against one mount of two lowers (made with unionfs.Overlay, -o
 redirect_dir=on):
