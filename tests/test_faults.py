@@ -21,6 +21,7 @@ import os
 import resource
 import shutil
 import stat
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from faultfs import FaultFS
 from overlay_harness import (
     IMPL,
     PYTHON,
+    REPO,
     USERNS,
     Dir,
     File,
@@ -469,6 +471,17 @@ def test_out_of_fds_gives_emfile_and_recovers(make_stack: Callable[..., StackPat
                 errors[name] = errors.get(name, 0) + 1
         assert held and set(errors) <= {"EMFILE", "ENFILE"} and errors, (len(held), errors)
         opened = len(held)
+        # out of fds, a change in the mount table and a stats query don't take the daemon
+        # down (its mount table follower opened mountinfo anew: EMFILE ended the loop)
+        event = paths.base / "event"
+        event.mkdir()
+        assert run_cmd(["mount", "-t", "tmpfs", "tmpfs", str(event)]).returncode == 0
+        assert run_cmd(["umount", str(event)]).returncode == 0
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            subprocess.run([PYTHON, "-m", "unionfs", "stats", str(m.root)], timeout=5,
+                           capture_output=True, stdin=subprocess.DEVNULL, cwd=str(REPO))
+        time.sleep(0.5)
+        assert os.path.exists(f"/proc/{pid}") and os.listdir(m.root), "the daemon went"
         # out of fds, a copy-up fails cleanly too
         cp = errname(lambda: open(m.root / "cp", "ab").close())
         assert cp in ("EMFILE", "ENFILE"), cp

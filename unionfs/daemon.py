@@ -400,7 +400,14 @@ async def _serve_stats(fs: State, merged: str,
     task_status.started()
     with sock:
         while True:
-            conn, _ = await sock.accept()
+            try:
+                conn, _ = await sock.accept()
+            except OSError as err:
+                # out of descriptors (EMFILE, ENFILE) or a peer gone before we took it: the
+                # asker goes unanswered, the filesystem must not go down with it
+                log.debug("stats: accept failed: %s", err.strerror)
+                await trio.sleep(0.1)
+                continue
             plain = socket.socket(fileno=conn.detach())
             plain.settimeout(1.0)  # a few KiB to a reader that waits for them
             stats.answer(plain, fs.stats)

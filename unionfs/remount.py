@@ -18,9 +18,10 @@ import os
 import select
 import time
 from collections.abc import Callable
+from typing import TextIO
 
 from unionfs.errors import MountError
-from unionfs.mounttable import MountEntry, mount_table
+from unionfs.mounttable import MountEntry, mount_table, parse
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +53,14 @@ def flags_of(words: list[str]) -> int:
     return flags
 
 
-def _mount_line(merged: str | None, dev: str | None = None) -> MountEntry | None:
+def _mount_line(merged: str | None, dev: str | None = None,
+                table: TextIO | None = None) -> MountEntry | None:
     """The last mount table entry for the mount point ``merged`` (any type), or for the
-    device ``dev`` ("major:minor")."""
+    device ``dev`` ("major:minor"); read again from ``table`` (an open mountinfo) if given."""
     found = None
-    for e in mount_table():
+    if table is not None:
+        table.seek(0)
+    for e in mount_table() if table is None else filter(None, map(parse, table)):
         if e.dev == dev if dev is not None else e.point == merged:
             found = e
     return found
@@ -163,7 +167,9 @@ def follow(merged: str, words: list[str], readonly: bool,
         while not stop():
             if not poller.poll(1000):
                 continue
-            now = _mount_line(None, dev)
+            # from the table held open: out of descriptors (EMFILE), a new open would fail
+            # and take the filesystem loop down with it
+            now = _mount_line(None, dev, f)
             if now is None:
                 return True  # unmounted
             if readonly and _writable(now):
