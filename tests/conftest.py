@@ -77,12 +77,14 @@ def pytest_configure(config: pytest.Config) -> None:
 # caches (which would evict another test's cached dentries and pages while it counts requests or
 # checks residency), grant /dev/fuse to the test user and restore it, make users, put a helper
 # in /usr/local/bin, or run make/pip on this checkout (which may rewrite the venv's entry point
-# that helper links to: a remount then found no /usr/local/bin/pyunionfs).  Under pytest-xdist (`make test`) they form one group, run one after the
-# other on one worker, while every other file runs beside them.
+# that helper links to: a remount then found no /usr/local/bin/pyunionfs), or hold the test
+# user's /dev/fuse grant (fuse_user, who: a module holds it throughout, another waits for it).
+# Under pytest-xdist (`make test`) they form one group, run one after the other on one
+# worker, while every other file runs beside them.
 HOST_WIDE = {"test_attrs.py", "test_caching.py", "test_posix_misc.py", "test_regressions.py",
              "test_remount.py", "test_rootless.py", "test_rootless_userns.py", "test_direct_io.py",
              "test_bench.py", "test_mount_faults.py", "test_durability.py", "test_kernel_cache.py",
-             "test_packaging.py", "test_faults.py", "test_soak.py",
+             "test_packaging.py", "test_faults.py", "test_soak.py", "test_claim.py",
              "test_stress_concurrent.py", "test_stress_resources.py", "test_stress_integrity.py",
              "test_stress_fio.py", "test_stress_hostile.py", "test_stress_kill.py",
              "test_stress_faults.py"}
