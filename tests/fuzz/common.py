@@ -172,8 +172,12 @@ def layer_snapshot(path: str, skip_xattr_prefixes: tuple[str, ...] = ()) -> dict
             group = 0
             if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
                 group = first_of.setdefault((st.st_dev, st.st_ino), len(first_of) + 1)
+            # a whiteout (0/0) is made when the layer is applied: its time is that moment's,
+            # not the layer's (nothing reads it), so it can't survive a round trip
+            whiteout = stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
             out[rel] = Entry(kind, stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid), data,
-                             tuple(sorted(xattrs)), st.st_mtime_ns // 10**9, group)
+                             tuple(sorted(xattrs)), 0 if whiteout else st.st_mtime_ns // 10**9,
+                             group)
     return out
 
 
