@@ -326,6 +326,22 @@ def _follow_write_ops(name: str) -> list[tuple[str, Callable[[Path], Any]]]:
     ]
 
 
+def _again_on_eloop(fn: Callable[[Path], Any]) -> Callable[[Path], Any]:
+    """``fn``, tried once more after ELOOP.  A path walk that started in RCU mode and must
+    restart (a FUSE symlink whose text isn't cached can't be read there) keeps the links it
+    counted (fs/namei.c sets total_link_count once per lookup): a 38-link chain can then
+    pass 40 on our mount.  The retry finds the texts cached; a real loop fails again."""
+    def op(m: Path) -> Any:
+        try:
+            return fn(m)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            return fn(m)
+    op.__name__ = getattr(fn, "__name__", "op")
+    return op
+
+
 def test_symlinks_out_of_the_layers_loops_and_dotdot_chains(make_pair, outside):
     lower, upper, inside = _symlink_layers(str(outside))
     canary = Canary(outside)
@@ -336,7 +352,7 @@ def test_symlinks_out_of_the_layers_loops_and_dotdot_chains(make_pair, outside):
     assert t.same(lambda m: _read(m / "chain1"), "40 links") == b"plain\n"
     for name in inside:
         for what, fn in _read_ops(name):
-            t.same(fn, f"{what} {name}")
+            t.same(_again_on_eloop(fn), f"{what} {name}")
         canary.check(f"reads of {name}")
     for name in inside:
         for what, fn in _nofollow_write_ops(name):
